@@ -1,0 +1,322 @@
+//! The client side of the registry, written once and used by every service.
+//!
+//! - [`RegistryClient`]: `lookup`, `get_setting` and `watch`, each call with a deadline,
+//!   over one lazily connected channel that reconnects by itself.
+//! - [`Registration`]: registers an instance, heartbeats at the pace the server sets,
+//!   registers again at once when the server answers `NOT_FOUND` (it restarted or evicted
+//!   us), keeps trying with capped jittered backoff while the server is unreachable, and
+//!   deregisters on shutdown with a short deadline. The service keeps serving throughout:
+//!   an unreachable registry only means others cannot find it for a while.
+
+use std::{collections::HashMap, time::Duration};
+
+use proto::registry::v1::{self as pb, registry_client};
+use tokio::{sync::watch, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tonic::{transport::Channel, Code, Status, Streaming};
+use tracing::{info, warn};
+
+use crate::{backoff::Backoff, grpc};
+
+/// Deadline of one registry call.
+pub const CALL_DEADLINE: Duration = Duration::from_millis(1000);
+/// Deadline of the goodbye call on shutdown: short, so shutdown is never held up.
+pub const DEREGISTER_DEADLINE: Duration = Duration::from_millis(500);
+/// The address registries listen on by default.
+pub const DEFAULT_REGISTRY: &str = "http://127.0.0.1:50050";
+
+#[derive(Debug, Clone)]
+pub struct RegistryClient {
+    inner: registry_client::RegistryClient<Channel>,
+}
+
+impl RegistryClient {
+    /// A client for the registry at `url` (`http://host:port` or `host:port`). Connects on
+    /// first use, so it can be made before the registry is up.
+    pub fn new(url: &str) -> Result<Self, tonic::transport::Error> {
+        Ok(Self {
+            inner: registry_client::RegistryClient::new(grpc::channel(url)?),
+        })
+    }
+
+    /// Live instances of `service`, static entries included.
+    pub async fn lookup(&self, service: &str) -> Result<pb::LookupResponse, Status> {
+        let mut client = self.inner.clone();
+        let request = pb::LookupRequest {
+            service: service.to_owned(),
+        };
+        grpc::call(CALL_DEADLINE, async move {
+            Ok(client
+                .lookup(grpc::request(request, CALL_DEADLINE))
+                .await?
+                .into_inner())
+        })
+        .await
+    }
+
+    /// The setting `key`, or `None` when the registry has no such setting.
+    pub async fn get_setting(&self, key: &str) -> Result<Option<String>, Status> {
+        let mut client = self.inner.clone();
+        let request = pb::GetSettingRequest {
+            key: key.to_owned(),
+        };
+        let result = grpc::call(CALL_DEADLINE, async move {
+            Ok(client
+                .get_setting(grpc::request(request, CALL_DEADLINE))
+                .await?
+                .into_inner())
+        })
+        .await;
+        match result {
+            Ok(reply) => Ok(Some(reply.value)),
+            Err(status) if status.code() == Code::NotFound => Ok(None),
+            Err(status) => Err(status),
+        }
+    }
+
+    /// A stream of snapshots of `service`: the current one first, then one per change.
+    /// Only opening the stream has a deadline; the stream itself lives until either side
+    /// ends it.
+    pub async fn watch(&self, service: &str) -> Result<Streaming<pb::LookupResponse>, Status> {
+        let mut client = self.inner.clone();
+        let request = pb::WatchRequest {
+            service: service.to_owned(),
+        };
+        grpc::call(CALL_DEADLINE, async move {
+            Ok(client.watch(request).await?.into_inner())
+        })
+        .await
+    }
+
+    async fn register(
+        &self,
+        service: &str,
+        address: &str,
+        metadata: &HashMap<String, String>,
+    ) -> Result<pb::RegisterResponse, Status> {
+        let mut client = self.inner.clone();
+        let request = pb::RegisterRequest {
+            service: service.to_owned(),
+            address: address.to_owned(),
+            metadata: metadata.clone(),
+        };
+        grpc::call(CALL_DEADLINE, async move {
+            Ok(client
+                .register(grpc::request(request, CALL_DEADLINE))
+                .await?
+                .into_inner())
+        })
+        .await
+    }
+
+    async fn heartbeat(&self, instance_id: &str, deadline: Duration) -> Result<(), Status> {
+        let mut client = self.inner.clone();
+        let request = pb::HeartbeatRequest {
+            instance_id: instance_id.to_owned(),
+        };
+        grpc::call(deadline, async move {
+            client.heartbeat(grpc::request(request, deadline)).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn deregister(&self, instance_id: &str) -> Result<(), Status> {
+        let mut client = self.inner.clone();
+        let request = pb::DeregisterRequest {
+            instance_id: instance_id.to_owned(),
+        };
+        grpc::call(DEREGISTER_DEADLINE, async move {
+            client
+                .deregister(grpc::request(request, DEREGISTER_DEADLINE))
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// Where a [`Registration`] stands; watch it with [`Registration::state`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistrationState {
+    /// Not (or no longer) known to the registry; trying.
+    Pending,
+    /// Registered under this instance id.
+    Registered(String),
+}
+
+/// One instance's presence in the registry, kept up by a background task.
+pub struct Registration {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+    state: watch::Receiver<RegistrationState>,
+}
+
+/// First retry delay while the registry is unreachable.
+const RETRY_BASE: Duration = Duration::from_millis(100);
+/// Longest retry delay; also the heartbeat pace used before the server has told us one.
+const RETRY_CAP: Duration = Duration::from_secs(1);
+
+impl Registration {
+    /// Starts registering `service` at `address` and keeping it registered.
+    pub fn start(
+        client: RegistryClient,
+        service: impl Into<String>,
+        address: impl Into<String>,
+        metadata: HashMap<String, String>,
+    ) -> Self {
+        let stop = CancellationToken::new();
+        let (state_tx, state) = watch::channel(RegistrationState::Pending);
+        let keeper = Keeper {
+            client,
+            service: service.into(),
+            address: address.into(),
+            metadata,
+            state: state_tx,
+        };
+        let task = tokio::spawn(keeper.run(stop.clone()));
+        Self { stop, task, state }
+    }
+
+    /// Follows the registration's state (for readiness checks and tests).
+    pub fn state(&self) -> watch::Receiver<RegistrationState> {
+        self.state.clone()
+    }
+
+    /// Waits until the registry has accepted this instance; returns its id.
+    pub async fn registered(&self) -> String {
+        let mut state = self.state.clone();
+        loop {
+            if let RegistrationState::Registered(id) = &*state.borrow_and_update() {
+                return id.clone();
+            }
+            if state.changed().await.is_err() {
+                // The keeper ended without registering; nothing will change any more.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Stops heartbeating and deregisters (with a short deadline), so the instance leaves
+    /// the registry at once instead of after its TTL.
+    pub async fn deregister(self) {
+        self.stop.cancel();
+        if let Err(error) = self.task.await {
+            warn!(%error, "registration task failed");
+        }
+    }
+}
+
+struct Keeper {
+    client: RegistryClient,
+    service: String,
+    address: String,
+    metadata: HashMap<String, String>,
+    state: watch::Sender<RegistrationState>,
+}
+
+impl Keeper {
+    async fn run(self, stop: CancellationToken) {
+        let mut backoff = Backoff::new(RETRY_BASE, RETRY_CAP);
+        let mut interval = RETRY_CAP;
+        let mut instance_id: Option<String> = None;
+        let mut unreachable = false;
+        loop {
+            let wait = match &instance_id {
+                None => match self
+                    .client
+                    .register(&self.service, &self.address, &self.metadata)
+                    .await
+                {
+                    Ok(lease) => {
+                        interval = Duration::from_millis(lease.heartbeat_interval_ms.max(1));
+                        info!(
+                            service = self.service,
+                            address = self.address,
+                            instance_id = lease.instance_id,
+                            heartbeat_interval = %humantime::format_duration(interval),
+                            ttl = %humantime::format_duration(Duration::from_millis(lease.ttl_ms)),
+                            "registered with the registry"
+                        );
+                        self.state
+                            .send_replace(RegistrationState::Registered(lease.instance_id.clone()));
+                        instance_id = Some(lease.instance_id);
+                        unreachable = false;
+                        backoff.reset();
+                        interval
+                    }
+                    Err(status) if is_refusal(&status) => {
+                        // The registry understood and said no (bad name, full): retrying
+                        // fast will not help, so say why and try again slowly.
+                        warn!(service = self.service, address = self.address, code = ?status.code(),
+                              message = status.message(), "registry refused the registration");
+                        RETRY_CAP
+                    }
+                    Err(status) => {
+                        if !unreachable {
+                            warn!(service = self.service, error = %status.message(),
+                                  "registry unreachable; still serving, will keep trying");
+                            unreachable = true;
+                        }
+                        backoff.next_delay()
+                    }
+                },
+                Some(id) => match self.client.heartbeat(id, interval).await {
+                    Ok(()) => {
+                        if unreachable {
+                            info!(
+                                service = self.service,
+                                instance_id = id,
+                                "registry reachable again"
+                            );
+                            unreachable = false;
+                        }
+                        interval
+                    }
+                    Err(status) if status.code() == Code::NotFound => {
+                        info!(service = self.service, instance_id = id,
+                              "registry does not know this instance (restarted or evicted it); registering again");
+                        instance_id = None;
+                        self.state.send_replace(RegistrationState::Pending);
+                        continue;
+                    }
+                    Err(status) => {
+                        if !unreachable {
+                            warn!(service = self.service, error = %status.message(),
+                                  "heartbeat failed; still serving, will keep trying");
+                            unreachable = true;
+                        }
+                        // Keep the server's pace: a heartbeat per interval is already gentle,
+                        // and it brings us back within one interval of the registry's return.
+                        interval
+                    }
+                },
+            };
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+        if let Some(id) = instance_id {
+            match self.client.deregister(&id).await {
+                Ok(()) => info!(service = self.service, instance_id = id, "deregistered"),
+                Err(status) => warn!(service = self.service, instance_id = id,
+                                     error = %status.message(),
+                                     "could not deregister; the registry will evict this instance after its ttl"),
+            }
+        }
+        self.state.send_replace(RegistrationState::Pending);
+    }
+}
+
+/// Answers that mean "no", not "cannot reach".
+fn is_refusal(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::InvalidArgument
+            | Code::ResourceExhausted
+            | Code::FailedPrecondition
+            | Code::Unauthenticated
+            | Code::PermissionDenied
+    )
+}

@@ -1,0 +1,226 @@
+//! The config server's command line and its optional TOML file.
+//!
+//! ```toml
+//! heartbeat_interval = "1s"   # optional; flags win
+//! ttl = "3s"
+//!
+//! [static]                    # never evicted
+//! messages = ["127.0.0.1:50060"]
+//!
+//! [settings]                  # read by services with GetSetting
+//! "logging.store" = "memory"
+//! ```
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Context;
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::registry::{Limits, RegistryConfig};
+
+/// The file read when `--config` is not given, if it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "config-server.toml";
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "config-server",
+    version,
+    about = "Service registry with heartbeats"
+)]
+pub struct Config {
+    /// Address to listen on (gRPC and the HTTP status page share it).
+    #[arg(long, default_value = "127.0.0.1:50050")]
+    pub addr: SocketAddr,
+
+    /// TOML file with static entries and settings [default: config-server.toml, if present].
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+
+    /// A static entry, never evicted: SERVICE=HOST:PORT (repeatable).
+    #[arg(long = "static", value_name = "SERVICE=ADDR", value_parser = parse_pair)]
+    pub static_entries: Vec<(String, String)>,
+
+    /// A setting services can read with GetSetting: KEY=VALUE (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_pair)]
+    pub settings: Vec<(String, String)>,
+
+    /// How often instances should heartbeat [default: 1s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Option<Duration>,
+
+    /// How long an instance stays without a heartbeat before it is evicted [default: 3s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub ttl: Option<Duration>,
+
+    /// Most instances one service may have.
+    #[arg(long, default_value_t = Limits::default().max_instances_per_service)]
+    pub max_instances_per_service: usize,
+
+    /// Most dynamic instances in the whole registry.
+    #[arg(long, default_value_t = Limits::default().max_instances)]
+    pub max_instances: usize,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default, with = "humantime_serde_opt")]
+    heartbeat_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    ttl: Option<Duration>,
+    #[serde(default, rename = "static")]
+    static_entries: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    settings: BTreeMap<String, String>,
+}
+
+/// Reads `"1s"`-style durations in the config file.
+mod humantime_serde_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|text| humantime::parse_duration(&text).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+fn parse_pair(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
+    }
+}
+
+impl Config {
+    /// A config with every default, listening on `addr`; handy for tests.
+    pub fn for_addr(addr: SocketAddr) -> Self {
+        let mut config = Config::parse_from(["config-server"]);
+        config.addr = addr;
+        config
+    }
+
+    /// Merges the file (if any) with the flags; flags win, static entries add up.
+    pub fn registry_config(&self) -> anyhow::Result<RegistryConfig> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
+                read_file(Path::new(DEFAULT_CONFIG_FILE))?
+            }
+            None => ConfigFile::default(),
+        };
+        let defaults = RegistryConfig::default();
+        let heartbeat_interval = self
+            .heartbeat_interval
+            .or(file.heartbeat_interval)
+            .unwrap_or(defaults.heartbeat_interval);
+        let ttl = self.ttl.or(file.ttl).unwrap_or(defaults.ttl);
+        anyhow::ensure!(
+            !heartbeat_interval.is_zero() && ttl > heartbeat_interval,
+            "the ttl ({}) must be longer than the heartbeat interval ({}), or every instance \
+             would be evicted between two heartbeats",
+            humantime::format_duration(ttl),
+            humantime::format_duration(heartbeat_interval),
+        );
+        let mut static_entries: Vec<(String, String)> = file
+            .static_entries
+            .into_iter()
+            .flat_map(|(service, addrs)| addrs.into_iter().map(move |a| (service.clone(), a)))
+            .collect();
+        static_entries.extend(self.static_entries.iter().cloned());
+        let mut settings = file.settings;
+        settings.extend(self.settings.iter().cloned());
+        Ok(RegistryConfig {
+            heartbeat_interval,
+            ttl,
+            limits: Limits {
+                max_instances_per_service: self.max_instances_per_service,
+                max_instances: self.max_instances,
+            },
+            static_entries,
+            settings,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<ConfigFile> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_and_static_entries_add_up() {
+        let dir = std::env::temp_dir().join(format!("cfg-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("config-server.toml");
+        std::fs::write(
+            &path,
+            "ttl = \"5s\"\nheartbeat_interval = \"2s\"\n[static]\nmessages = [\"127.0.0.1:50060\"]\n\
+             [settings]\n\"logging.store\" = \"memory\"\n",
+        )
+        .expect("write");
+        let path_arg = path.to_string_lossy().into_owned();
+        let config = Config::parse_from([
+            "config-server",
+            "--config",
+            &path_arg,
+            "--ttl",
+            "4s",
+            "--static",
+            "extra=127.0.0.1:1",
+            "--set",
+            "logging.store=nats://127.0.0.1:4222",
+        ]);
+        let registry = config.registry_config().expect("valid");
+        assert_eq!(registry.ttl, Duration::from_secs(4));
+        assert_eq!(registry.heartbeat_interval, Duration::from_secs(2));
+        assert_eq!(
+            registry.static_entries,
+            [
+                ("messages".to_owned(), "127.0.0.1:50060".to_owned()),
+                ("extra".to_owned(), "127.0.0.1:1".to_owned())
+            ]
+        );
+        assert_eq!(registry.settings["logging.store"], "nats://127.0.0.1:4222");
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn a_ttl_not_longer_than_the_heartbeat_is_refused() {
+        let config = Config::parse_from([
+            "config-server",
+            "--ttl",
+            "500ms",
+            "--heartbeat-interval",
+            "1s",
+        ]);
+        let error = config.registry_config().expect_err("refused").to_string();
+        assert!(error.contains("must be longer"), "{error}");
+    }
+
+    #[test]
+    fn a_missing_explicit_config_file_is_an_error() {
+        let config = Config::parse_from(["config-server", "--config", "/nonexistent/x.toml"]);
+        assert!(config.registry_config().is_err());
+    }
+
+    #[test]
+    fn pairs_need_a_key() {
+        assert!(parse_pair("=x").is_err());
+        assert!(parse_pair("novalue").is_err());
+        assert_eq!(parse_pair("a=b=c"), Ok(("a".into(), "b=c".into())));
+    }
+}

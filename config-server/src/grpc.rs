@@ -1,0 +1,96 @@
+//! Server and client plumbing every service shares, so it exists once.
+//!
+//! Serving: [`routes`] starts a gRPC route table with the standard health service and
+//! reflection (v1 and v1alpha, since grpcurl 1.8 asks v1alpha); a service adds its own
+//! server, merges any HTTP routes, and calls [`serve`]. HTTP/1.1 and HTTP/2 (gRPC) share
+//! the port: axum's server detects the protocol per connection and the router sends
+//! `application/grpc` paths to tonic.
+//!
+//! Calling: [`channel`] makes a lazily connected, reusable channel, and [`call`] puts a
+//! deadline on one request, both in the header (so the server can give up too) and
+//! locally (so a hung peer cannot hang us).
+
+use std::{future::Future, io, time::Duration};
+
+use axum::{serve::ListenerExt, Router};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    service::Routes,
+    transport::{Channel, Endpoint},
+    Request, Status,
+};
+use tonic_health::server::HealthReporter;
+
+/// How long to wait for a TCP connection before calling a peer unreachable.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// A route table holding health and reflection, and the health reporter to flip.
+pub fn routes() -> anyhow::Result<(Routes, HealthReporter)> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let routes = Routes::new(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+    Ok((routes, reporter))
+}
+
+/// Serves `app` (gRPC and HTTP routes) on `listener` until `shutdown` is cancelled, then
+/// stops accepting and waits for in-flight requests to finish.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let listener = listener.tap_io(|tcp| {
+        // Small request/response messages: never wait for Nagle.
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+/// A lazily connected channel to `host:port` (or a full `http://` URL). Cheap to clone;
+/// it reconnects by itself after the peer comes back.
+pub fn channel(address: &str) -> Result<Channel, tonic::transport::Error> {
+    let uri = if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("http://{address}")
+    };
+    Ok(Endpoint::from_shared(uri)?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect_lazy())
+}
+
+/// A request carrying `deadline` in its `grpc-timeout` header.
+pub fn request<T>(message: T, deadline: Duration) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(deadline);
+    request
+}
+
+/// Runs one call, giving up with `DEADLINE_EXCEEDED` after `deadline`.
+pub async fn call<T>(
+    deadline: Duration,
+    call: impl Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    match tokio::time::timeout(deadline, call).await {
+        Ok(result) => result,
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "no answer within {}",
+            humantime::format_duration(deadline)
+        ))),
+    }
+}

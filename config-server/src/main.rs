@@ -1,0 +1,9 @@
+use clap::Parser;
+use config_server::{shutdown, telemetry, Config};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    telemetry::init();
+    config_server::run(config, shutdown::on_signal()).await
+}

@@ -1,0 +1,778 @@
+//! The registry core: who is live, for how long, and what changed.
+//!
+//! Every dynamic instance holds a lease that ends `ttl` after its last heartbeat. The
+//! leases are also kept in a set ordered by deadline, so the sweeper can sleep until the
+//! earliest one and evict everything due with a few ordered removals, the same shape as
+//! mini-redis's key expiry. All state sits behind one short `std::sync::Mutex` section per
+//! call; nothing here awaits, so no guard can be held across an `.await`.
+//!
+//! Time is passed in (`now`), which keeps the core a pure state machine: unit tests drive
+//! it with any instants they like, and the sweeper passes tokio's (pausable) clock.
+//!
+//! Changes bump a global revision and are announced on a `watch` channel. Heartbeats are
+//! not changes: they move a deadline, not membership, so watchers are not woken by them.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::{Mutex, MutexGuard},
+    time::{Duration, SystemTime},
+};
+
+use tokio::{sync::watch, time::Instant};
+
+/// Limits on what one registration may claim; each is a flag on the binary.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_instances_per_service: usize,
+    pub max_instances: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_instances_per_service: 10_000,
+            max_instances: 50_000,
+        }
+    }
+}
+
+/// Longest service name, in bytes.
+pub const MAX_SERVICE_NAME: usize = 64;
+/// Most metadata entries on one instance.
+pub const MAX_METADATA_ENTRIES: usize = 32;
+/// Longest metadata key, in bytes.
+pub const MAX_METADATA_KEY: usize = 128;
+/// Longest metadata value, in bytes.
+pub const MAX_METADATA_VALUE: usize = 1024;
+/// Longest host part of an address, in bytes (the DNS limit).
+const MAX_HOST: usize = 253;
+
+/// What the registry refuses, and why. Mapped to a gRPC status in one place (`service`).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegistryError {
+    #[error("invalid service name {0:?}: use 1-{MAX_SERVICE_NAME} characters from [A-Za-z0-9._-]")]
+    InvalidService(String),
+    #[error("invalid address {0:?}: expected host:port with a port from 1 to 65535")]
+    InvalidAddress(String),
+    #[error("invalid metadata: {0}")]
+    InvalidMetadata(String),
+    #[error("invalid instance id: it is empty")]
+    EmptyInstanceId,
+    #[error("unknown instance id {0:?}: not registered, or evicted after missing heartbeats")]
+    UnknownInstance(String),
+    #[error("instance {0:?} is a static entry from configuration and cannot be deregistered")]
+    StaticInstance(String),
+    #[error("service {service:?} already has {limit} instances, the most allowed")]
+    ServiceFull { service: String, limit: usize },
+    #[error("the registry already holds {limit} instances, the most allowed")]
+    RegistryFull { limit: usize },
+    #[error("unknown setting {0:?}")]
+    UnknownSetting(String),
+}
+
+/// One registered instance, as the registry knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub id: String,
+    pub service: String,
+    pub address: String,
+    pub metadata: BTreeMap<String, String>,
+    pub is_static: bool,
+    pub registered_at: SystemTime,
+    pub last_heartbeat: SystemTime,
+}
+
+/// A consistent view of one service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub service: String,
+    pub instances: Vec<Instance>,
+    pub revision: u64,
+}
+
+impl Snapshot {
+    /// Whether two snapshots list the same instances (ignoring heartbeat times).
+    pub fn same_members(&self, other: &Snapshot) -> bool {
+        self.instances.len() == other.instances.len()
+            && self
+                .instances
+                .iter()
+                .zip(&other.instances)
+                .all(|(a, b)| a.id == b.id && a.address == b.address && a.metadata == b.metadata)
+    }
+}
+
+/// The reply to a successful registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub instance_id: String,
+    pub heartbeat_interval: Duration,
+    pub ttl: Duration,
+}
+
+/// How the registry is set up; built from flags and the config file.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    pub heartbeat_interval: Duration,
+    pub ttl: Duration,
+    pub limits: Limits,
+    /// `(service, address)` pairs that are always listed and never evicted.
+    pub static_entries: Vec<(String, String)>,
+    pub settings: BTreeMap<String, String>,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(1),
+            ttl: Duration::from_secs(3),
+            limits: Limits::default(),
+            static_entries: Vec::new(),
+            settings: BTreeMap::new(),
+        }
+    }
+}
+
+pub struct Registry {
+    config: RegistryConfig,
+    state: Mutex<State>,
+    /// The global revision, announced after every change.
+    changes: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct State {
+    revision: u64,
+    services: BTreeMap<String, Service>,
+    /// Every instance's service and lease deadline (none for static entries), by id.
+    index: HashMap<String, Entry>,
+    /// The dynamic instances' deadlines, ordered, for the sweeper.
+    expirations: BTreeSet<(Instant, String)>,
+    dynamic: usize,
+}
+
+struct Entry {
+    service: String,
+    deadline: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Service {
+    revision: u64,
+    instances: BTreeMap<String, Instance>,
+}
+
+impl State {
+    fn bump(&mut self, service: &str) -> u64 {
+        self.revision += 1;
+        if let Some(entry) = self.services.get_mut(service) {
+            entry.revision = self.revision;
+        }
+        self.revision
+    }
+
+    fn insert(&mut self, instance: Instance, deadline: Option<Instant>) {
+        if let Some(deadline) = deadline {
+            self.expirations.insert((deadline, instance.id.clone()));
+            self.dynamic += 1;
+        }
+        self.index.insert(
+            instance.id.clone(),
+            Entry {
+                service: instance.service.clone(),
+                deadline,
+            },
+        );
+        self.services
+            .entry(instance.service.clone())
+            .or_default()
+            .instances
+            .insert(instance.id.clone(), instance);
+    }
+
+    /// Removes an instance from every index; drops its service when it was the last.
+    fn remove(&mut self, id: &str) -> Option<Instance> {
+        let entry = self.index.remove(id)?;
+        if let Some(deadline) = entry.deadline {
+            self.expirations.remove(&(deadline, id.to_owned()));
+            self.dynamic -= 1;
+        }
+        let service = self.services.get_mut(&entry.service)?;
+        let removed = service.instances.remove(id);
+        if service.instances.is_empty() {
+            self.services.remove(&entry.service);
+        }
+        removed
+    }
+
+    fn get_mut(&mut self, id: &str) -> Option<&mut Instance> {
+        let entry = self.index.get(id)?;
+        self.services.get_mut(&entry.service)?.instances.get_mut(id)
+    }
+}
+
+impl Registry {
+    /// Builds a registry holding the static entries of `config`, which must be valid.
+    pub fn new(config: RegistryConfig) -> Result<Self, RegistryError> {
+        let mut state = State::default();
+        let now = SystemTime::now();
+        for (index, (service, address)) in config.static_entries.iter().enumerate() {
+            validate_service(service)?;
+            validate_address(address)?;
+            let instance = Instance {
+                id: format!("static-{service}-{index}"),
+                service: service.clone(),
+                address: address.clone(),
+                metadata: BTreeMap::new(),
+                is_static: true,
+                registered_at: now,
+                last_heartbeat: now,
+            };
+            state.insert(instance, None);
+            state.bump(service);
+        }
+        let (changes, _) = watch::channel(state.revision);
+        Ok(Self {
+            config,
+            state: Mutex::new(state),
+            changes,
+        })
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.config.heartbeat_interval
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.config.ttl
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that
+        // matters more than refusing every later call, so keep serving.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn announce(&self, revision: u64) {
+        self.changes.send_replace(revision);
+    }
+
+    /// Subscribes to changes: the receiver sees the global revision after each one.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Registers an instance; an address already live for the service is replaced.
+    pub fn register(
+        &self,
+        service: &str,
+        address: &str,
+        metadata: BTreeMap<String, String>,
+        now: Instant,
+    ) -> Result<(Lease, Option<Instance>), RegistryError> {
+        validate_service(service)?;
+        validate_address(address)?;
+        validate_metadata(&metadata)?;
+
+        let mut state = self.lock();
+        let replaced_id = state.services.get(service).and_then(|entry| {
+            entry
+                .instances
+                .values()
+                .find(|instance| !instance.is_static && instance.address == address)
+                .map(|instance| instance.id.clone())
+        });
+        let replaced = replaced_id.and_then(|id| state.remove(&id));
+        if replaced.is_none() {
+            let limits = &self.config.limits;
+            if state.dynamic >= limits.max_instances {
+                return Err(RegistryError::RegistryFull {
+                    limit: limits.max_instances,
+                });
+            }
+            let in_service = state
+                .services
+                .get(service)
+                .map_or(0, |entry| entry.instances.len());
+            if in_service >= limits.max_instances_per_service {
+                return Err(RegistryError::ServiceFull {
+                    service: service.to_owned(),
+                    limit: limits.max_instances_per_service,
+                });
+            }
+        }
+
+        let id = uuid::Uuid::new_v4().to_string();
+        let wall = SystemTime::now();
+        state.insert(
+            Instance {
+                id: id.clone(),
+                service: service.to_owned(),
+                address: address.to_owned(),
+                metadata,
+                is_static: false,
+                registered_at: wall,
+                last_heartbeat: wall,
+            },
+            Some(now + self.config.ttl),
+        );
+        let revision = state.bump(service);
+        drop(state);
+        self.announce(revision);
+        Ok((
+            Lease {
+                instance_id: id,
+                heartbeat_interval: self.config.heartbeat_interval,
+                ttl: self.config.ttl,
+            },
+            replaced,
+        ))
+    }
+
+    /// Extends an instance's lease to `now + ttl`. Static entries need no heartbeat and
+    /// accept one.
+    pub fn heartbeat(&self, id: &str, now: Instant) -> Result<(), RegistryError> {
+        if id.is_empty() {
+            return Err(RegistryError::EmptyInstanceId);
+        }
+        let mut state = self.lock();
+        let Some(entry) = state.index.get_mut(id) else {
+            return Err(RegistryError::UnknownInstance(id.to_owned()));
+        };
+        let Some(old) = entry.deadline else {
+            return Ok(()); // a static entry: nothing to extend
+        };
+        let deadline = now + self.config.ttl;
+        entry.deadline = Some(deadline);
+        state.expirations.remove(&(old, id.to_owned()));
+        state.expirations.insert((deadline, id.to_owned()));
+        if let Some(instance) = state.get_mut(id) {
+            instance.last_heartbeat = SystemTime::now();
+        }
+        Ok(())
+    }
+
+    /// Removes an instance at once.
+    pub fn deregister(&self, id: &str) -> Result<Instance, RegistryError> {
+        if id.is_empty() {
+            return Err(RegistryError::EmptyInstanceId);
+        }
+        let mut state = self.lock();
+        match state.index.get(id) {
+            None => return Err(RegistryError::UnknownInstance(id.to_owned())),
+            Some(entry) if entry.deadline.is_none() => {
+                return Err(RegistryError::StaticInstance(id.to_owned()))
+            }
+            Some(_) => {}
+        }
+        let removed = state
+            .remove(id)
+            .ok_or_else(|| RegistryError::UnknownInstance(id.to_owned()))?;
+        let revision = state.bump(&removed.service);
+        drop(state);
+        self.announce(revision);
+        Ok(removed)
+    }
+
+    /// Evicts every instance whose lease ended at or before `now`.
+    pub fn evict_expired(&self, now: Instant) -> Vec<Instance> {
+        let mut state = self.lock();
+        let mut evicted = Vec::new();
+        while let Some((deadline, id)) = state.expirations.first().cloned() {
+            if deadline > now {
+                break;
+            }
+            match state.remove(&id) {
+                Some(instance) => {
+                    state.bump(&instance.service);
+                    evicted.push(instance);
+                }
+                // Unreachable while the indexes agree; never loop on a stray entry.
+                None => {
+                    state.expirations.remove(&(deadline, id));
+                }
+            }
+        }
+        let revision = state.revision;
+        drop(state);
+        if !evicted.is_empty() {
+            self.announce(revision);
+        }
+        evicted
+    }
+
+    /// The earliest lease deadline, if any instance holds a lease.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.lock()
+            .expirations
+            .first()
+            .map(|(deadline, _)| *deadline)
+    }
+
+    /// Live instances of one service. A service nobody registered is empty, with the
+    /// global revision (so revisions a client sees never go backwards).
+    pub fn lookup(&self, service: &str) -> Result<Snapshot, RegistryError> {
+        validate_service(service)?;
+        let state = self.lock();
+        Ok(match state.services.get(service) {
+            Some(entry) => Snapshot {
+                service: service.to_owned(),
+                instances: entry.instances.values().cloned().collect(),
+                revision: entry.revision,
+            },
+            None => Snapshot {
+                service: service.to_owned(),
+                instances: Vec::new(),
+                revision: state.revision,
+            },
+        })
+    }
+
+    /// Every service with its instances, sorted by name, and the global revision.
+    pub fn list_services(&self) -> (Vec<Snapshot>, u64) {
+        let state = self.lock();
+        let services = state
+            .services
+            .iter()
+            .map(|(name, entry)| Snapshot {
+                service: name.clone(),
+                instances: entry.instances.values().cloned().collect(),
+                revision: entry.revision,
+            })
+            .collect();
+        (services, state.revision)
+    }
+
+    /// How many instances are registered, static entries included.
+    pub fn len(&self) -> usize {
+        self.lock().index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn setting(&self, key: &str) -> Result<String, RegistryError> {
+        self.config
+            .settings
+            .get(key)
+            .cloned()
+            .ok_or_else(|| RegistryError::UnknownSetting(key.to_owned()))
+    }
+}
+
+pub fn validate_service(service: &str) -> Result<(), RegistryError> {
+    let ok = !service.is_empty()
+        && service.len() <= MAX_SERVICE_NAME
+        && service
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(RegistryError::InvalidService(truncate(service)))
+    }
+}
+
+/// Accepts `host:port` and `[ipv6]:port`, where host is a name or an IP address.
+pub fn validate_address(address: &str) -> Result<(), RegistryError> {
+    let invalid = || RegistryError::InvalidAddress(truncate(address));
+    let (host, port) = address.rsplit_once(':').ok_or_else(invalid)?;
+    let port_ok = !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && port.parse::<u16>().is_ok_and(|p| p != 0);
+    let host_ok = if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        inner.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        !host.is_empty()
+            && host.len() <= MAX_HOST
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+    };
+    if port_ok && host_ok {
+        Ok(())
+    } else {
+        Err(invalid())
+    }
+}
+
+pub fn validate_metadata(metadata: &BTreeMap<String, String>) -> Result<(), RegistryError> {
+    if metadata.len() > MAX_METADATA_ENTRIES {
+        return Err(RegistryError::InvalidMetadata(format!(
+            "{} entries, at most {MAX_METADATA_ENTRIES} allowed",
+            metadata.len()
+        )));
+    }
+    for (key, value) in metadata {
+        if key.is_empty() || key.len() > MAX_METADATA_KEY {
+            return Err(RegistryError::InvalidMetadata(format!(
+                "key {:?} must be 1-{MAX_METADATA_KEY} bytes",
+                truncate(key)
+            )));
+        }
+        if value.len() > MAX_METADATA_VALUE {
+            return Err(RegistryError::InvalidMetadata(format!(
+                "value of {:?} is {} bytes, at most {MAX_METADATA_VALUE} allowed",
+                truncate(key),
+                value.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Keeps error messages short when the input is huge.
+fn truncate(text: &str) -> String {
+    const SHOWN: usize = 80;
+    match text.char_indices().nth(SHOWN) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(3);
+
+    fn registry() -> Registry {
+        registry_with(Vec::new(), Limits::default())
+    }
+
+    fn registry_with(static_entries: Vec<(String, String)>, limits: Limits) -> Registry {
+        Registry::new(RegistryConfig {
+            ttl: TTL,
+            static_entries,
+            limits,
+            ..RegistryConfig::default()
+        })
+        .expect("valid config")
+    }
+
+    fn register(registry: &Registry, service: &str, address: &str, now: Instant) -> String {
+        registry
+            .register(service, address, BTreeMap::new(), now)
+            .expect("register")
+            .0
+            .instance_id
+    }
+
+    fn addresses(registry: &Registry, service: &str) -> Vec<String> {
+        registry
+            .lookup(service)
+            .expect("lookup")
+            .instances
+            .into_iter()
+            .map(|instance| instance.address)
+            .collect()
+    }
+
+    #[test]
+    fn evicts_exactly_when_the_ttl_has_passed() {
+        let registry = registry();
+        let t0 = Instant::now();
+        register(&registry, "logging", "127.0.0.1:50051", t0);
+
+        let just_before = t0 + TTL - Duration::from_millis(1);
+        assert!(registry.evict_expired(just_before).is_empty());
+        assert_eq!(addresses(&registry, "logging"), ["127.0.0.1:50051"]);
+
+        let evicted = registry.evict_expired(t0 + TTL);
+        assert_eq!(evicted.len(), 1);
+        assert_eq!(evicted[0].address, "127.0.0.1:50051");
+        assert!(addresses(&registry, "logging").is_empty());
+        assert_eq!(registry.next_deadline(), None);
+    }
+
+    #[test]
+    fn heartbeat_extends_the_lease() {
+        let registry = registry();
+        let t0 = Instant::now();
+        let id = register(&registry, "logging", "127.0.0.1:50051", t0);
+
+        let t1 = t0 + Duration::from_secs(2);
+        registry.heartbeat(&id, t1).expect("heartbeat");
+        assert!(registry.evict_expired(t0 + TTL).is_empty(), "extended");
+        assert_eq!(registry.next_deadline(), Some(t1 + TTL));
+        assert_eq!(registry.evict_expired(t1 + TTL).len(), 1);
+    }
+
+    #[test]
+    fn heartbeat_for_an_unknown_or_evicted_id_is_not_found() {
+        let registry = registry();
+        let t0 = Instant::now();
+        assert_eq!(
+            registry.heartbeat("nope", t0),
+            Err(RegistryError::UnknownInstance("nope".into()))
+        );
+        let id = register(&registry, "logging", "127.0.0.1:50051", t0);
+        registry.evict_expired(t0 + TTL);
+        assert_eq!(
+            registry.heartbeat(&id, t0 + TTL),
+            Err(RegistryError::UnknownInstance(id))
+        );
+    }
+
+    #[test]
+    fn registering_a_live_address_again_replaces_the_old_entry() {
+        let registry = registry();
+        let t0 = Instant::now();
+        let old = register(&registry, "logging", "127.0.0.1:50051", t0);
+        let (lease, replaced) = registry
+            .register("logging", "127.0.0.1:50051", BTreeMap::new(), t0)
+            .expect("register");
+        assert_eq!(replaced.map(|instance| instance.id), Some(old.clone()));
+        let snapshot = registry.lookup("logging").expect("lookup");
+        assert_eq!(snapshot.instances.len(), 1);
+        assert_eq!(snapshot.instances[0].id, lease.instance_id);
+        assert!(registry.heartbeat(&old, t0).is_err(), "old id is gone");
+        // The old lease no longer evicts anything early or twice.
+        assert_eq!(registry.evict_expired(t0 + TTL).len(), 1);
+    }
+
+    #[test]
+    fn static_entries_survive_every_sweep_and_cannot_be_deregistered() {
+        let registry = registry_with(
+            vec![("messages".into(), "127.0.0.1:50060".into())],
+            Limits::default(),
+        );
+        let far = Instant::now() + Duration::from_secs(3600);
+        assert!(registry.evict_expired(far).is_empty());
+        let snapshot = registry.lookup("messages").expect("lookup");
+        assert_eq!(snapshot.instances.len(), 1);
+        assert!(snapshot.instances[0].is_static);
+        let id = snapshot.instances[0].id.clone();
+        assert_eq!(
+            registry.deregister(&id),
+            Err(RegistryError::StaticInstance(id.clone()))
+        );
+        assert_eq!(registry.heartbeat(&id, far), Ok(()));
+    }
+
+    #[test]
+    fn revision_increases_on_every_change_and_only_then() {
+        let registry = registry();
+        let t0 = Instant::now();
+        let changes = registry.subscribe();
+        let r0 = *changes.borrow();
+
+        let a = register(&registry, "logging", "127.0.0.1:50051", t0);
+        let r1 = registry.lookup("logging").expect("lookup").revision;
+        register(&registry, "logging", "127.0.0.1:50052", t0);
+        let r2 = registry.lookup("logging").expect("lookup").revision;
+        registry.heartbeat(&a, t0).expect("heartbeat");
+        let r3 = registry.lookup("logging").expect("lookup").revision;
+        registry.deregister(&a).expect("deregister");
+        let r4 = registry.lookup("logging").expect("lookup").revision;
+        registry.evict_expired(t0 + TTL);
+        let r5 = registry.lookup("logging").expect("lookup").revision;
+
+        assert!(r0 < r1 && r1 < r2, "{r0} {r1} {r2}");
+        assert_eq!(r2, r3, "a heartbeat is not a change");
+        assert!(r3 < r4 && r4 < r5, "{r3} {r4} {r5}");
+        assert_eq!(*changes.borrow(), r5);
+    }
+
+    #[test]
+    fn deregister_is_immediate_and_unknown_ids_are_not_found() {
+        let registry = registry();
+        let t0 = Instant::now();
+        let id = register(&registry, "logging", "127.0.0.1:50051", t0);
+        registry.deregister(&id).expect("deregister");
+        assert!(addresses(&registry, "logging").is_empty());
+        assert_eq!(registry.next_deadline(), None);
+        assert_eq!(
+            registry.deregister(&id),
+            Err(RegistryError::UnknownInstance(id))
+        );
+        assert_eq!(registry.deregister(""), Err(RegistryError::EmptyInstanceId));
+    }
+
+    #[test]
+    fn caps_per_service_and_in_total() {
+        let registry = registry_with(
+            Vec::new(),
+            Limits {
+                max_instances_per_service: 2,
+                max_instances: 3,
+            },
+        );
+        let t0 = Instant::now();
+        register(&registry, "a", "h:1", t0);
+        register(&registry, "a", "h:2", t0);
+        assert!(matches!(
+            registry.register("a", "h:3", BTreeMap::new(), t0),
+            Err(RegistryError::ServiceFull { limit: 2, .. })
+        ));
+        // Replacing a live address is not growth.
+        register(&registry, "a", "h:2", t0);
+        register(&registry, "b", "h:1", t0);
+        assert!(matches!(
+            registry.register("c", "h:1", BTreeMap::new(), t0),
+            Err(RegistryError::RegistryFull { limit: 3 })
+        ));
+    }
+
+    #[test]
+    fn rejects_bad_names_addresses_and_metadata() {
+        for service in [
+            "",
+            "has space",
+            "slash/y",
+            &"x".repeat(MAX_SERVICE_NAME + 1),
+        ] {
+            assert!(
+                matches!(
+                    validate_service(service),
+                    Err(RegistryError::InvalidService(_))
+                ),
+                "{service:?}"
+            );
+        }
+        for address in [
+            "",
+            "host",
+            "host:",
+            ":80",
+            "host:0",
+            "host:65536",
+            "host:-1",
+            "ho st:80",
+            "[zz]:80",
+        ] {
+            assert!(validate_address(address).is_err(), "{address:?}");
+        }
+        for address in [
+            "127.0.0.1:50051",
+            "localhost:1",
+            "[::1]:8080",
+            "a.b-c_d:65535",
+        ] {
+            assert_eq!(validate_address(address), Ok(()), "{address:?}");
+        }
+        let many: BTreeMap<_, _> = (0..=MAX_METADATA_ENTRIES)
+            .map(|i| (i.to_string(), String::new()))
+            .collect();
+        assert!(validate_metadata(&many).is_err());
+        let big = BTreeMap::from([("k".to_owned(), "v".repeat(MAX_METADATA_VALUE + 1))]);
+        assert!(validate_metadata(&big).is_err());
+        let empty_key = BTreeMap::from([(String::new(), "v".to_owned())]);
+        assert!(validate_metadata(&empty_key).is_err());
+    }
+
+    #[test]
+    fn lookup_of_an_unknown_service_is_empty_and_revisions_never_go_back() {
+        let registry = registry();
+        let t0 = Instant::now();
+        let id = register(&registry, "logging", "127.0.0.1:50051", t0);
+        let before = registry.lookup("logging").expect("lookup").revision;
+        registry.deregister(&id).expect("deregister");
+        let after = registry.lookup("logging").expect("lookup");
+        assert!(after.instances.is_empty());
+        assert!(after.revision > before);
+    }
+}
