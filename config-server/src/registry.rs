@@ -162,6 +162,19 @@ struct Service {
     instances: BTreeMap<String, Instance>,
 }
 
+impl Service {
+    /// The instances ordered by address (then id), so listings read well and are stable.
+    fn snapshot(&self, name: &str) -> Snapshot {
+        let mut instances: Vec<Instance> = self.instances.values().cloned().collect();
+        instances.sort_by(|a, b| (&a.address, &a.id).cmp(&(&b.address, &b.id)));
+        Snapshot {
+            service: name.to_owned(),
+            instances,
+            revision: self.revision,
+        }
+    }
+}
+
 impl State {
     fn bump(&mut self, service: &str) -> u64 {
         self.revision += 1;
@@ -417,11 +430,7 @@ impl Registry {
         validate_service(service)?;
         let state = self.lock();
         Ok(match state.services.get(service) {
-            Some(entry) => Snapshot {
-                service: service.to_owned(),
-                instances: entry.instances.values().cloned().collect(),
-                revision: entry.revision,
-            },
+            Some(entry) => entry.snapshot(service),
             None => Snapshot {
                 service: service.to_owned(),
                 instances: Vec::new(),
@@ -436,11 +445,7 @@ impl Registry {
         let services = state
             .services
             .iter()
-            .map(|(name, entry)| Snapshot {
-                service: name.clone(),
-                instances: entry.instances.values().cloned().collect(),
-                revision: entry.revision,
-            })
+            .map(|(name, entry)| entry.snapshot(name))
             .collect();
         (services, state.revision)
     }

@@ -1,0 +1,253 @@
+//! Test support for driving the real binaries: free ports, child processes that are
+//! killed when a test ends (and show their output when it fails), readiness waits on
+//! gRPC health, and the real command-line clients (grpcurl, curl).
+//!
+//! The binaries come from the same target directory as the test; `scripts/test` builds
+//! them first (`cargo build --workspace --bins`).
+
+use std::{
+    fs::File,
+    future::Future,
+    io::Read,
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+use nix::{sys::signal::Signal, unistd::Pid};
+use tonic_health::pb::{health_check_response::ServingStatus, health_client, HealthCheckRequest};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("e2e lives in the workspace")
+        .to_path_buf()
+}
+
+/// The path of one of the workspace's binaries, built next to this test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test runs from target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`, which scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// A running child process. Killed when dropped; its output is printed if the test
+/// is failing at that moment.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, program: &Path, args: &[&str]) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let log = std::env::temp_dir().join(format!(
+            "e2e-{}-{}-{}.log",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed),
+            name,
+        ));
+        let out = File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = Command::new(program)
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        Self {
+            name: name.to_owned(),
+            child,
+            log,
+        }
+    }
+
+    /// Starts one of the workspace's binaries.
+    pub fn start(name: &str, binary: &str, args: &[&str]) -> Self {
+        Self::spawn(name, &bin(binary), args)
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits"))
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        nix::sys::signal::kill(self.pid(), signal).expect("send signal");
+    }
+
+    /// Everything the process printed so far.
+    pub fn output(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut file) = File::open(&self.log) {
+            let _ = file.read_to_string(&mut text);
+        }
+        text
+    }
+
+    /// Waits for the process to exit, up to `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "{} did not exit within {limit:?}; output:\n{}",
+                self.name,
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        self.signal(Signal::SIGTERM);
+        self.wait_exit(Duration::from_secs(10)).await
+    }
+
+    /// SIGKILL: a crash, with no chance to deregister.
+    pub async fn kill9(&mut self) {
+        self.signal(Signal::SIGKILL);
+        self.wait_exit(Duration::from_secs(10)).await;
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            // A stopped process must be continued to die promptly on some kernels.
+            let _ = nix::sys::signal::kill(self.pid(), Signal::SIGCONT);
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("----- output of {} -----\n{}", self.name, self.output());
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Polls `check` every 20 ms until it holds; panics after `limit`. Returns the time taken.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if check().await {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether the gRPC server at `addr` answers health `SERVING` for `service` ("" = server).
+pub async fn is_serving(addr: SocketAddr, service: &str) -> bool {
+    let Ok(channel) = config_server::grpc::channel(&addr.to_string()) else {
+        return false;
+    };
+    let mut client = health_client::HealthClient::new(channel);
+    let check = client.check(HealthCheckRequest {
+        service: service.to_owned(),
+    });
+    matches!(
+        tokio::time::timeout(Duration::from_millis(500), check).await,
+        Ok(Ok(reply)) if reply.get_ref().status == ServingStatus::Serving as i32
+    )
+}
+
+/// Waits until `addr` reports SERVING (20 s bound: a cold start on a busy 2-core box).
+pub async fn wait_serving(addr: SocketAddr) {
+    eventually(Duration::from_secs(20), &format!("{addr} SERVING"), || {
+        is_serving(addr, "")
+    })
+    .await;
+}
+
+/// The grpcurl command: `$GRPCURL`, else the one scripts/setup installs, else PATH.
+pub fn grpcurl_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("GRPCURL") {
+        return PathBuf::from(path);
+    }
+    let local = repo_root().join(".tools/bin/grpcurl");
+    if local.exists() {
+        local
+    } else {
+        PathBuf::from("grpcurl")
+    }
+}
+
+/// Runs grpcurl in plaintext against `addr`, optionally with a JSON body.
+pub fn grpcurl(addr: SocketAddr, method: &str, body: Option<&str>) -> Output {
+    let mut command = Command::new(grpcurl_path());
+    command.args(["-plaintext", "-max-time", "10"]);
+    if let Some(body) = body {
+        command.args(["-d", body]);
+    }
+    command.arg(addr.to_string());
+    if !method.is_empty() {
+        command.arg(method);
+    }
+    command.output().unwrap_or_else(|e| {
+        panic!(
+            "cannot run grpcurl ({}): {e}; run scripts/setup",
+            grpcurl_path().display()
+        )
+    })
+}
+
+/// grpcurl that must succeed; returns its JSON output parsed.
+pub fn grpcurl_json(addr: SocketAddr, method: &str, body: Option<&str>) -> serde_json::Value {
+    let output = grpcurl(addr, method, body);
+    assert!(
+        output.status.success(),
+        "grpcurl {method} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "grpcurl {method} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}

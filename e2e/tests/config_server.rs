@@ -1,0 +1,156 @@
+//! The built `config-server` binary, driven with grpcurl through reflection alone.
+
+use std::time::Duration;
+
+use e2e::{eventually, free_addr, grpcurl, grpcurl_json, wait_serving, Proc};
+
+#[tokio::test]
+async fn grpcurl_registers_looks_up_heartbeats_and_deregisters() {
+    let addr = free_addr();
+    let addr_arg = addr.to_string();
+    let mut server = Proc::start(
+        "config-server",
+        "config-server",
+        &[
+            "--addr",
+            &addr_arg,
+            "--static",
+            "messages=127.0.0.1:50060",
+            "--set",
+            "logging.store=memory",
+            "--heartbeat-interval",
+            "200ms",
+            "--ttl",
+            "600ms",
+        ],
+    );
+    wait_serving(addr).await;
+
+    // Reflection: no .proto files needed.
+    let list = grpcurl(addr, "list", None);
+    let services = String::from_utf8_lossy(&list.stdout);
+    for expected in ["registry.v1.Registry", "grpc.health.v1.Health"] {
+        assert!(
+            services.contains(expected),
+            "missing {expected} in:\n{services}"
+        );
+    }
+
+    let lease = grpcurl_json(
+        addr,
+        "registry.v1.Registry/Register",
+        Some(r#"{"service":"logging","address":"127.0.0.1:50051","metadata":{"store":"memory"}}"#),
+    );
+    let id = lease["instanceId"]
+        .as_str()
+        .expect("instance id")
+        .to_owned();
+    assert_eq!(lease["ttlMs"], "600");
+    assert_eq!(lease["heartbeatIntervalMs"], "200");
+
+    let lookup = grpcurl_json(
+        addr,
+        "registry.v1.Registry/Lookup",
+        Some(r#"{"service":"logging"}"#),
+    );
+    assert_eq!(lookup["instances"][0]["address"], "127.0.0.1:50051");
+    assert_eq!(lookup["instances"][0]["metadata"]["store"], "memory");
+
+    let heartbeat = grpcurl(
+        addr,
+        "registry.v1.Registry/Heartbeat",
+        Some(&format!(r#"{{"instanceId":"{id}"}}"#)),
+    );
+    assert!(
+        heartbeat.status.success(),
+        "{}",
+        String::from_utf8_lossy(&heartbeat.stderr)
+    );
+
+    let setting = grpcurl_json(
+        addr,
+        "registry.v1.Registry/GetSetting",
+        Some(r#"{"key":"logging.store"}"#),
+    );
+    assert_eq!(setting["value"], "memory");
+
+    let messages = grpcurl_json(
+        addr,
+        "registry.v1.Registry/Lookup",
+        Some(r#"{"service":"messages"}"#),
+    );
+    assert_eq!(messages["instances"][0]["isStatic"], true);
+
+    let deregister = grpcurl(
+        addr,
+        "registry.v1.Registry/Deregister",
+        Some(&format!(r#"{{"instanceId":"{id}"}}"#)),
+    );
+    assert!(deregister.status.success());
+    let lookup = grpcurl_json(
+        addr,
+        "registry.v1.Registry/Lookup",
+        Some(r#"{"service":"logging"}"#),
+    );
+    assert!(
+        lookup.get("instances").is_none(),
+        "deregistered at once: {lookup}"
+    );
+
+    // A heartbeat for the removed id is NOT_FOUND, with a message a person can act on.
+    let unknown = grpcurl(
+        addr,
+        "registry.v1.Registry/Heartbeat",
+        Some(&format!(r#"{{"instanceId":"{id}"}}"#)),
+    );
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert!(!unknown.status.success());
+    assert!(
+        stderr.contains("NotFound") && stderr.contains("unknown instance id"),
+        "{stderr}"
+    );
+
+    // One registered without heartbeats is evicted by the binary's sweeper.
+    grpcurl_json(
+        addr,
+        "registry.v1.Registry/Register",
+        Some(r#"{"service":"logging","address":"127.0.0.1:50052"}"#),
+    );
+    eventually(Duration::from_secs(5), "eviction", || async {
+        grpcurl_json(
+            addr,
+            "registry.v1.Registry/Lookup",
+            Some(r#"{"service":"logging"}"#),
+        )
+        .get("instances")
+        .is_none()
+    })
+    .await;
+    let log = server.output();
+    assert!(
+        log.contains("registered") && log.contains("evicted"),
+        "{log}"
+    );
+
+    let status = server.terminate().await;
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+}
+
+#[tokio::test]
+async fn a_taken_port_or_a_bad_flag_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let mut server = Proc::start("config-server", "config-server", &["--addr", &addr]);
+    let status = server.wait_exit(Duration::from_secs(10)).await;
+    assert!(!status.success());
+    assert!(
+        server.output().contains("cannot listen on"),
+        "{}",
+        server.output()
+    );
+
+    let mut bad = Proc::start("config-server", "config-server", &["--ttl", "soon"]);
+    let status = bad.wait_exit(Duration::from_secs(10)).await;
+    assert!(!status.success());
+    assert!(bad.output().contains("--ttl"), "{}", bad.output());
+}
