@@ -28,6 +28,7 @@ pub const DEFAULT_REGISTRY: &str = "http://127.0.0.1:50050";
 #[derive(Debug, Clone)]
 pub struct RegistryClient {
     inner: registry_client::RegistryClient<Channel>,
+    deadline: Duration,
 }
 
 impl RegistryClient {
@@ -36,7 +37,14 @@ impl RegistryClient {
     pub fn new(url: &str) -> Result<Self, tonic::transport::Error> {
         Ok(Self {
             inner: registry_client::RegistryClient::new(grpc::channel(url)?),
+            deadline: CALL_DEADLINE,
         })
+    }
+
+    /// The same client with another deadline for lookups and settings (default 1 s).
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
     }
 
     /// Live instances of `service`, static entries included.
@@ -45,9 +53,10 @@ impl RegistryClient {
         let request = pb::LookupRequest {
             service: service.to_owned(),
         };
-        grpc::call(CALL_DEADLINE, async move {
+        let deadline = self.deadline;
+        grpc::call(deadline, async move {
             Ok(client
-                .lookup(grpc::request(request, CALL_DEADLINE))
+                .lookup(grpc::request(request, deadline))
                 .await?
                 .into_inner())
         })
@@ -60,9 +69,10 @@ impl RegistryClient {
         let request = pb::GetSettingRequest {
             key: key.to_owned(),
         };
-        let result = grpc::call(CALL_DEADLINE, async move {
+        let deadline = self.deadline;
+        let result = grpc::call(deadline, async move {
             Ok(client
-                .get_setting(grpc::request(request, CALL_DEADLINE))
+                .get_setting(grpc::request(request, deadline))
                 .await?
                 .into_inner())
         })

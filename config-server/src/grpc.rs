@@ -2,9 +2,11 @@
 //!
 //! Serving: [`routes`] starts a gRPC route table with the standard health service and
 //! reflection (v1 and v1alpha, since grpcurl 1.8 asks v1alpha); a service adds its own
-//! server, merges any HTTP routes, and calls [`serve`]. HTTP/1.1 and HTTP/2 (gRPC) share
-//! the port: axum's server detects the protocol per connection and the router sends
-//! `application/grpc` paths to tonic.
+//! server and calls [`serve`] with its HTTP routes, if any. HTTP/1.1 and HTTP/2 share the
+//! port: axum's server detects the protocol per connection, and each request goes to
+//! tonic when its content type is `application/grpc*`, else to the HTTP router. Routing
+//! in front of both (rather than merging routers) lets the HTTP side keep its own JSON
+//! 404, so curl on a wrong path never gets gRPC's "200 + grpc-status" answer.
 //!
 //! Calling: [`channel`] makes a lazily connected, reusable channel, and [`call`] puts a
 //! deadline on one request, both in the header (so the server can give up too) and
@@ -12,15 +14,25 @@
 
 use std::{future::Future, io, time::Duration};
 
-use axum::{serve::ListenerExt, Router};
+use axum::{
+    extract::Request,
+    http::{header::CONTENT_TYPE, StatusCode},
+    response::IntoResponse,
+    serve::ListenerExt,
+    Json, Router,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{
     service::Routes,
     transport::{Channel, Endpoint},
-    Request, Status,
+    Status,
 };
-use tonic_health::server::HealthReporter;
+use tonic_health::{
+    pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest},
+    server::HealthReporter,
+};
+use tower::ServiceExt;
 
 /// How long to wait for a TCP connection before calling a peer unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -42,13 +54,24 @@ pub fn routes() -> anyhow::Result<(Routes, HealthReporter)> {
     Ok((routes, reporter))
 }
 
-/// Serves `app` (gRPC and HTTP routes) on `listener` until `shutdown` is cancelled, then
-/// stops accepting and waits for in-flight requests to finish.
+/// Serves gRPC `routes` and the `http` router on `listener` until `shutdown` is
+/// cancelled, then stops accepting and waits for in-flight requests to finish.
 pub async fn serve(
     listener: TcpListener,
-    app: Router,
+    routes: Routes,
+    http: Router,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
+    let grpc = routes.into_axum_router();
+    let http = http.fallback(not_found);
+    let app = Router::new().fallback_service(tower::service_fn(move |request: Request| {
+        let route = if is_grpc(&request) {
+            grpc.clone()
+        } else {
+            http.clone()
+        };
+        route.oneshot(request)
+    }));
     let listener = listener.tap_io(|tcp| {
         // Small request/response messages: never wait for Nagle.
         let _ = tcp.set_nodelay(true);
@@ -56,6 +79,38 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
+}
+
+fn is_grpc(request: &Request) -> bool {
+    request
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
+}
+
+async fn not_found(request: Request) -> impl IntoResponse {
+    (
+        StatusCode::NOT_FOUND,
+        Json(serde_json::json!({
+            "error": format!("no such resource: {} {}", request.method(), request.uri().path())
+        })),
+    )
+}
+
+/// Whether the gRPC server at `address` reports health `SERVING` for `service` (`""` is
+/// the server as a whole). Any failure, including no answer within 500 ms, is `false`.
+pub async fn is_serving(address: &str, service: &str) -> bool {
+    let Ok(channel) = channel(address) else {
+        return false;
+    };
+    let mut client = HealthClient::new(channel);
+    let check = client.check(HealthCheckRequest {
+        service: service.to_owned(),
+    });
+    matches!(
+        tokio::time::timeout(Duration::from_millis(500), check).await,
+        Ok(Ok(reply)) if reply.get_ref().status == ServingStatus::Serving as i32
+    )
 }
 
 /// A lazily connected channel to `host:port` (or a full `http://` URL). Cheap to clone;
@@ -75,8 +130,8 @@ pub fn channel(address: &str) -> Result<Channel, tonic::transport::Error> {
 }
 
 /// A request carrying `deadline` in its `grpc-timeout` header.
-pub fn request<T>(message: T, deadline: Duration) -> Request<T> {
-    let mut request = Request::new(message);
+pub fn request<T>(message: T, deadline: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
     request.set_timeout(deadline);
     request
 }

@@ -62,13 +62,11 @@ pub async fn serve(
     health
         .set_serving::<RegistryServer<RegistryService>>()
         .await;
-    let app = routes
-        .add_service(RegistryServer::new(RegistryService::new(
-            registry,
-            shutdown.clone(),
-        )))
-        .into_axum_router();
-    grpc::serve(listener, app, shutdown).await?;
+    let routes = routes.add_service(RegistryServer::new(RegistryService::new(
+        registry,
+        shutdown.clone(),
+    )));
+    grpc::serve(listener, routes, axum::Router::new(), shutdown).await?;
     sweeper.await?;
     info!("config server stopped");
     Ok(())

@@ -17,7 +17,6 @@ use std::{
 };
 
 use nix::{sys::signal::Signal, unistd::Pid};
-use tonic_health::pb::{health_check_response::ServingStatus, health_client, HealthCheckRequest};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -180,25 +179,11 @@ where
     }
 }
 
-/// Whether the gRPC server at `addr` answers health `SERVING` for `service` ("" = server).
-pub async fn is_serving(addr: SocketAddr, service: &str) -> bool {
-    let Ok(channel) = config_server::grpc::channel(&addr.to_string()) else {
-        return false;
-    };
-    let mut client = health_client::HealthClient::new(channel);
-    let check = client.check(HealthCheckRequest {
-        service: service.to_owned(),
-    });
-    matches!(
-        tokio::time::timeout(Duration::from_millis(500), check).await,
-        Ok(Ok(reply)) if reply.get_ref().status == ServingStatus::Serving as i32
-    )
-}
-
 /// Waits until `addr` reports SERVING (20 s bound: a cold start on a busy 2-core box).
 pub async fn wait_serving(addr: SocketAddr) {
+    let address = addr.to_string();
     eventually(Duration::from_secs(20), &format!("{addr} SERVING"), || {
-        is_serving(addr, "")
+        config_server::grpc::is_serving(&address, "")
     })
     .await;
 }

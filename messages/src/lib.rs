@@ -53,11 +53,9 @@ pub async fn serve(listener: TcpListener, shutdown: CancellationToken) -> anyhow
     health
         .set_serving::<MessagesServer<MessagesService>>()
         .await;
-    let app = routes
-        .add_service(MessagesServer::new(MessagesService))
-        .into_axum_router();
+    let routes = routes.add_service(MessagesServer::new(MessagesService));
     info!(%addr, "messages listening");
-    grpc::serve(listener, app, shutdown).await?;
+    grpc::serve(listener, routes, axum::Router::new(), shutdown).await?;
     info!("messages stopped");
     Ok(())
 }

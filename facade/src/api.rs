@@ -1,0 +1,69 @@
+//! The gRPC API, `facade.v1.Facade`, over the same core as the HTTP API.
+
+use std::sync::Arc;
+
+use proto::facade::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    core::{Facade, FacadeError},
+    failover::FailoverError,
+};
+
+pub use pb::facade_server::FacadeServer;
+
+pub struct FacadeService {
+    facade: Arc<Facade>,
+}
+
+impl FacadeService {
+    pub fn new(facade: Arc<Facade>) -> Self {
+        Self { facade }
+    }
+}
+
+/// The one place facade errors become gRPC statuses.
+fn status(error: FacadeError) -> Status {
+    match error {
+        FacadeError::Failover(FailoverError::Rejected(status)) => status,
+        FacadeError::Failover(exhausted @ FailoverError::Exhausted { .. }) => {
+            Status::unavailable(exhausted.to_string())
+        }
+        other => Status::invalid_argument(other.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::facade_server::Facade for FacadeService {
+    async fn post(
+        &self,
+        request: Request<pb::PostRequest>,
+    ) -> Result<Response<pb::PostResponse>, Status> {
+        let pb::PostRequest {
+            msg,
+            idempotency_key,
+        } = request.into_inner();
+        let key = (!idempotency_key.is_empty()).then_some(idempotency_key.as_str());
+        let id = self.facade.post(msg, key).await.map_err(status)?;
+        Ok(Response::new(pb::PostResponse { id }))
+    }
+
+    async fn get(
+        &self,
+        _request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        let listing = self.facade.get().await.map_err(status)?;
+        Ok(Response::new(pb::GetResponse {
+            logs: listing
+                .logs
+                .into_iter()
+                .map(|entry| pb::LogEntry {
+                    id: entry.id,
+                    msg: entry.msg,
+                })
+                .collect(),
+            message: listing.message.unwrap_or_default(),
+            warnings: listing.warnings,
+        }))
+    }
+}

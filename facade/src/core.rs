@@ -1,0 +1,226 @@
+//! What the facade does, independent of how it is asked (HTTP or gRPC).
+
+use std::{sync::Arc, time::Duration};
+
+use config_server::grpc;
+use dashmap::DashMap;
+use proto::{
+    logging::v1::{logging_client::LoggingClient, AppendRequest, ListRequest},
+    messages::v1::{messages_client::MessagesClient, GetRequest},
+};
+use tonic::{transport::Channel, Status};
+use uuid::Uuid;
+
+use crate::{
+    discovery::Discovery,
+    failover::{Failover, FailoverError},
+};
+
+pub const LOGGING: &str = "logging";
+pub const MESSAGES: &str = "messages";
+/// Longest Idempotency-Key accepted, in bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 256;
+/// Ids made from idempotency keys live in their own uuid v5 namespace.
+const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_3b8e_2a4d_4e0f_9c51_7d2b_8a3e_4f60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum FacadeError {
+    #[error("msg is required: send {{\"msg\": \"...\"}}")]
+    MissingMessage,
+    #[error("msg is empty")]
+    EmptyMessage,
+    #[error("msg is {len} bytes, at most {limit} allowed")]
+    MessageTooLarge { len: usize, limit: usize },
+    #[error("invalid Idempotency-Key: {0}")]
+    InvalidIdempotencyKey(String),
+    #[error(transparent)]
+    Failover(#[from] FailoverError),
+}
+
+/// One stored message, as the facade returns it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LogEntry {
+    pub id: String,
+    pub msg: String,
+}
+
+/// The answer to GET: every message, plus the messages service's text when reachable.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Listing {
+    pub logs: Vec<LogEntry>,
+    pub message: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+pub struct Facade {
+    discovery: Discovery,
+    failover: Failover,
+    /// One channel per instance address, made on first use and reused (channels are
+    /// cheap handles over one HTTP/2 connection that reconnects by itself).
+    channels: DashMap<String, Channel>,
+    max_message_bytes: usize,
+    messages_deadline: Duration,
+}
+
+impl Facade {
+    pub fn new(discovery: Discovery, failover: Failover, max_message_bytes: usize) -> Arc<Self> {
+        Arc::new(Self {
+            discovery,
+            failover,
+            channels: DashMap::new(),
+            max_message_bytes,
+            messages_deadline: Duration::from_secs(1),
+        })
+    }
+
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes
+    }
+
+    fn channel(&self, address: &str) -> Result<Channel, Status> {
+        if let Some(channel) = self.channels.get(address) {
+            return Ok(channel.clone());
+        }
+        let channel = grpc::channel(address)
+            .map_err(|e| Status::unavailable(format!("bad instance address {address}: {e}")))?;
+        Ok(self
+            .channels
+            .entry(address.to_owned())
+            .or_insert(channel)
+            .clone())
+    }
+
+    /// The id a message gets: from the idempotency key when there is one (the same key
+    /// always gives the same id), else a fresh random uuid.
+    pub fn message_id(idempotency_key: Option<&str>) -> Result<String, FacadeError> {
+        match idempotency_key {
+            None => Ok(Uuid::new_v4().to_string()),
+            Some(key) => {
+                if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+                    return Err(FacadeError::InvalidIdempotencyKey(format!(
+                        "must be 1-{MAX_IDEMPOTENCY_KEY} bytes"
+                    )));
+                }
+                Ok(Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, key.as_bytes()).to_string())
+            }
+        }
+    }
+
+    fn validate(&self, msg: &str) -> Result<(), FacadeError> {
+        if msg.is_empty() {
+            return Err(FacadeError::EmptyMessage);
+        }
+        if msg.len() > self.max_message_bytes {
+            return Err(FacadeError::MessageTooLarge {
+                len: msg.len(),
+                limit: self.max_message_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Stores `msg` through a live logging instance, failing over and retrying with the
+    /// same id; returns the id.
+    pub async fn post(
+        &self,
+        msg: String,
+        idempotency_key: Option<&str>,
+    ) -> Result<String, FacadeError> {
+        self.validate(&msg)?;
+        let id = Self::message_id(idempotency_key)?;
+        let deadline = self.failover.policy().attempt_deadline;
+        self.failover
+            .run(
+                LOGGING,
+                || self.discovery.instances(LOGGING),
+                |address| {
+                    let channel = self.channel(&address);
+                    let request = AppendRequest {
+                        id: id.clone(),
+                        text: msg.clone(),
+                    };
+                    async move {
+                        let mut client = LoggingClient::new(channel?);
+                        client.append(grpc::request(request, deadline)).await
+                    }
+                },
+            )
+            .await?;
+        Ok(id)
+    }
+
+    /// Every message (from one live logging instance, with failover) and the messages
+    /// service's text, fetched concurrently. A messages outage does not fail the read:
+    /// the logs are what the caller came for, so it is reported in `warnings`.
+    pub async fn get(&self) -> Result<Listing, FacadeError> {
+        let deadline = self.failover.policy().attempt_deadline;
+        let logs = self.failover.run(
+            LOGGING,
+            || self.discovery.instances(LOGGING),
+            |address| {
+                let channel = self.channel(&address);
+                async move {
+                    let mut client = LoggingClient::new(channel?);
+                    client.list(grpc::request(ListRequest {}, deadline)).await
+                }
+            },
+        );
+        let (logs, message) = tokio::join!(logs, self.messages_text());
+        let logs = logs?
+            .into_inner()
+            .messages
+            .into_iter()
+            .map(|m| LogEntry {
+                id: m.id,
+                msg: m.text,
+            })
+            .collect();
+        Ok(match message {
+            Ok(text) => Listing {
+                logs,
+                message: Some(text),
+                warnings: Vec::new(),
+            },
+            Err(reason) => Listing {
+                logs,
+                message: None,
+                warnings: vec![format!("messages service unavailable: {reason}")],
+            },
+        })
+    }
+
+    async fn messages_text(&self) -> Result<String, String> {
+        let instances = self.discovery.instances(MESSAGES).await;
+        let Some(address) = instances.first() else {
+            return Err("not in the registry".to_owned());
+        };
+        let channel = self.channel(address).map_err(|s| s.message().to_owned())?;
+        let mut client = MessagesClient::new(channel);
+        let deadline = self.messages_deadline;
+        grpc::call(deadline, async move {
+            client.get(grpc::request(GetRequest {}, deadline)).await
+        })
+        .await
+        .map(|reply| reply.into_inner().text)
+        .map_err(|status| format!("{address}: {}", status.message()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_idempotency_key_gives_the_same_id_and_others_differ() {
+        let a = Facade::message_id(Some("order-42")).expect("id");
+        assert_eq!(a, Facade::message_id(Some("order-42")).expect("id"));
+        assert_ne!(a, Facade::message_id(Some("order-43")).expect("id"));
+        assert_ne!(
+            Facade::message_id(None).expect("id"),
+            Facade::message_id(None).expect("id")
+        );
+        assert!(Facade::message_id(Some("")).is_err());
+        assert!(Facade::message_id(Some(&"k".repeat(MAX_IDEMPOTENCY_KEY + 1))).is_err());
+    }
+}

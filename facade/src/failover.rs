@@ -1,0 +1,387 @@
+//! The failover policy: which instance to try next, which errors move on, how long to
+//! keep trying.
+//!
+//! One call through [`Failover::run`]:
+//! 1. ask discovery for the live instances (per call by default);
+//! 2. try them in random order, instances that failed in the last few seconds last,
+//!    each attempt with its own deadline;
+//! 3. a transient failure (unavailable, deadline exceeded, a broken connection) marks the
+//!    instance as suspect and moves on; any other answer is final and returned as is;
+//! 4. after a full round, back off (jittered, capped) and look up again, until the
+//!    total budget is spent.
+//!
+//! Retrying is only safe because every attempt carries the same message id and the
+//! store is put-if-absent by id: an attempt that timed out but did store is answered
+//! `duplicate` on the retry, and nothing is stored twice.
+//!
+//! The policy knows nothing of gRPC channels: `lookup` and `call` are closures, so unit
+//! tests drive it with a fake transport and no network.
+
+use std::{collections::HashMap, future::Future, sync::Mutex, time::Duration};
+
+use config_server::backoff::Backoff;
+use rand::seq::SliceRandom;
+use tokio::time::Instant;
+use tonic::{Code, Status};
+use tracing::{debug, warn};
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Deadline of one attempt on one instance.
+    pub attempt_deadline: Duration,
+    /// Total time one call may take, all attempts and backoffs included.
+    pub budget: Duration,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    /// How long an instance that failed is tried last.
+    pub suspect_for: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            attempt_deadline: Duration::from_secs(1),
+            budget: Duration::from_secs(5),
+            backoff_base: Duration::from_millis(50),
+            backoff_cap: Duration::from_millis(500),
+            suspect_for: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Whether a failed attempt may be retried on another instance.
+pub fn is_transient(code: Code) -> bool {
+    // Unknown and Cancelled cover connections that broke mid-call; retrying them is safe
+    // here because every operation we retry is idempotent (put-if-absent, or a read).
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::Aborted
+    )
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FailoverError {
+    /// Nobody could take the call within the budget.
+    #[error("no {service} instance answered within {budget:?} ({attempts} attempts; last error: {last})")]
+    Exhausted {
+        service: String,
+        budget: Duration,
+        attempts: usize,
+        last: String,
+    },
+    /// An instance answered with a final (non-transient) error.
+    #[error("{0}")]
+    Rejected(Status),
+}
+
+/// The policy plus what it remembers: which instances failed recently.
+#[derive(Debug, Default)]
+pub struct Failover {
+    policy: Policy,
+    suspects: Mutex<HashMap<String, Instant>>,
+}
+
+impl Failover {
+    pub fn new(policy: Policy) -> Self {
+        Self {
+            policy,
+            suspects: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    fn suspects(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.suspects
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn suspect(&self, address: &str) {
+        self.suspects().insert(address.to_owned(), Instant::now());
+    }
+
+    fn clear(&self, address: &str) {
+        let mut suspects = self.suspects();
+        if !suspects.is_empty() {
+            suspects.remove(address);
+        }
+    }
+
+    /// The order to try `instances` in: shuffled, recent failures last.
+    pub fn order(&self, mut instances: Vec<String>) -> Vec<String> {
+        instances.shuffle(&mut rand::rng());
+        let suspects = self.suspects();
+        if suspects.is_empty() {
+            return instances;
+        }
+        let now = Instant::now();
+        let recent = |address: &String| {
+            suspects
+                .get(address)
+                .is_some_and(|since| now.duration_since(*since) < self.policy.suspect_for)
+        };
+        let (mut ordered, suspect): (Vec<_>, Vec<_>) =
+            instances.into_iter().partition(|a| !recent(a));
+        ordered.extend(suspect);
+        ordered
+    }
+
+    /// Runs `call` on instances from `lookup` until one answers, or the budget is spent.
+    pub async fn run<T, L, LF, C, CF>(
+        &self,
+        service: &str,
+        lookup: L,
+        call: C,
+    ) -> Result<T, FailoverError>
+    where
+        L: Fn() -> LF,
+        LF: Future<Output = Vec<String>>,
+        C: Fn(String) -> CF,
+        CF: Future<Output = Result<T, Status>>,
+    {
+        let deadline = Instant::now() + self.policy.budget;
+        let mut backoff = Backoff::new(self.policy.backoff_base, self.policy.backoff_cap);
+        let mut attempts = 0;
+        let mut last = String::from("no live instance in the registry");
+        loop {
+            for address in self.order(lookup().await) {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                if remaining.is_zero() {
+                    break;
+                }
+                attempts += 1;
+                let attempt = self.policy.attempt_deadline.min(remaining);
+                let result = match tokio::time::timeout(attempt, call(address.clone())).await {
+                    Ok(result) => result,
+                    Err(_) => Err(Status::deadline_exceeded(format!(
+                        "no answer within {attempt:?}"
+                    ))),
+                };
+                match result {
+                    Ok(value) => {
+                        self.clear(&address);
+                        return Ok(value);
+                    }
+                    Err(status) if is_transient(status.code()) => {
+                        warn!(service, address, code = ?status.code(), error = status.message(),
+                              "attempt failed; trying the next instance");
+                        self.suspect(&address);
+                        last = format!("{address}: {}", status.message());
+                    }
+                    Err(status) => return Err(FailoverError::Rejected(status)),
+                }
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(FailoverError::Exhausted {
+                    service: service.to_owned(),
+                    budget: self.policy.budget,
+                    attempts,
+                    last,
+                });
+            }
+            let pause = backoff.next_delay().min(remaining);
+            debug!(service, ?pause, "a full round failed; backing off");
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy {
+            attempt_deadline: Duration::from_millis(100),
+            budget: Duration::from_millis(1000),
+            backoff_base: Duration::from_millis(10),
+            backoff_cap: Duration::from_millis(50),
+            suspect_for: Duration::from_secs(5),
+        }
+    }
+
+    fn instances(list: &[&str]) -> impl Fn() -> std::future::Ready<Vec<String>> {
+        let list: Vec<String> = list.iter().map(|s| s.to_string()).collect();
+        move || std::future::ready(list.clone())
+    }
+
+    #[test]
+    fn transient_codes_move_on_and_final_codes_do_not() {
+        for code in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::Unknown,
+            Code::Cancelled,
+        ] {
+            assert!(is_transient(code), "{code:?}");
+        }
+        for code in [
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::ResourceExhausted,
+            Code::PermissionDenied,
+            Code::Unimplemented,
+            Code::Ok,
+        ] {
+            assert!(!is_transient(code), "{code:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_instance_is_skipped_and_then_tried_last() {
+        let failover = Failover::new(policy());
+        let dead_calls = AtomicUsize::new(0);
+        for _ in 0..40 {
+            let result = failover
+                .run("logging", instances(&["dead", "live"]), |address| {
+                    if address == "dead" {
+                        dead_calls.fetch_add(1, Ordering::SeqCst);
+                    }
+                    async move {
+                        if address == "dead" {
+                            Err(Status::unavailable("connection refused"))
+                        } else {
+                            Ok(address)
+                        }
+                    }
+                })
+                .await;
+            assert_eq!(result.expect("served by the live one"), "live");
+        }
+        // Picked first at random until it failed once (1 - 2^-40 likely), then always
+        // ordered after the healthy instance, so never called again.
+        assert_eq!(dead_calls.load(Ordering::SeqCst), 1);
+        for _ in 0..20 {
+            assert_eq!(
+                failover.order(vec!["dead".into(), "live".into()]),
+                ["live", "dead"]
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_instance_costs_one_attempt_deadline() {
+        let failover = Failover::new(policy());
+        let started = Instant::now();
+        let result = failover
+            .run(
+                "logging",
+                instances(&["hung", "live"]),
+                |address| async move {
+                    if address == "hung" {
+                        std::future::pending::<()>().await;
+                    }
+                    Ok(address)
+                },
+            )
+            .await;
+        assert_eq!(result.expect("served"), "live");
+        assert!(started.elapsed() <= policy().attempt_deadline);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_final_error_is_returned_without_retrying() {
+        let failover = Failover::new(policy());
+        let calls = AtomicUsize::new(0);
+        let result: Result<(), _> = failover
+            .run("logging", instances(&["a", "b", "c"]), |_| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Err(Status::invalid_argument("text is empty")) }
+            })
+            .await;
+        assert!(
+            matches!(result, Err(FailoverError::Rejected(s)) if s.code() == Code::InvalidArgument)
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gives_up_when_the_budget_is_spent_and_backs_off_between_rounds() {
+        let failover = Failover::new(policy());
+        let calls = AtomicUsize::new(0);
+        let lookups = AtomicUsize::new(0);
+        let started = Instant::now();
+        let result: Result<(), _> = failover
+            .run(
+                "logging",
+                || {
+                    lookups.fetch_add(1, Ordering::SeqCst);
+                    std::future::ready(vec!["a".to_owned(), "b".to_owned()])
+                },
+                |_| {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    async { Err(Status::unavailable("down")) }
+                },
+            )
+            .await;
+        let elapsed = started.elapsed();
+        match result {
+            Err(FailoverError::Exhausted { attempts, .. }) => {
+                assert_eq!(attempts, calls.load(Ordering::SeqCst))
+            }
+            other => panic!("expected Exhausted, got {other:?}"),
+        }
+        assert!(
+            elapsed >= policy().budget && elapsed <= policy().budget + Duration::from_millis(1)
+        );
+        // Each round looked up again; rounds were spaced by backoff (at least 5 ms each:
+        // half the 10 ms base), not a busy loop.
+        let rounds = lookups.load(Ordering::SeqCst);
+        assert!(rounds >= 2, "looked up again after a failed round");
+        assert!(
+            rounds <= 1 + 1000 / 5,
+            "rounds were spaced by backoff: {rounds}"
+        );
+        // Every round but possibly the last (cut short by the budget) tried both.
+        let calls = calls.load(Ordering::SeqCst);
+        assert!(
+            calls >= (rounds - 1) * 2 && calls <= rounds * 2,
+            "{calls} calls, {rounds} rounds"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_registry_is_retried_until_an_instance_appears() {
+        let failover = Failover::new(policy());
+        let lookups = AtomicUsize::new(0);
+        let result = failover
+            .run(
+                "logging",
+                || {
+                    let n = lookups.fetch_add(1, Ordering::SeqCst);
+                    std::future::ready(if n < 3 {
+                        vec![]
+                    } else {
+                        vec!["late".to_owned()]
+                    })
+                },
+                |address| async move { Ok(address) },
+            )
+            .await;
+        assert_eq!(result.expect("served"), "late");
+    }
+
+    #[test]
+    fn order_is_random_among_healthy_instances() {
+        let failover = Failover::new(policy());
+        let all: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let firsts: std::collections::HashSet<String> = (0..200)
+            .map(|_| failover.order(all.clone())[0].clone())
+            .collect();
+        assert_eq!(
+            firsts.len(),
+            3,
+            "every instance gets picked first sometimes"
+        );
+    }
+}

@@ -1,0 +1,136 @@
+//! The HTTP/JSON API: `POST /messages`, `GET /messages` (and `/facade`, the same),
+//! `GET /healthz`. Every error is `{"error": "..."}` with its status chosen in one place,
+//! [`ApiError::into_response`]; the body limit is a layer, not a check in a handler.
+
+use std::sync::Arc;
+
+use axum::{
+    extract::{rejection::JsonRejection, DefaultBodyLimit, State},
+    http::{header::RETRY_AFTER, HeaderMap, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, MethodRouter},
+    Json, Router,
+};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::{
+    core::{Facade, FacadeError, Listing},
+    failover::FailoverError,
+};
+
+/// Seconds a client is told to wait after a 503.
+const RETRY_AFTER_SECONDS: &str = "1";
+/// JSON framing allowed on top of the message itself.
+const BODY_OVERHEAD: usize = 1024;
+
+pub fn router(facade: Arc<Facade>) -> Router {
+    let body_limit = facade.max_message_bytes() + BODY_OVERHEAD;
+    let messages =
+        || -> MethodRouter<Arc<Facade>> { get(list).post(post).fallback(method_not_allowed) };
+    Router::new()
+        .route("/messages", messages())
+        .route("/facade", messages())
+        .route("/healthz", get(healthz))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(facade)
+}
+
+#[derive(Debug, Deserialize)]
+struct PostBody {
+    msg: Option<String>,
+}
+
+async fn post(
+    State(facade): State<Arc<Facade>>,
+    headers: HeaderMap,
+    body: Result<Json<PostBody>, JsonRejection>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let Json(body) = body?;
+    let msg = body.msg.ok_or(FacadeError::MissingMessage)?;
+    let key =
+        match headers.get("idempotency-key") {
+            None => None,
+            Some(value) => Some(value.to_str().map_err(|_| {
+                FacadeError::InvalidIdempotencyKey("must be visible ASCII".to_owned())
+            })?),
+        };
+    let id = facade.post(msg, key).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "id": id }))))
+}
+
+async fn list(State(facade): State<Arc<Facade>>) -> Result<Json<Listing>, ApiError> {
+    Ok(Json(facade.get().await?))
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+#[derive(Debug)]
+pub enum ApiError {
+    Facade(FacadeError),
+    Body(JsonRejection),
+    MethodNotAllowed,
+}
+
+impl From<FacadeError> for ApiError {
+    fn from(error: FacadeError) -> Self {
+        Self::Facade(error)
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        Self::Body(rejection)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, message) = match self {
+            ApiError::Body(rejection) => {
+                let status = match &rejection {
+                    JsonRejection::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    JsonRejection::JsonSyntaxError(_) | JsonRejection::JsonDataError(_) => {
+                        StatusCode::BAD_REQUEST
+                    }
+                    // Over the body limit: 413; any other failure reading the body: its own.
+                    other => other.status(),
+                };
+                (status, rejection.body_text())
+            }
+            ApiError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed: use GET or POST".to_owned(),
+            ),
+            ApiError::Facade(error) => {
+                let status = match &error {
+                    FacadeError::MissingMessage
+                    | FacadeError::EmptyMessage
+                    | FacadeError::InvalidIdempotencyKey(_) => StatusCode::BAD_REQUEST,
+                    FacadeError::MessageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                    FacadeError::Failover(FailoverError::Exhausted { .. }) => {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    }
+                    FacadeError::Failover(FailoverError::Rejected(status)) => match status.code() {
+                        tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+                        _ => StatusCode::BAD_GATEWAY,
+                    },
+                };
+                (status, error.to_string())
+            }
+        };
+        let mut response = (status, Json(json!({ "error": message }))).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
+        }
+        response
+    }
+}

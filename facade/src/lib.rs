@@ -1,0 +1,100 @@
+//! The facade: the system's front door, HTTP/JSON (curl) and gRPC (grpcurl) on one port.
+//!
+//! `POST` gives a message an id and stores it through a randomly chosen live logging
+//! instance, failing over and retrying with the same id ([`failover`]); `GET` returns
+//! every message plus the messages service's text. Instances are found through the
+//! registry on every call ([`discovery`]).
+
+pub mod api;
+pub mod core;
+pub mod discovery;
+pub mod failover;
+pub mod http;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use clap::Parser;
+use config_server::{
+    client::{RegistryClient, DEFAULT_REGISTRY},
+    grpc,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::{
+    api::{FacadeServer, FacadeService},
+    core::Facade,
+    discovery::Discovery,
+    failover::{Failover, Policy},
+};
+
+/// How long a registry lookup may take before the last known list is used instead.
+const LOOKUP_DEADLINE: Duration = Duration::from_millis(300);
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "facade", version, about = "The front door: HTTP/JSON and gRPC")]
+pub struct Config {
+    /// Address to listen on (HTTP and gRPC share it).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+
+    /// The config server to find services through.
+    #[arg(long, default_value = DEFAULT_REGISTRY)]
+    pub registry: String,
+
+    /// Deadline of one call to one logging instance.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub attempt_deadline: Duration,
+
+    /// Total time a request may spend on attempts and backoff before answering 503.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub retry_budget: Duration,
+
+    /// Longest message accepted, in bytes.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub max_message_bytes: usize,
+}
+
+impl Config {
+    /// Every default, listening on `addr`, using the registry at `registry`.
+    pub fn new(addr: SocketAddr, registry: &str) -> Self {
+        let mut config = Config::parse_from(["facade"]);
+        config.addr = addr;
+        config.registry = registry.to_owned();
+        config
+    }
+}
+
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.addr))?;
+    serve(listener, config, shutdown).await
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let registry = RegistryClient::new(&config.registry)
+        .with_context(|| format!("invalid registry address {}", config.registry))?
+        .with_deadline(LOOKUP_DEADLINE);
+    let failover = Failover::new(Policy {
+        attempt_deadline: config.attempt_deadline,
+        budget: config.retry_budget,
+        ..Policy::default()
+    });
+    let facade = Facade::new(Discovery::new(registry), failover, config.max_message_bytes);
+
+    let (routes, health) = grpc::routes()?;
+    health.set_serving::<FacadeServer<FacadeService>>().await;
+    let routes = routes.add_service(FacadeServer::new(FacadeService::new(Arc::clone(&facade))));
+    info!(%addr, registry = config.registry, "facade listening (HTTP and gRPC)");
+    grpc::serve(listener, routes, http::router(facade), shutdown).await?;
+    info!("facade stopped");
+    Ok(())
+}

@@ -1,0 +1,212 @@
+//! The logging service: `logging PORT` stores `{id -> text}` and prints what it stores.
+//!
+//! Start-up order matters: the listener is bound (so connections are accepted) before the
+//! instance registers, so nobody is sent to an address that refuses them. Shutdown runs
+//! the other way: deregister first (new requests go elsewhere at once), then stop
+//! accepting, drain in-flight calls, and exit.
+
+pub mod service;
+pub mod store;
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use clap::Parser;
+use config_server::{
+    backoff::Backoff,
+    client::{Registration, RegistryClient, DEFAULT_REGISTRY},
+    grpc,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use service::{LoggingServer, LoggingService, DEFAULT_MAX_TEXT_BYTES};
+use store::{MemoryStore, MessageStore};
+
+/// The name instances register under.
+pub const SERVICE: &str = "logging";
+/// The registry setting that names the store when `--store` is not given.
+pub const STORE_SETTING: &str = "logging.store";
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "logging", version, about = "The message log (gRPC)")]
+pub struct Config {
+    /// Port to listen on, e.g. 50051.
+    pub port: u16,
+
+    /// Host to listen on and register with.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// The config server to register with.
+    #[arg(long, default_value = DEFAULT_REGISTRY)]
+    pub registry: String,
+
+    /// The message store: `memory`, or `nats://HOST:PORT,...` [default: the registry's
+    /// `logging.store` setting, else memory].
+    #[arg(long)]
+    pub store: Option<String>,
+
+    /// Longest message text accepted, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_TEXT_BYTES)]
+    pub max_text_bytes: usize,
+}
+
+/// Which store backs this instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreChoice {
+    Memory,
+    Nats(Vec<String>),
+}
+
+impl StoreChoice {
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let text = text.trim();
+        if text == "memory" {
+            return Ok(Self::Memory);
+        }
+        if text.starts_with("nats://") {
+            let urls: Vec<String> = text
+                .split(',')
+                .map(str::trim)
+                .filter(|url| !url.is_empty())
+                .map(str::to_owned)
+                .collect();
+            anyhow::ensure!(
+                urls.iter().all(|url| url.starts_with("nats://")),
+                "every store URL must start with nats://, got {text:?}"
+            );
+            return Ok(Self::Nats(urls));
+        }
+        anyhow::bail!("unknown store {text:?}: use `memory` or `nats://HOST:PORT,...`")
+    }
+}
+
+/// How long a bare `logging PORT` waits for the registry to say which store to use.
+const SETTING_WAIT: Duration = Duration::from_secs(5);
+
+/// `--store`, else the registry's setting, else memory.
+async fn choose_store(config: &Config, registry: &RegistryClient) -> anyhow::Result<StoreChoice> {
+    if let Some(store) = &config.store {
+        return StoreChoice::parse(store);
+    }
+    let started = tokio::time::Instant::now();
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+    loop {
+        match registry.get_setting(STORE_SETTING).await {
+            Ok(Some(value)) => {
+                info!(
+                    store = value,
+                    "store chosen by the registry's {STORE_SETTING} setting"
+                );
+                return StoreChoice::parse(&value);
+            }
+            Ok(None) => return Ok(StoreChoice::Memory),
+            Err(status) if started.elapsed() >= SETTING_WAIT => {
+                warn!(error = %status.message(),
+                      "registry unreachable, cannot read {STORE_SETTING}; using the memory store");
+                return Ok(StoreChoice::Memory);
+            }
+            Err(_) => tokio::time::sleep(backoff.next_delay()).await,
+        }
+    }
+}
+
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let addr: SocketAddr = format!("{}:{}", config.host, config.port)
+        .parse()
+        .with_context(|| format!("invalid listen address {}:{}", config.host, config.port))?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let registry = RegistryClient::new(&config.registry)
+        .with_context(|| format!("invalid registry address {}", config.registry))?;
+    match choose_store(&config, &registry).await? {
+        StoreChoice::Memory => {
+            let store = Arc::new(MemoryStore::new());
+            serve(listener, store, registry, config.max_text_bytes, shutdown).await
+        }
+        StoreChoice::Nats(_) => {
+            anyhow::bail!("the nats store is not available in this build; use --store memory")
+        }
+    }
+}
+
+/// Serves on a bound listener with the given store, registered with `registry`.
+pub async fn serve<S: MessageStore>(
+    listener: TcpListener,
+    store: Arc<S>,
+    registry: RegistryClient,
+    max_text_bytes: usize,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let (routes, health) = grpc::routes()?;
+    health
+        .set_serving::<LoggingServer<LoggingService<S>>>()
+        .await;
+    let kind = store.kind();
+    let routes = routes.add_service(LoggingServer::new(LoggingService::new(
+        store,
+        max_text_bytes,
+    )));
+    let server_stop = CancellationToken::new();
+    let mut server = tokio::spawn(grpc::serve(
+        listener,
+        routes,
+        axum::Router::new(),
+        server_stop.clone(),
+    ));
+    info!(%addr, store = kind, "logging listening");
+
+    // The listener already accepts connections, so it is safe to be found now.
+    let registration = Registration::start(
+        registry,
+        SERVICE,
+        addr.to_string(),
+        HashMap::from([("store".to_owned(), kind.to_owned())]),
+    );
+
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        result = &mut server => {
+            registration.deregister().await;
+            result??;
+            anyhow::bail!("the gRPC server stopped unexpectedly");
+        }
+    }
+    registration.deregister().await;
+    health
+        .set_not_serving::<LoggingServer<LoggingService<S>>>()
+        .await;
+    server_stop.cancel();
+    server.await??;
+    info!("logging stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_choices_parse_or_say_why_not() {
+        assert_eq!(
+            StoreChoice::parse("memory").expect("memory"),
+            StoreChoice::Memory
+        );
+        assert_eq!(
+            StoreChoice::parse("nats://127.0.0.1:4222, nats://127.0.0.1:4223").expect("nats"),
+            StoreChoice::Nats(vec![
+                "nats://127.0.0.1:4222".into(),
+                "nats://127.0.0.1:4223".into()
+            ])
+        );
+        let error = StoreChoice::parse("redis://x")
+            .expect_err("unknown")
+            .to_string();
+        assert!(error.contains("unknown store"), "{error}");
+        assert!(StoreChoice::parse("nats://a,http://b").is_err());
+    }
+}
