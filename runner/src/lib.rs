@@ -1,0 +1,214 @@
+//! The runner: starts the system as child processes, in order, each only once the one
+//! before it answers gRPC health `SERVING`; shows their output with coloured prefixes;
+//! reports any child that dies; and on Ctrl+C or SIGTERM stops them in reverse order.
+//!
+//! Binaries are taken from the directory of the runner's own executable, so
+//! `target/release/runner` starts `target/release/config-server` and so on.
+
+pub mod children;
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use config_server::grpc;
+use tokio_util::sync::CancellationToken;
+
+use children::{Child, Supervisor};
+
+/// How long a child may take to report SERVING.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreMode {
+    /// nats when `nats-server` is installed, else memory.
+    Auto,
+    /// Each logging instance keeps its own messages in memory.
+    Memory,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "runner",
+    version,
+    about = "Starts the system and stops it on Ctrl+C"
+)]
+pub struct Config {
+    /// The message store the logging instances use.
+    #[arg(long, value_enum, default_value_t = StoreMode::Auto)]
+    pub store: StoreMode,
+
+    /// Also start this many logging instances, on --logging-port and up.
+    #[arg(long, default_value_t = 0)]
+    pub logging: u16,
+
+    #[arg(long, default_value_t = 50050)]
+    pub registry_port: u16,
+    #[arg(long, default_value_t = 50060)]
+    pub messages_port: u16,
+    #[arg(long, default_value_t = 8080)]
+    pub facade_port: u16,
+    #[arg(long, default_value_t = 50051)]
+    pub logging_port: u16,
+
+    /// Where the service binaries are [default: the runner's own directory].
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+}
+
+struct Started {
+    children: Vec<Child>,
+}
+
+impl Started {
+    async fn stop_all(self) {
+        for child in self.children.into_iter().rev() {
+            println!("runner: stopping {}", child.name);
+            child.stop().await;
+        }
+    }
+}
+
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let bin_dir = match &config.bin_dir {
+        Some(dir) => dir.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("the runner's executable has no directory")?
+            .to_path_buf(),
+    };
+    let store = match config.store {
+        StoreMode::Memory => "memory",
+        StoreMode::Auto => {
+            println!(
+                "runner: using the memory store: each logging instance keeps only the messages \
+                 it received (instances do not share them)"
+            );
+            "memory"
+        }
+    };
+
+    let registry = format!("127.0.0.1:{}", config.registry_port);
+    let registry_url = format!("http://{registry}");
+    let messages = format!("127.0.0.1:{}", config.messages_port);
+    let facade = format!("127.0.0.1:{}", config.facade_port);
+
+    let mut plan: Vec<(String, &str, Vec<String>, String)> = vec![
+        (
+            "config-server".into(),
+            "config-server",
+            vec![
+                "--addr".into(),
+                registry.clone(),
+                "--static".into(),
+                format!("messages={messages}"),
+                "--set".into(),
+                format!("logging.store={store}"),
+            ],
+            registry.clone(),
+        ),
+        (
+            "messages".into(),
+            "messages",
+            vec!["--addr".into(), messages.clone()],
+            messages.clone(),
+        ),
+        (
+            "facade".into(),
+            "facade",
+            vec![
+                "--addr".into(),
+                facade.clone(),
+                "--registry".into(),
+                registry_url.clone(),
+            ],
+            facade.clone(),
+        ),
+    ];
+    for i in 0..config.logging {
+        let port = config
+            .logging_port
+            .checked_add(i)
+            .context("logging ports run past 65535")?;
+        plan.push((
+            format!("logging-{port}"),
+            "logging",
+            vec![port.to_string(), "--registry".into(), registry_url.clone()],
+            format!("127.0.0.1:{port}"),
+        ));
+    }
+
+    let mut supervisor = Supervisor::new();
+    let mut started = Started {
+        children: Vec::new(),
+    };
+    for (name, binary, args, addr) in plan {
+        let program = bin_dir.join(binary);
+        let child = match supervisor.spawn(&name, &program, &args) {
+            Ok(child) => child,
+            Err(error) => {
+                started.stop_all().await;
+                return Err(error.context("build the binaries first: cargo build --release"));
+            }
+        };
+        started.children.push(child);
+        let ready = tokio::select! {
+            ready = wait_ready(&name, &addr, &mut supervisor) => ready,
+            () = shutdown.cancelled() => Err(anyhow::anyhow!("interrupted during start-up")),
+        };
+        if let Err(error) = ready {
+            started.stop_all().await;
+            return Err(error);
+        }
+        println!("runner: {name} is SERVING on {addr}");
+    }
+
+    println!(
+        "runner: ready. Try:\n  curl -s -X POST http://{facade}/messages -H 'content-type: application/json' -d '{{\"msg\":\"hello\"}}'\n  curl -s http://{facade}/messages\n  logging PORT (e.g. `target/release/logging 50051`) starts a logging instance\nPress Ctrl+C to stop everything."
+    );
+
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            Some(exit) = supervisor.exits.recv() => {
+                let status = match &exit.status {
+                    Ok(status) => status.to_string(),
+                    Err(error) => error.to_string(),
+                };
+                println!("runner: !!! {} exited unexpectedly ({status}); the others keep running", exit.name);
+                started.children.retain(|child| child.name != exit.name);
+            }
+        }
+    }
+    started.stop_all().await;
+    println!("runner: all stopped");
+    Ok(())
+}
+
+/// Waits until `addr` reports SERVING; fails at once if the child exits first.
+async fn wait_ready(name: &str, addr: &str, supervisor: &mut Supervisor) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        if grpc::is_serving(addr, "").await {
+            return Ok(());
+        }
+        if let Ok(exit) = supervisor.exits.try_recv() {
+            let status = match exit.status {
+                Ok(status) => status.to_string(),
+                Err(error) => error.to_string(),
+            };
+            anyhow::bail!(
+                "{} exited during start-up ({status}); its output above says why (a port already in use?)",
+                exit.name
+            );
+        }
+        anyhow::ensure!(
+            started.elapsed() < START_TIMEOUT,
+            "{name} did not report SERVING on {addr} within {START_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
