@@ -236,3 +236,170 @@ pub fn grpcurl_json(addr: SocketAddr, method: &str, body: Option<&str>) -> serde
         )
     })
 }
+
+/// Runs curl and returns (HTTP status, headers, body). `args` go before the URL.
+pub fn curl(method: &str, url: &str, args: &[&str]) -> (u16, String, String) {
+    let output = Command::new("curl")
+        .args(["-s", "-S", "-i", "--max-time", "20", "-X", method])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("curl runs");
+    assert!(
+        output.status.success(),
+        "curl {method} {url} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in: {head}"));
+    (status, head.to_owned(), body.to_owned())
+}
+
+/// POSTs `{"msg": msg}` with curl; returns (status, parsed JSON body).
+pub fn curl_post(facade: SocketAddr, msg: &str) -> (u16, serde_json::Value) {
+    let body = serde_json::json!({ "msg": msg }).to_string();
+    let (status, _, reply) = curl(
+        "POST",
+        &format!("http://{facade}/messages"),
+        &["-H", "content-type: application/json", "-d", &body],
+    );
+    (
+        status,
+        serde_json::from_str(&reply).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// The system's binaries on free ports, started in order and waited on.
+pub struct System {
+    pub registry: SocketAddr,
+    pub messages: SocketAddr,
+    pub facade: SocketAddr,
+    pub registry_proc: Proc,
+    pub messages_proc: Proc,
+    pub facade_proc: Proc,
+    pub logging: Vec<(SocketAddr, Proc)>,
+}
+
+/// Heartbeat and TTL the end-to-end tests use, so evictions take about a second.
+pub const TEST_HEARTBEAT: &str = "250ms";
+pub const TEST_TTL: Duration = Duration::from_secs(1);
+
+impl System {
+    /// Config server (short TTL), messages and facade; then `logging` instances.
+    pub async fn start(logging: usize, facade_args: &[&str]) -> Self {
+        let registry = free_addr();
+        let messages = free_addr();
+        let facade = free_addr();
+        let registry_proc = Proc::start(
+            "config-server",
+            "config-server",
+            &[
+                "--addr",
+                &registry.to_string(),
+                "--static",
+                &format!("messages={messages}"),
+                "--set",
+                "logging.store=memory",
+                "--heartbeat-interval",
+                TEST_HEARTBEAT,
+                "--ttl",
+                "1s",
+            ],
+        );
+        let messages_proc = Proc::start("messages", "messages", &["--addr", &messages.to_string()]);
+        let mut args = vec![
+            "--addr".to_owned(),
+            facade.to_string(),
+            "--registry".to_owned(),
+            format!("http://{registry}"),
+        ];
+        args.extend(facade_args.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let facade_proc = Proc::start("facade", "facade", &args);
+        wait_serving(registry).await;
+        wait_serving(messages).await;
+        wait_serving(facade).await;
+        let mut system = Self {
+            registry,
+            messages,
+            facade,
+            registry_proc,
+            messages_proc,
+            facade_proc,
+            logging: Vec::new(),
+        };
+        for _ in 0..logging {
+            system.add_logging().await;
+        }
+        system.wait_registered(logging).await;
+        system
+    }
+
+    /// Starts one more logging instance and waits until it is SERVING.
+    pub async fn add_logging(&mut self) -> SocketAddr {
+        let addr = free_addr();
+        let proc = Proc::start(
+            &format!("logging-{}", addr.port()),
+            "logging",
+            &[
+                &addr.port().to_string(),
+                "--registry",
+                &format!("http://{}", self.registry),
+            ],
+        );
+        wait_serving(addr).await;
+        self.logging.push((addr, proc));
+        addr
+    }
+
+    /// Addresses the registry lists for `logging`.
+    pub async fn registered(&self) -> Vec<String> {
+        let client = config_server::client::RegistryClient::new(&self.registry.to_string())
+            .expect("registry client");
+        let mut addresses: Vec<String> = client
+            .lookup("logging")
+            .await
+            .map(|reply| reply.instances.into_iter().map(|i| i.address).collect())
+            .unwrap_or_default();
+        addresses.sort();
+        addresses
+    }
+
+    pub async fn wait_registered(&self, count: usize) -> Duration {
+        eventually(
+            Duration::from_secs(10),
+            &format!("{count} registered logging instances"),
+            || async { self.registered().await.len() == count },
+        )
+        .await
+    }
+
+    pub fn logging_proc(&mut self, addr: SocketAddr) -> &mut Proc {
+        &mut self
+            .logging
+            .iter_mut()
+            .find(|(a, _)| *a == addr)
+            .expect("known logging instance")
+            .1
+    }
+}
+
+/// Every message one logging instance holds, over gRPC.
+pub async fn list_instance(addr: SocketAddr) -> Vec<(String, String)> {
+    use proto::logging::v1::{logging_client::LoggingClient, ListRequest};
+    let channel = config_server::grpc::channel(&addr.to_string()).expect("channel");
+    LoggingClient::new(channel)
+        .list(ListRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .messages
+        .into_iter()
+        .map(|m| (m.id, m.text))
+        .collect()
+}

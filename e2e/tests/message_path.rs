@@ -1,0 +1,252 @@
+//! The whole message path with the real binaries: config server, messages, facade and
+//! logging instances (memory store), driven by curl and a gRPC client.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use e2e::{curl, curl_post, eventually, list_instance, System, TEST_TTL};
+use nix::sys::signal::Signal;
+use proto::facade::v1::{facade_client::FacadeClient, PostRequest};
+use tokio::sync::Mutex;
+
+/// Collects what every logging instance holds: id -> how many copies, across instances.
+async fn copies(addrs: &[SocketAddr]) -> HashMap<String, usize> {
+    let mut copies = HashMap::new();
+    for addr in addrs {
+        for (id, _) in list_instance(*addr).await {
+            *copies.entry(id).or_insert(0) += 1;
+        }
+    }
+    copies
+}
+
+#[tokio::test]
+async fn ten_posts_spread_over_instances_and_each_is_stored_exactly_once() {
+    let system = System::start(3, &[]).await;
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let (status, reply) = curl_post(system.facade, &format!("msg{i}"));
+        assert_eq!(status, 201, "{reply}");
+        ids.push(reply["id"].as_str().expect("id").to_owned());
+    }
+    let addrs: Vec<SocketAddr> = system.logging.iter().map(|(a, _)| *a).collect();
+    let copies = copies(&addrs).await;
+    for id in &ids {
+        assert_eq!(copies.get(id), Some(&1), "{id} stored exactly once");
+    }
+    assert_eq!(copies.len(), 10);
+    let mut used = 0;
+    for (addr, proc) in &system.logging {
+        let held = list_instance(*addr).await;
+        if !held.is_empty() {
+            used += 1;
+        }
+        // Each instance printed what it stored.
+        for (id, text) in held {
+            let output = proc.output();
+            assert!(
+                output.contains(&id) && output.contains(&text),
+                "{id} in {}",
+                proc.name
+            );
+        }
+    }
+    assert!(used >= 2, "10 random picks landed on {used} of 3 instances");
+
+    // GET through the facade (one instance's messages with the memory store) plus the
+    // messages service's text.
+    let (status, _, body) = curl("GET", &format!("http://{}/messages", system.facade), &[]);
+    assert_eq!(status, 200);
+    let body: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(body["message"], "not implemented yet");
+    let logs = body["logs"].as_array().expect("logs");
+    assert!(!logs.is_empty());
+    assert!(logs
+        .iter()
+        .all(|entry| ids.contains(&entry["id"].as_str().unwrap_or("").to_owned())));
+    // The /facade alias answers the same way.
+    let (status, _, _) = curl("GET", &format!("http://{}/facade", system.facade), &[]);
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn sigterm_deregisters_at_once_and_exits_cleanly() {
+    let mut system = System::start(2, &[]).await;
+    let (victim, _) = system.logging[0];
+    let status = system.logging_proc(victim).terminate().await;
+    assert!(status.success(), "exit 0 on SIGTERM: {status}");
+    // Gone right away, not after the TTL: the instance deregistered before exiting.
+    let registered = system.registered().await;
+    assert!(!registered.contains(&victim.to_string()), "{registered:?}");
+    assert_eq!(registered.len(), 1);
+    let (status, _) = curl_post(system.facade, "after sigterm");
+    assert_eq!(status, 201);
+}
+
+#[tokio::test]
+async fn kill_9_during_concurrent_posts_fails_no_request() {
+    let mut system = System::start(3, &[]).await;
+    let channel = config_server::grpc::channel(&system.facade.to_string()).expect("channel");
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    const CLIENTS: usize = 8;
+    const EACH: usize = 60;
+
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        let mut client = FacadeClient::new(channel.clone());
+        let acked = Arc::clone(&acked);
+        let failures = Arc::clone(&failures);
+        clients.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                let request = PostRequest {
+                    msg: format!("client {c} message {i}"),
+                    idempotency_key: String::new(),
+                };
+                match client.post(request).await {
+                    Ok(reply) => acked.lock().await.push(reply.into_inner().id),
+                    Err(status) => failures.lock().await.push(status.to_string()),
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    // Let the load get going, then crash one instance mid-stream.
+    eventually(
+        Duration::from_secs(20),
+        "some acknowledged posts",
+        || async { acked.lock().await.len() >= 50 },
+    )
+    .await;
+    let (victim, _) = system.logging[1];
+    system.logging_proc(victim).kill9().await;
+    let crashed_at = Instant::now();
+    for client in clients {
+        client.await.expect("client task");
+    }
+    let failures = failures.lock().await;
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    assert_eq!(acked.lock().await.len(), CLIENTS * EACH);
+
+    // The survivors hold no id twice (across instances too).
+    let survivors: Vec<SocketAddr> = system
+        .logging
+        .iter()
+        .map(|(a, _)| *a)
+        .filter(|a| *a != victim)
+        .collect();
+    let copies = copies(&survivors).await;
+    assert!(copies.values().all(|&n| n == 1), "no duplicates");
+
+    // The crashed instance leaves the registry within its TTL (plus one sweep of slack).
+    eventually(TEST_TTL + Duration::from_secs(1), "eviction", || async {
+        !system.registered().await.contains(&victim.to_string())
+    })
+    .await;
+    assert!(crashed_at.elapsed() <= TEST_TTL + Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn a_hung_instance_costs_at_most_one_deadline_and_no_failure() {
+    let mut system = System::start(2, &["--attempt-deadline", "500ms"]).await;
+    let (hung, _) = system.logging[0];
+    system.logging_proc(hung).signal(Signal::SIGSTOP);
+    let mut slowest = Duration::ZERO;
+    // 20 random picks: the hung instance is tried at least once (1 - 2^-20).
+    for i in 0..20 {
+        let started = Instant::now();
+        let (status, reply) = curl_post(system.facade, &format!("while hung {i}"));
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(status, 201, "{reply}");
+    }
+    // At most one attempt deadline (500 ms) lost on the hung instance, plus slack.
+    assert!(
+        slowest < Duration::from_millis(500 + 700),
+        "slowest POST took {slowest:?}"
+    );
+    let log = system.facade_proc.output();
+    assert!(
+        log.contains("attempt failed") && log.contains(&hung.to_string()),
+        "the hung instance was tried and skipped:\n{log}"
+    );
+    system.logging_proc(hung).signal(Signal::SIGCONT);
+}
+
+#[tokio::test]
+async fn with_the_registry_stopped_posts_use_the_last_known_instances() {
+    let mut system = System::start(2, &[]).await;
+    let (status, _) = curl_post(system.facade, "before");
+    assert_eq!(status, 201);
+    let exit = system.registry_proc.terminate().await;
+    assert!(exit.success());
+    for i in 0..5 {
+        let (status, reply) = curl_post(system.facade, &format!("registry down {i}"));
+        assert_eq!(status, 201, "{reply}");
+    }
+    assert!(
+        system
+            .facade_proc
+            .output()
+            .contains("using the last known instances"),
+        "the facade says so in its log"
+    );
+}
+
+#[tokio::test]
+async fn an_idempotency_key_stores_once_and_returns_the_same_id() {
+    let system = System::start(1, &[]).await;
+    let url = format!("http://{}/messages", system.facade);
+    let post = || {
+        curl(
+            "POST",
+            &url,
+            &[
+                "-H",
+                "content-type: application/json",
+                "-H",
+                "Idempotency-Key: order-7",
+                "-d",
+                r#"{"msg":"pay once"}"#,
+            ],
+        )
+    };
+    let (first_status, _, first) = post();
+    let (second_status, _, second) = post();
+    assert_eq!((first_status, second_status), (201, 201));
+    assert_eq!(first, second, "same key, same id");
+    let held = list_instance(system.logging[0].0).await;
+    assert_eq!(held.len(), 1, "stored once: {held:?}");
+    assert!(system.logging[0].1.output().contains("duplicate"));
+}
+
+#[tokio::test]
+async fn no_logging_instance_means_503_with_retry_after() {
+    let system = System::start(0, &["--retry-budget", "300ms"]).await;
+    let (status, head, body) = curl(
+        "POST",
+        &format!("http://{}/messages", system.facade),
+        &[
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"msg":"nobody home"}"#,
+        ],
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{head}"
+    );
+    let body: serde_json::Value = serde_json::from_str(&body).expect("json error body");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no logging instance"),
+        "{body}"
+    );
+}
