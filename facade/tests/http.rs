@@ -111,7 +111,8 @@ async fn every_status_code_of_the_http_contract() {
     let just_over = format!(r#"{{"msg":"{}"}}"#, "x".repeat(64 * 1024 + 1));
 
     // (method, body, extra header, expected status, text in the error)
-    let cases: Vec<(&str, Option<&str>, Option<&str>, u16, &str)> = vec![
+    type Case<'a> = (&'a str, Option<&'a str>, Option<&'a str>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         ("POST", Some(r#"{"msg":"hello"}"#), Some(json), 201, ""),
         ("POST", Some(r#"{"msg":""}"#), Some(json), 400, "empty"),
         ("POST", Some(r#"{}"#), Some(json), 400, "required"),

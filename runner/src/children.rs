@@ -45,6 +45,12 @@ pub struct Supervisor {
     started: usize,
 }
 
+impl Default for Supervisor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Supervisor {
     pub fn new() -> Self {
         let (exits_tx, exits) = mpsc::unbounded_channel();
