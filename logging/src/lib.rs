@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use service::{LoggingServer, LoggingService, DEFAULT_MAX_TEXT_BYTES};
-use store::{MemoryStore, MessageStore};
+use store::{MemoryStore, MessageStore, NatsConfig, NatsStore};
 
 /// The name instances register under.
 pub const SERVICE: &str = "logging";
@@ -127,8 +127,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             let store = Arc::new(MemoryStore::new());
             serve(listener, store, registry, config.max_text_bytes, shutdown).await
         }
-        StoreChoice::Nats(_) => {
-            anyhow::bail!("the nats store is not available in this build; use --store memory")
+        StoreChoice::Nats(urls) => {
+            let store = Arc::new(NatsStore::connect(NatsConfig::new(urls)).await?);
+            serve(listener, store, registry, config.max_text_bytes, shutdown).await
         }
     }
 }

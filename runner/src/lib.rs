@@ -6,6 +6,7 @@
 //! `target/release/runner` starts `target/release/config-server` and so on.
 
 pub mod children;
+pub mod nats;
 
 use std::{
     path::PathBuf,

@@ -10,10 +10,12 @@
 //!   so callers can fail over instead of hanging.
 
 pub mod memory;
+pub mod nats;
 
 use std::future::Future;
 
 pub use memory::MemoryStore;
+pub use nats::{NatsConfig, NatsStore};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {

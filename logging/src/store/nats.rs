@@ -1,0 +1,417 @@
+//! The replicated store: NATS JetStream.
+//!
+//! Messages live in one stream, `MESSAGES`, on subjects `messages.<id>`, replicated over
+//! the cluster (R3 on three nodes) with file storage, so every logging instance sees every
+//! message, losing instances loses nothing, and a restart of the whole cluster keeps all.
+//!
+//! - **Exactly once, for good.** Each append publishes with the header
+//!   `Nats-Expected-Last-Subject-Sequence: 0`: JetStream stores it only if its subject
+//!   (that is, its id) has never been written, and refuses a repeat with "wrong last
+//!   sequence", at any later time. `Nats-Msg-Id` is set too, so a repeat inside the dedup
+//!   window is answered `duplicate` without even reaching that check. An append is
+//!   acknowledged to the caller only after JetStream acknowledged it (stored on a quorum).
+//! - **Throughput from concurrency.** Every request publishes and awaits its own ack;
+//!   there is no lock around the store, so concurrent requests pipeline on the connection.
+//! - **List from a local view.** A background task tails the stream with an ordered
+//!   consumer into memory. `list` asks the stream for its last sequence and waits until
+//!   the view has caught up with it, so a read sees every write acknowledged before it
+//!   (through any instance), and costs one small API call plus a copy.
+//! - **Unavailable, never hung.** Every call to the cluster has a deadline; a store that
+//!   lost quorum or connection answers [`StoreError::Unavailable`] promptly.
+
+use std::{
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use async_nats::jetstream::{
+    self,
+    consumer::{pull, DeliverPolicy},
+    context::PublishErrorKind,
+    message::PublishMessage,
+    stream::{self, StorageType},
+};
+use futures_util::StreamExt;
+use tokio::{sync::watch, task::JoinHandle};
+use tracing::{info, warn};
+
+use super::{Appended, Message, MessageStore, StoreError};
+use config_server::backoff::Backoff;
+
+pub const STREAM: &str = "MESSAGES";
+const SUBJECT_PREFIX: &str = "messages.";
+
+/// How the store connects.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// `nats://host:port` seed URLs of the cluster.
+    pub urls: Vec<String>,
+    /// Copies of each message (1 for a single server, 3 on a three-node cluster).
+    pub replicas: usize,
+    /// Deadline of every call to the cluster.
+    pub timeout: Duration,
+}
+
+impl NatsConfig {
+    /// One replica per URL given, up to three (JetStream's usual ceiling).
+    pub fn new(urls: Vec<String>) -> Self {
+        let replicas = urls.len().clamp(1, 3);
+        Self {
+            urls,
+            replicas,
+            // Under the facade's 1 s attempt deadline, so a store without quorum answers
+            // UNAVAILABLE before the caller gives up on this instance.
+            timeout: Duration::from_millis(900),
+        }
+    }
+}
+
+pub struct NatsStore {
+    jetstream: jetstream::Context,
+    stream: stream::Stream,
+    view: Arc<View>,
+    tail: JoinHandle<()>,
+    timeout: Duration,
+}
+
+/// The local copy of the stream, in stream order.
+struct View {
+    state: Mutex<ViewState>,
+    /// The last stream sequence applied, for readers waiting to catch up.
+    applied: watch::Sender<u64>,
+}
+
+impl Default for View {
+    fn default() -> Self {
+        Self {
+            state: Mutex::default(),
+            applied: watch::channel(0).0,
+        }
+    }
+}
+
+#[derive(Default)]
+struct ViewState {
+    messages: Vec<Message>,
+    applied: u64,
+}
+
+impl View {
+    fn lock(&self) -> MutexGuard<'_, ViewState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn unavailable(what: &str, error: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("{what}: {error}"))
+}
+
+/// Ids become one subject token: kept as they are when they are plain
+/// (`[A-Za-z0-9-]`, as uuids are), hex-encoded behind `_` otherwise. No plain id
+/// contains `_`, so two ids never share a token.
+pub fn subject_for(id: &str) -> String {
+    let plain = id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if plain {
+        format!("{SUBJECT_PREFIX}{id}")
+    } else {
+        let hex: String = id.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("{SUBJECT_PREFIX}_{hex}")
+    }
+}
+
+impl NatsStore {
+    /// Connects, creates the stream if it is missing (safe when several instances start
+    /// at once: creating an identical stream is idempotent), and starts the local view.
+    /// Keeps trying, with backoff and a log line per failure, until the cluster answers.
+    pub async fn connect(config: NatsConfig) -> anyhow::Result<Self> {
+        let client = async_nats::ConnectOptions::new()
+            .name("logging")
+            .connection_timeout(config.timeout)
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => info!("store: connected to NATS"),
+                    async_nats::Event::Disconnected => {
+                        warn!("store: disconnected from NATS; reconnecting")
+                    }
+                    other => info!(event = %other, "store: NATS event"),
+                }
+            })
+            .connect(config.urls.join(","))
+            .await?;
+        let jetstream = jetstream::ContextBuilder::new()
+            .timeout(config.timeout)
+            .max_ack_inflight(4096)
+            .backpressure_on_inflight(true)
+            .build(client);
+
+        let stream_config = stream::Config {
+            name: STREAM.to_owned(),
+            subjects: vec![format!("{SUBJECT_PREFIX}>")],
+            storage: StorageType::File,
+            num_replicas: config.replicas,
+            ..Default::default()
+        };
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+        let stream = loop {
+            match jetstream.get_or_create_stream(stream_config.clone()).await {
+                Ok(stream) => break stream,
+                Err(error) => {
+                    warn!(%error, urls = ?config.urls, "store: JetStream not ready; retrying");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+        };
+        info!(stream = STREAM, replicas = config.replicas, urls = ?config.urls, "store: using JetStream");
+
+        let view = Arc::new(View::default());
+        let tail = tokio::spawn(tail(stream.clone(), Arc::clone(&view)));
+        Ok(Self {
+            jetstream,
+            stream,
+            view,
+            tail,
+            timeout: config.timeout,
+        })
+    }
+
+    /// Waits until the local view holds everything up to `sequence`.
+    async fn caught_up(&self, sequence: u64) -> bool {
+        let mut applied = self.view.applied.subscribe();
+        let reached = applied
+            .wait_for(|applied| *applied >= sequence)
+            .await
+            .is_ok();
+        reached
+    }
+}
+
+impl Drop for NatsStore {
+    fn drop(&mut self) {
+        self.tail.abort();
+    }
+}
+
+/// Follows the stream from where the view stands, for as long as the store lives.
+async fn tail(stream: stream::Stream, view: Arc<View>) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    loop {
+        let applied = view.lock().applied;
+        let deliver_policy = if applied == 0 {
+            DeliverPolicy::All
+        } else {
+            DeliverPolicy::ByStartSequence {
+                start_sequence: applied + 1,
+            }
+        };
+        let consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                deliver_policy,
+                ..Default::default()
+            })
+            .await;
+        let mut messages = match consumer {
+            Ok(consumer) => match consumer.messages().await {
+                Ok(messages) => messages,
+                Err(error) => {
+                    warn!(%error, "store: cannot read the stream; retrying");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    continue;
+                }
+            },
+            Err(error) => {
+                warn!(%error, "store: cannot follow the stream; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
+        };
+        backoff.reset();
+        while let Some(next) = messages.next().await {
+            let message = match next {
+                Ok(message) => message,
+                Err(error) => {
+                    warn!(%error, "store: stream follower interrupted; resuming");
+                    break;
+                }
+            };
+            let Ok(info) = message.info() else { continue };
+            let sequence = info.stream_sequence;
+            let id = message
+                .headers
+                .as_ref()
+                .and_then(|headers| headers.get("Nats-Msg-Id"))
+                .map(|value| value.as_str().to_owned())
+                .unwrap_or_else(|| {
+                    message
+                        .subject
+                        .trim_start_matches(SUBJECT_PREFIX)
+                        .to_owned()
+                });
+            let text = String::from_utf8_lossy(&message.payload).into_owned();
+            let mut state = view.lock();
+            if sequence <= state.applied {
+                continue; // redelivered after a resume
+            }
+            state.messages.push(Message { id, text });
+            state.applied = sequence;
+            drop(state);
+            view.applied.send_replace(sequence);
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+impl MessageStore for NatsStore {
+    async fn append(&self, message: Message) -> Result<Appended, StoreError> {
+        let subject = subject_for(&message.id);
+        let publish = PublishMessage::build()
+            .message_id(&message.id)
+            .expected_last_subject_sequence(0)
+            .payload(message.text.into());
+        let publish = async {
+            let ack = self
+                .jetstream
+                .send_publish(subject, publish)
+                .await
+                .map_err(|e| unavailable("publish", e))?;
+            match ack.await {
+                Ok(ack) if ack.duplicate => Ok(Appended::Duplicate),
+                Ok(_) => Ok(Appended::Inserted),
+                Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
+                    Ok(Appended::Duplicate)
+                }
+                Err(error) => Err(unavailable("no acknowledgement from JetStream", error)),
+            }
+        };
+        tokio::time::timeout(self.timeout, publish)
+            .await
+            .unwrap_or_else(|_| Err(unavailable("publish", "timed out")))
+    }
+
+    async fn list(&self) -> Result<Vec<Message>, StoreError> {
+        let info = tokio::time::timeout(self.timeout, self.stream.get_info())
+            .await
+            .map_err(|_| unavailable("stream info", "timed out"))?
+            .map_err(|e| unavailable("stream info", e))?;
+        let last = info.state.last_sequence;
+        if !tokio::time::timeout(self.timeout, self.caught_up(last))
+            .await
+            .unwrap_or(false)
+        {
+            return Err(unavailable(
+                "list",
+                format!("the local view did not reach sequence {last} in time"),
+            ));
+        }
+        // Everything acknowledged before this request is in the view (and perhaps a few
+        // messages stored since), in stream order.
+        Ok(self.view.lock().messages.clone())
+    }
+
+    fn kind(&self) -> &'static str {
+        "nats"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::store::contract;
+
+    /// A fresh single JetStream server (R1) and a store on it.
+    async fn store() -> (e2e::Nats, NatsStore) {
+        let nats = e2e::Nats::single().await;
+        let urls = vec![nats.urls()];
+        let store = NatsStore::connect(NatsConfig::new(urls))
+            .await
+            .expect("connect");
+        (nats, store)
+    }
+
+    #[tokio::test]
+    async fn empty() {
+        let (_nats, store) = store().await;
+        contract::empty_store_lists_nothing(&store).await;
+    }
+
+    #[tokio::test]
+    async fn duplicate() {
+        let (_nats, store) = store().await;
+        contract::insert_then_duplicate_keeps_the_first(&store).await;
+    }
+
+    #[tokio::test]
+    async fn order() {
+        let (_nats, store) = store().await;
+        contract::lists_in_insertion_order(&store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent() {
+        let (_nats, store) = store().await;
+        contract::concurrent_writers_lose_nothing(Arc::new(store)).await;
+    }
+
+    #[tokio::test]
+    async fn ids_that_are_not_subject_safe_are_stored_and_kept_apart() {
+        let (_nats, store) = store().await;
+        for id in ["a.b", "a b", "a*b", "_61", "x>y", "ünï"] {
+            let message = Message {
+                id: id.to_owned(),
+                text: format!("text of {id}"),
+            };
+            assert_eq!(
+                store.append(message).await.expect("append"),
+                Appended::Inserted,
+                "{id}"
+            );
+        }
+        let ids: Vec<String> = store
+            .list()
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(ids, ["a.b", "a b", "a*b", "_61", "x>y", "ünï"]);
+    }
+
+    #[tokio::test]
+    async fn a_second_store_on_the_same_stream_sees_everything_and_dedups_for_good() {
+        let (nats, first) = store().await;
+        let second = NatsStore::connect(NatsConfig::new(vec![nats.urls()]))
+            .await
+            .expect("connect");
+        let message = |text: &str| Message {
+            id: "same-id".into(),
+            text: text.into(),
+        };
+        assert_eq!(
+            first.append(message("one")).await.expect("append"),
+            Appended::Inserted
+        );
+        assert_eq!(
+            second.append(message("two")).await.expect("append"),
+            Appended::Duplicate
+        );
+        assert_eq!(second.list().await.expect("list"), [message("one")]);
+    }
+
+    #[test]
+    fn subjects_are_one_token_and_never_collide() {
+        assert_eq!(subject_for("0b1c-9f"), "messages.0b1c-9f");
+        assert_eq!(subject_for("a.b"), "messages._612e62");
+        assert_ne!(subject_for("_61"), subject_for("a"));
+        for id in ["a.b", "a b", "a*b", "x>y", "ünï", "_61"] {
+            let token = subject_for(id)
+                .trim_start_matches(SUBJECT_PREFIX)
+                .to_owned();
+            assert!(!token.contains(['.', '*', '>', ' ']), "{id} -> {token}");
+        }
+    }
+}
