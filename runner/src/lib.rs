@@ -29,6 +29,8 @@ pub enum StoreMode {
     Auto,
     /// Each logging instance keeps its own messages in memory.
     Memory,
+    /// A local three-node NATS JetStream cluster (R3): every instance sees every message.
+    Nats,
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -54,6 +56,16 @@ pub struct Config {
     pub facade_port: u16,
     #[arg(long, default_value_t = 50051)]
     pub logging_port: u16,
+    /// First client port of the NATS cluster (three consecutive ports).
+    #[arg(long, default_value_t = 4222)]
+    pub nats_port: u16,
+    /// First cluster (route) port of the NATS cluster (three consecutive ports).
+    #[arg(long, default_value_t = 6222)]
+    pub nats_cluster_port: u16,
+
+    /// Where the NATS cluster keeps its data; it survives restarts of the runner.
+    #[arg(long, default_value = "data/nats")]
+    pub data_dir: PathBuf,
 
     /// Where the service binaries are [default: the runner's own directory].
     #[arg(long)]
@@ -81,14 +93,68 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .context("the runner's executable has no directory")?
             .to_path_buf(),
     };
-    let store = match config.store {
-        StoreMode::Memory => "memory",
-        StoreMode::Auto => {
+    let nats_server = nats::server_path();
+    let use_nats = match (config.store, &nats_server) {
+        (StoreMode::Memory, _) => false,
+        (StoreMode::Nats, Some(_)) => true,
+        (StoreMode::Nats, None) => anyhow::bail!(
+            "--store nats needs nats-server: run scripts/setup (or apt-get install nats-server)"
+        ),
+        (StoreMode::Auto, Some(_)) => true,
+        (StoreMode::Auto, None) => {
             println!(
-                "runner: using the memory store: each logging instance keeps only the messages \
-                 it received (instances do not share them)"
+                "runner: WARNING: nats-server is not installed, so using the memory store: each \
+                 logging instance keeps only the messages it received and instances do not share \
+                 them. Run scripts/setup to install nats-server."
             );
-            "memory"
+            false
+        }
+    };
+
+    let mut supervisor = Supervisor::new();
+    let mut started = Started {
+        children: Vec::new(),
+    };
+    let store = match (use_nats, nats_server) {
+        (true, Some(program)) => {
+            let client_ports = consecutive(config.nats_port, 3)?;
+            let cluster_ports = consecutive(config.nats_cluster_port, 3)?;
+            let nodes = nats::cluster(&client_ports, &cluster_ports, &config.data_dir);
+            for node in &nodes {
+                std::fs::create_dir_all(&node.data_dir)
+                    .with_context(|| format!("cannot create {}", node.data_dir.display()))?;
+                match supervisor.spawn(&node.name, &program, &node.args(&nodes)) {
+                    Ok(child) => started.children.push(child),
+                    Err(error) => {
+                        started.stop_all().await;
+                        return Err(error);
+                    }
+                }
+            }
+            let urls = nats::urls(&nodes);
+            let ready = tokio::select! {
+                ready = nats::wait_ready(&urls, START_TIMEOUT) => ready,
+                () = shutdown.cancelled() => Err(anyhow::anyhow!("interrupted during start-up")),
+                Some(exit) = supervisor.exits.recv() => Err(anyhow::anyhow!(
+                    "{} exited during start-up; its output above says why (a port already in use?)",
+                    exit.name
+                )),
+            };
+            if let Err(error) = ready {
+                started.stop_all().await;
+                return Err(error);
+            }
+            println!(
+                "runner: NATS JetStream cluster ready ({urls}), data in {}",
+                config.data_dir.display()
+            );
+            urls
+        }
+        _ => {
+            println!(
+                "runner: store: memory (each logging instance keeps only the messages it received)"
+            );
+            "memory".to_owned()
         }
     };
 
@@ -129,11 +195,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             facade.clone(),
         ),
     ];
-    for i in 0..config.logging {
-        let port = config
-            .logging_port
-            .checked_add(i)
-            .context("logging ports run past 65535")?;
+    for port in consecutive(config.logging_port, config.logging)? {
         plan.push((
             format!("logging-{port}"),
             "logging",
@@ -142,10 +204,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ));
     }
 
-    let mut supervisor = Supervisor::new();
-    let mut started = Started {
-        children: Vec::new(),
-    };
     for (name, binary, args, addr) in plan {
         let program = bin_dir.join(binary);
         let child = match supervisor.spawn(&name, &program, &args) {
@@ -187,6 +245,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     started.stop_all().await;
     println!("runner: all stopped");
     Ok(())
+}
+
+/// `count` consecutive ports from `first`.
+fn consecutive(first: u16, count: u16) -> anyhow::Result<Vec<u16>> {
+    (0..count)
+        .map(|i| first.checked_add(i).context("ports run past 65535"))
+        .collect()
 }
 
 /// Waits until `addr` reports SERVING; fails at once if the child exits first.

@@ -95,12 +95,13 @@ pub fn urls(nodes: &[Node]) -> String {
 /// means it has elected a meta leader), up to `limit`.
 pub async fn wait_ready(urls: &str, limit: Duration) -> anyhow::Result<()> {
     let started = Instant::now();
+    let servers: Vec<&str> = urls.split(',').map(str::trim).collect();
     let mut last_error = String::from("no answer yet");
     while started.elapsed() < limit {
         let attempt = async {
             let client = async_nats::ConnectOptions::new()
                 .connection_timeout(Duration::from_millis(500))
-                .connect(urls)
+                .connect(servers.as_slice())
                 .await?;
             // The raw account-info request: its JSON answer has an "error" until JetStream
             // (and, in a cluster, its meta leader) is up. Parsed loosely, so any server

@@ -140,7 +140,7 @@ impl NatsStore {
                     other => info!(event = %other, "store: NATS event"),
                 }
             })
-            .connect(config.urls.join(","))
+            .connect(config.urls.as_slice())
             .await?;
         let jetstream = jetstream::ContextBuilder::new()
             .timeout(config.timeout)
