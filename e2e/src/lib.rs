@@ -290,8 +290,14 @@ pub const TEST_HEARTBEAT: &str = "250ms";
 pub const TEST_TTL: Duration = Duration::from_secs(1);
 
 impl System {
-    /// Config server (short TTL), messages and facade; then `logging` instances.
+    /// Config server (short TTL), messages and facade; then `logging` instances, all on
+    /// the memory store.
     pub async fn start(logging: usize, facade_args: &[&str]) -> Self {
+        Self::start_with_store(logging, facade_args, "memory").await
+    }
+
+    /// The same, with the registry's `logging.store` setting set to `store`.
+    pub async fn start_with_store(logging: usize, facade_args: &[&str], store: &str) -> Self {
         let registry = free_addr();
         let messages = free_addr();
         let facade = free_addr();
@@ -304,7 +310,7 @@ impl System {
                 "--static",
                 &format!("messages={messages}"),
                 "--set",
-                "logging.store=memory",
+                &format!("logging.store={store}"),
                 "--heartbeat-interval",
                 TEST_HEARTBEAT,
                 "--ttl",

@@ -39,6 +39,8 @@ use super::{Appended, Message, MessageStore, StoreError};
 use config_server::backoff::Backoff;
 
 pub const STREAM: &str = "MESSAGES";
+/// How long a reader waits for the tail before fetching what the view lacks itself.
+const TAIL_GRACE: Duration = Duration::from_millis(50);
 const SUBJECT_PREFIX: &str = "messages.";
 
 /// How the store connects.
@@ -101,6 +103,30 @@ impl View {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Adds the message at stream `sequence`, unless the view already has it (the tail
+    /// and a reader filling a gap may both bring the same message).
+    fn apply(
+        &self,
+        sequence: u64,
+        subject: &str,
+        headers: Option<&async_nats::HeaderMap>,
+        payload: &[u8],
+    ) {
+        let id = headers
+            .and_then(|headers| headers.get("Nats-Msg-Id"))
+            .map(|value| value.as_str().to_owned())
+            .unwrap_or_else(|| subject.trim_start_matches(SUBJECT_PREFIX).to_owned());
+        let text = String::from_utf8_lossy(payload).into_owned();
+        let mut state = self.lock();
+        if sequence <= state.applied {
+            return;
+        }
+        state.messages.push(Message { id, text });
+        state.applied = sequence;
+        drop(state);
+        self.applied.send_replace(sequence);
     }
 }
 
@@ -178,14 +204,35 @@ impl NatsStore {
         })
     }
 
-    /// Waits until the local view holds everything up to `sequence`.
-    async fn caught_up(&self, sequence: u64) -> bool {
+    /// Brings the local view up to `sequence`. The tail normally gets there within
+    /// milliseconds; after an outage its consumer can take seconds to notice and recreate
+    /// itself, so a reader that waited briefly fetches the missing messages directly.
+    async fn catch_up(&self, sequence: u64) -> Result<(), StoreError> {
         let mut applied = self.view.applied.subscribe();
-        let reached = applied
-            .wait_for(|applied| *applied >= sequence)
-            .await
-            .is_ok();
-        reached
+        let reached =
+            tokio::time::timeout(TAIL_GRACE, applied.wait_for(|applied| *applied >= sequence))
+                .await
+                .is_ok_and(|waited| waited.is_ok());
+        if reached {
+            return Ok(());
+        }
+        loop {
+            let next = self.view.lock().applied + 1;
+            if next > sequence {
+                return Ok(());
+            }
+            let message = self
+                .stream
+                .get_raw_message(next)
+                .await
+                .map_err(|e| unavailable("read", e))?;
+            self.view.apply(
+                message.sequence,
+                &message.subject,
+                Some(&message.headers),
+                &message.payload,
+            );
+        }
     }
 }
 
@@ -238,27 +285,12 @@ async fn tail(stream: stream::Stream, view: Arc<View>) {
                 }
             };
             let Ok(info) = message.info() else { continue };
-            let sequence = info.stream_sequence;
-            let id = message
-                .headers
-                .as_ref()
-                .and_then(|headers| headers.get("Nats-Msg-Id"))
-                .map(|value| value.as_str().to_owned())
-                .unwrap_or_else(|| {
-                    message
-                        .subject
-                        .trim_start_matches(SUBJECT_PREFIX)
-                        .to_owned()
-                });
-            let text = String::from_utf8_lossy(&message.payload).into_owned();
-            let mut state = view.lock();
-            if sequence <= state.applied {
-                continue; // redelivered after a resume
-            }
-            state.messages.push(Message { id, text });
-            state.applied = sequence;
-            drop(state);
-            view.applied.send_replace(sequence);
+            view.apply(
+                info.stream_sequence,
+                &message.subject,
+                message.headers.as_ref(),
+                &message.payload,
+            );
         }
         tokio::time::sleep(backoff.next_delay()).await;
     }
@@ -292,23 +324,20 @@ impl MessageStore for NatsStore {
     }
 
     async fn list(&self) -> Result<Vec<Message>, StoreError> {
-        let info = tokio::time::timeout(self.timeout, self.stream.get_info())
+        let read = async {
+            let info = self
+                .stream
+                .get_info()
+                .await
+                .map_err(|e| unavailable("stream info", e))?;
+            self.catch_up(info.state.last_sequence).await?;
+            // Everything acknowledged before this request is in the view (and perhaps a
+            // few messages stored since), in stream order.
+            Ok(self.view.lock().messages.clone())
+        };
+        tokio::time::timeout(self.timeout, read)
             .await
-            .map_err(|_| unavailable("stream info", "timed out"))?
-            .map_err(|e| unavailable("stream info", e))?;
-        let last = info.state.last_sequence;
-        if !tokio::time::timeout(self.timeout, self.caught_up(last))
-            .await
-            .unwrap_or(false)
-        {
-            return Err(unavailable(
-                "list",
-                format!("the local view did not reach sequence {last} in time"),
-            ));
-        }
-        // Everything acknowledged before this request is in the view (and perhaps a few
-        // messages stored since), in stream order.
-        Ok(self.view.lock().messages.clone())
+            .unwrap_or_else(|_| Err(unavailable("list", "timed out")))
     }
 
     fn kind(&self) -> &'static str {

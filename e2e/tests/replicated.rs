@@ -1,0 +1,300 @@
+//! The replicated store end to end: real three-node NATS JetStream clusters on free
+//! ports, the real binaries, curl and gRPC clients.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use e2e::{curl, curl_post, eventually, list_instance, Nats, System};
+use proto::logging::v1::{logging_client::LoggingClient, AppendRequest};
+
+/// GET /messages through the facade: (status, [(id, msg)]).
+fn get_messages(facade: SocketAddr) -> (u16, Vec<(String, String)>) {
+    let (status, _, body) = curl("GET", &format!("http://{facade}/messages"), &[]);
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let logs = body["logs"]
+        .as_array()
+        .map(|logs| {
+            logs.iter()
+                .map(|l| {
+                    (
+                        l["id"].as_str().unwrap_or_default().to_owned(),
+                        l["msg"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (status, logs)
+}
+
+async fn append(addr: SocketAddr, id: &str, text: &str) -> Result<bool, tonic::Status> {
+    let channel = config_server::grpc::channel(&addr.to_string()).expect("channel");
+    LoggingClient::new(channel)
+        .append(AppendRequest {
+            id: id.into(),
+            text: text.into(),
+        })
+        .await
+        .map(|reply| reply.into_inner().duplicate)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_walkthrough_on_the_replicated_store_survives_instances_nodes_and_restarts() {
+    let mut nats = Nats::cluster(3).await;
+    let mut system = System::start_with_store(3, &[], &nats.urls()).await;
+
+    // Ten messages through random instances.
+    let mut sent = Vec::new();
+    for i in 1..=10 {
+        let (status, reply) = curl_post(system.facade, &format!("msg{i}"));
+        assert_eq!(status, 201, "{reply}");
+        sent.push((
+            reply["id"].as_str().expect("id").to_owned(),
+            format!("msg{i}"),
+        ));
+    }
+    // Every instance sees every message, in the same order.
+    for (addr, _) in &system.logging {
+        assert_eq!(list_instance(*addr).await, sent, "instance {addr}");
+    }
+
+    // Stop two of the three instances: GET still shows all ten, in order; POST works.
+    let first = system.logging[0].0;
+    let third = system.logging[2].0;
+    assert!(system.logging_proc(first).terminate().await.success());
+    assert!(system.logging_proc(third).terminate().await.success());
+    let (status, logs) = get_messages(system.facade);
+    assert_eq!(status, 200);
+    assert_eq!(logs, sent);
+    let (status, reply) = curl_post(system.facade, "msg11");
+    assert_eq!(status, 201, "{reply}");
+    sent.push((reply["id"].as_str().expect("id").to_owned(), "msg11".into()));
+
+    // Lose one store node (kill -9): two of three are still a quorum. If it led the
+    // stream, JetStream elects a new leader first (measured 4.6-6.3 s with nats-server
+    // 2.9), and a POST in that window may get 503 + Retry-After; the client retries with
+    // the same Idempotency-Key, which stores it exactly once.
+    nats.kill9(0).await;
+    let killed = Instant::now();
+    let url = format!("http://{}/messages", system.facade);
+    let mut reply = (0, String::new(), String::new());
+    eventually(
+        Duration::from_secs(30),
+        "POST with one store node down",
+        || {
+            reply = curl(
+                "POST",
+                &url,
+                &[
+                    "-H",
+                    "content-type: application/json",
+                    "-H",
+                    "Idempotency-Key: msg12",
+                    "-d",
+                    r#"{"msg":"msg12"}"#,
+                ],
+            );
+            assert!(
+                reply.0 == 201 || reply.0 == 503,
+                "only 201 or 503: {reply:?}"
+            );
+            std::future::ready(reply.0 == 201)
+        },
+    )
+    .await;
+    println!(
+        "POST accepted {:?} after kill -9 of a store node",
+        killed.elapsed()
+    );
+    let id = serde_json::from_str::<serde_json::Value>(&reply.2).expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    sent.push((id, "msg12".into()));
+    eventually(
+        Duration::from_secs(30),
+        "GET with one store node down",
+        || async { get_messages(system.facade) == (200, sent.clone()) },
+    )
+    .await;
+
+    // Restart the whole cluster (kill -9 of all, same data): nothing is lost. A fresh
+    // instance, whose view starts empty, reads everything back from the stream.
+    nats.restart_all().await;
+    let fresh = system.add_logging().await;
+    eventually(
+        Duration::from_secs(30),
+        "a fresh instance sees all 12",
+        || async { list_instance_ok(fresh).await.as_ref() == Some(&sent) },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "GET through the facade after the restart",
+        || async { get_messages(system.facade) == (200, sent.clone()) },
+    )
+    .await;
+}
+
+/// List on one instance, or None while its store is unavailable.
+async fn list_instance_ok(addr: SocketAddr) -> Option<Vec<(String, String)>> {
+    use proto::logging::v1::ListRequest;
+    let channel = config_server::grpc::channel(&addr.to_string()).ok()?;
+    let reply = LoggingClient::new(channel)
+        .list(ListRequest {})
+        .await
+        .ok()?;
+    Some(
+        reply
+            .into_inner()
+            .messages
+            .into_iter()
+            .map(|m| (m.id, m.text))
+            .collect(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_id_through_two_instances_is_stored_once() {
+    let nats = Nats::cluster(3).await;
+    let system = System::start_with_store(2, &[], &nats.urls()).await;
+    let (a, b) = (system.logging[0].0, system.logging[1].0);
+    let duplicate = append(a, "retry-me", "first").await.expect("append");
+    assert!(!duplicate, "first append stores");
+    let duplicate = append(b, "retry-me", "second").await.expect("append");
+    assert!(
+        duplicate,
+        "the same id through another instance is a duplicate"
+    );
+    // Later still, still refused: the check is per id, not a time window.
+    let duplicate = append(a, "retry-me", "third").await.expect("append");
+    assert!(duplicate);
+    for addr in [a, b] {
+        assert_eq!(
+            list_instance(addr).await,
+            [("retry-me".to_owned(), "first".to_owned())]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_quorum_appends_are_unavailable_promptly_and_the_facade_answers_503() {
+    let mut nats = Nats::cluster(3).await;
+    let system = System::start_with_store(1, &["--retry-budget", "2s"], &nats.urls()).await;
+    let url = format!("http://{}/messages", system.facade);
+    let logging = system.logging[0].0;
+    let (status, _) = curl_post(system.facade, "before the outage");
+    assert_eq!(status, 201);
+
+    // Two of three store nodes down: no quorum.
+    nats.kill9(1).await;
+    nats.kill9(2).await;
+    let started = Instant::now();
+    let error = append(logging, "during-outage", "x")
+        .await
+        .expect_err("no quorum");
+    assert_eq!(error.code(), tonic::Code::Unavailable, "{error}");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let post_keyed = || {
+        curl(
+            "POST",
+            &url,
+            &[
+                "-H",
+                "content-type: application/json",
+                "-H",
+                "Idempotency-Key: outage-1",
+                "-d",
+                r#"{"msg":"retried after the outage"}"#,
+            ],
+        )
+    };
+    let (status, head, body) = post_keyed();
+    assert_eq!(status, 503, "{body}");
+    assert!(head.to_ascii_lowercase().contains("retry-after:"), "{head}");
+
+    // Quorum back: the client's retry with the same key stores the message exactly once,
+    // whatever the refused attempts left behind.
+    nats.start_node(1);
+    nats.start_node(2);
+    nats.wait_ready().await;
+    let mut answer = (0, String::new(), String::new());
+    eventually(Duration::from_secs(30), "POST accepted again", || {
+        answer = post_keyed();
+        std::future::ready(answer.0 == 201)
+    })
+    .await;
+    let id = serde_json::from_str::<serde_json::Value>(&answer.2).expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let (status, _, body) = curl("GET", &url, &[]);
+    assert_eq!(status, 200, "{body}");
+    let (_, logs) = get_messages(system.facade);
+    assert_eq!(logs.iter().filter(|(i, _)| *i == id).count(), 1, "{logs:?}");
+
+    // The append that timed out without quorum had an unknown outcome: JetStream may
+    // commit it once the quorum is back. Retrying the same id settles it: at most once.
+    let duplicate = append(logging, "during-outage", "x").await.expect("retry");
+    let (_, logs) = get_messages(system.facade);
+    assert_eq!(
+        logs.iter().filter(|(i, _)| i == "during-outage").count(),
+        1,
+        "stored exactly once (duplicate on retry: {duplicate}): {logs:?}"
+    );
+
+    // The whole store down: nothing can be written, and nothing half-written appears
+    // when it comes back.
+    for node in 0..3 {
+        nats.kill9(node).await;
+    }
+    let started = Instant::now();
+    let error = append(logging, "total-outage", "x")
+        .await
+        .expect_err("store down");
+    assert_eq!(error.code(), tonic::Code::Unavailable, "{error}");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    let (status, _, _) = curl(
+        "POST",
+        &url,
+        &[
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"msg":"lost?"}"#,
+        ],
+    );
+    assert_eq!(status, 503);
+    for node in 0..3 {
+        nats.start_node(node);
+    }
+    nats.wait_ready().await;
+    let before = logs.len();
+    eventually(
+        Duration::from_secs(30),
+        "GET after the store came back",
+        || async {
+            let (status, logs) = get_messages(system.facade);
+            status == 200 && logs.len() == before
+        },
+    )
+    .await;
+    let (_, logs) = get_messages(system.facade);
+    assert!(
+        !logs
+            .iter()
+            .any(|(i, m)| i == "total-outage" || m == "lost?"),
+        "{logs:?}"
+    );
+}
