@@ -18,6 +18,8 @@ use std::{
 
 use nix::{sys::signal::Signal, unistd::Pid};
 
+pub mod load;
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -276,6 +278,7 @@ pub fn curl_post(facade: SocketAddr, msg: &str) -> (u16, serde_json::Value) {
 
 /// The system's binaries on free ports, started in order and waited on.
 pub struct System {
+    registry_args: Vec<String>,
     pub registry: SocketAddr,
     pub messages: SocketAddr,
     pub facade: SocketAddr,
@@ -301,22 +304,19 @@ impl System {
         let registry = free_addr();
         let messages = free_addr();
         let facade = free_addr();
-        let registry_proc = Proc::start(
-            "config-server",
-            "config-server",
-            &[
-                "--addr",
-                &registry.to_string(),
-                "--static",
-                &format!("messages={messages}"),
-                "--set",
-                &format!("logging.store={store}"),
-                "--heartbeat-interval",
-                TEST_HEARTBEAT,
-                "--ttl",
-                "1s",
-            ],
-        );
+        let registry_args: Vec<String> = vec![
+            "--addr".into(),
+            registry.to_string(),
+            "--static".into(),
+            format!("messages={messages}"),
+            "--set".into(),
+            format!("logging.store={store}"),
+            "--heartbeat-interval".into(),
+            TEST_HEARTBEAT.into(),
+            "--ttl".into(),
+            "1s".into(),
+        ];
+        let registry_proc = Proc::start("config-server", "config-server", &as_strs(&registry_args));
         let messages_proc = Proc::start("messages", "messages", &["--addr", &messages.to_string()]);
         let mut args = vec![
             "--addr".to_owned(),
@@ -331,6 +331,7 @@ impl System {
         wait_serving(messages).await;
         wait_serving(facade).await;
         let mut system = Self {
+            registry_args,
             registry,
             messages,
             facade,
@@ -344,6 +345,22 @@ impl System {
         }
         system.wait_registered(logging).await;
         system
+    }
+
+    /// SIGTERM to the config server (it must exit cleanly).
+    pub async fn stop_registry(&mut self) {
+        let status = self.registry_proc.terminate().await;
+        assert!(status.success(), "config server exit: {status}");
+    }
+
+    /// Starts the config server again, same port and flags, and waits until SERVING.
+    pub async fn start_registry(&mut self) {
+        self.registry_proc = Proc::start(
+            "config-server",
+            "config-server",
+            &as_strs(&self.registry_args),
+        );
+        wait_serving(self.registry).await;
     }
 
     /// Starts one more logging instance and waits until it is SERVING.
@@ -393,6 +410,10 @@ impl System {
             .expect("known logging instance")
             .1
     }
+}
+
+fn as_strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
 }
 
 /// Every message one logging instance holds, over gRPC.
@@ -498,6 +519,25 @@ impl Nats {
 
     pub fn urls(&self) -> String {
         runner::nats::urls(&self.nodes)
+    }
+
+    /// The index of the node that leads `stream`, asked through any running node.
+    pub async fn stream_leader(&self, stream: &str) -> Option<usize> {
+        for (i, node) in self.nodes.iter().enumerate() {
+            if self.procs[i].is_none() {
+                continue;
+            }
+            let Ok(client) = async_nats::connect(node.url()).await else {
+                continue;
+            };
+            let jetstream = async_nats::jetstream::new(client);
+            let Ok(stream) = jetstream.get_stream(stream).await else {
+                continue;
+            };
+            let leader = stream.cached_info().cluster.as_ref()?.leader.clone()?;
+            return self.nodes.iter().position(|n| n.name == leader);
+        }
+        None
     }
 }
 

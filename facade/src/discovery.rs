@@ -1,29 +1,79 @@
-//! Finding live instances: a registry lookup per call (the specified behaviour), with
-//! the last list seen kept as a fallback for when the registry cannot be reached.
+//! Finding live instances, in one of two modes:
+//!
+//! - `per-call` (the default, as specified): a registry Lookup before every call, with
+//!   the last list seen kept as a fallback for when the registry cannot be reached.
+//! - `watch`: a background task per service keeps the list from the registry's `Watch`
+//!   stream, so a call costs no registry round trip. While the stream is down (the
+//!   registry restarted, say) calls fall back to per-call lookups, and the task reconnects
+//!   with backoff.
 
 use std::{
     collections::HashMap,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Mutex,
+        Arc, Mutex,
     },
+    time::Duration,
 };
 
-use config_server::client::RegistryClient;
+use clap::ValueEnum;
+use config_server::{backoff::Backoff, client::RegistryClient};
+use tokio::{sync::watch, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DiscoveryMode {
+    /// A registry lookup before every call.
+    PerCall,
+    /// Keep a pushed view from the registry's Watch stream.
+    Watch,
+}
+
+/// The last pushed list of addresses, and whether the Watch stream is still live.
+#[derive(Debug, Clone, Default)]
+struct Pushed {
+    live: bool,
+    addresses: Arc<Vec<String>>,
+}
 
 pub struct Discovery {
     registry: RegistryClient,
     last_known: Mutex<HashMap<String, Vec<String>>>,
     registry_down: AtomicBool,
+    pushed: HashMap<String, watch::Receiver<Pushed>>,
+    watchers: Vec<JoinHandle<()>>,
 }
 
 impl Discovery {
-    pub fn new(registry: RegistryClient) -> Self {
+    /// Discovery of `services`; in `watch` mode one task per service follows the
+    /// registry until `shutdown`.
+    pub fn new(
+        registry: RegistryClient,
+        mode: DiscoveryMode,
+        services: &[&str],
+        shutdown: &CancellationToken,
+    ) -> Self {
+        let mut pushed = HashMap::new();
+        let mut watchers = Vec::new();
+        if mode == DiscoveryMode::Watch {
+            for service in services {
+                let (tx, rx) = watch::channel(Pushed::default());
+                pushed.insert((*service).to_owned(), rx);
+                watchers.push(tokio::spawn(follow(
+                    registry.clone(),
+                    (*service).to_owned(),
+                    tx,
+                    shutdown.clone(),
+                )));
+            }
+        }
         Self {
             registry,
             last_known: Mutex::new(HashMap::new()),
             registry_down: AtomicBool::new(false),
+            pushed,
+            watchers,
         }
     }
 
@@ -33,9 +83,27 @@ impl Discovery {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Addresses of the live instances of `service`; when the registry is unreachable,
-    /// the last list it gave (said once in the log per outage).
+    /// Addresses of the live instances of `service`.
     pub async fn instances(&self, service: &str) -> Vec<String> {
+        if let Some(pushed) = self.pushed.get(service) {
+            let Pushed { live, addresses } = pushed.borrow().clone();
+            if live {
+                return addresses.as_ref().clone();
+            }
+            // The stream is down: look up per call, and if the registry is down too, the
+            // last pushed list is the last known one.
+            if !addresses.is_empty() {
+                self.last_known()
+                    .entry(service.to_owned())
+                    .or_insert_with(|| addresses.as_ref().clone());
+            }
+        }
+        self.lookup(service).await
+    }
+
+    /// A registry lookup; when the registry is unreachable, the last list it gave (said
+    /// once in the log per outage).
+    async fn lookup(&self, service: &str) -> Vec<String> {
         match self.registry.lookup(service).await {
             Ok(reply) => {
                 let addresses: Vec<String> =
@@ -57,6 +125,70 @@ impl Discovery {
                 }
                 fallback
             }
+        }
+    }
+}
+
+impl Drop for Discovery {
+    fn drop(&mut self) {
+        for watcher in &self.watchers {
+            watcher.abort();
+        }
+    }
+}
+
+/// Follows `service` on the registry's Watch stream, reconnecting with backoff.
+async fn follow(
+    registry: RegistryClient,
+    service: String,
+    pushed: watch::Sender<Pushed>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    loop {
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => return,
+            stream = registry.watch(&service) => stream,
+        };
+        match stream {
+            Ok(mut stream) => loop {
+                let next = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    next = stream.message() => next,
+                };
+                match next {
+                    Ok(Some(snapshot)) => {
+                        backoff.reset();
+                        let addresses: Vec<String> =
+                            snapshot.instances.into_iter().map(|i| i.address).collect();
+                        pushed.send_replace(Pushed {
+                            live: true,
+                            addresses: Arc::new(addresses),
+                        });
+                    }
+                    Ok(None) | Err(_) => {
+                        warn!(
+                            service,
+                            "registry watch ended; using per-call lookups until it is back"
+                        );
+                        break;
+                    }
+                }
+            },
+            Err(status) => {
+                if pushed.borrow().live {
+                    warn!(
+                        service,
+                        error = status.message(),
+                        "cannot watch the registry; using per-call lookups"
+                    );
+                }
+            }
+        }
+        pushed.send_modify(|pushed| pushed.live = false);
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(backoff.next_delay()) => {}
         }
     }
 }

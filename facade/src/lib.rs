@@ -26,7 +26,7 @@ use tracing::info;
 use crate::{
     api::{FacadeServer, FacadeService},
     core::Facade,
-    discovery::Discovery,
+    discovery::{Discovery, DiscoveryMode},
     failover::{Failover, Policy},
 };
 
@@ -43,6 +43,11 @@ pub struct Config {
     /// The config server to find services through.
     #[arg(long, default_value = DEFAULT_REGISTRY)]
     pub registry: String,
+
+    /// How to find instances: a registry lookup per call, or a view kept from the
+    /// registry's Watch stream.
+    #[arg(long, value_enum, default_value_t = DiscoveryMode::PerCall)]
+    pub discovery: DiscoveryMode,
 
     /// Deadline of one call to one logging instance.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
@@ -88,12 +93,19 @@ pub async fn serve(
         budget: config.retry_budget,
         ..Policy::default()
     });
-    let facade = Facade::new(Discovery::new(registry), failover, config.max_message_bytes);
+    let discovery = Discovery::new(
+        registry,
+        config.discovery,
+        &[core::LOGGING, core::MESSAGES],
+        &shutdown,
+    );
+    let facade = Facade::new(discovery, failover, config.max_message_bytes);
 
     let (routes, health) = grpc::routes()?;
     health.set_serving::<FacadeServer<FacadeService>>().await;
     let routes = routes.add_service(FacadeServer::new(FacadeService::new(Arc::clone(&facade))));
-    info!(%addr, registry = config.registry, "facade listening (HTTP and gRPC)");
+    info!(%addr, registry = config.registry, discovery = ?config.discovery,
+          "facade listening (HTTP and gRPC)");
     grpc::serve(listener, routes, http::router(facade), shutdown).await?;
     info!("facade stopped");
     Ok(())
