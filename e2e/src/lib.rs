@@ -252,7 +252,13 @@ pub fn curl(method: &str, url: &str, args: &[&str]) -> (u16, String, String) {
         "curl {method} {url} failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+    // A large body makes curl send `Expect: 100-continue`; skip the interim answer.
+    while text.starts_with("HTTP/1.1 100") {
+        text = text
+            .split_once("\r\n\r\n")
+            .map_or_else(String::new, |(_, rest)| rest.to_owned());
+    }
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head
         .split_whitespace()

@@ -89,7 +89,16 @@ async fn sigterm_deregisters_at_once_and_exits_cleanly() {
 
 #[tokio::test]
 async fn kill_9_during_concurrent_posts_fails_no_request() {
-    let mut system = System::start(3, &[]).await;
+    kill_9_during_concurrent_posts(&[]).await;
+}
+
+#[tokio::test]
+async fn kill_9_during_concurrent_posts_fails_no_request_with_watch_discovery() {
+    kill_9_during_concurrent_posts(&["--discovery", "watch"]).await;
+}
+
+async fn kill_9_during_concurrent_posts(facade_args: &[&str]) {
+    let mut system = System::start(3, facade_args).await;
     let channel = config_server::grpc::channel(&system.facade.to_string()).expect("channel");
     let acked = Arc::new(Mutex::new(Vec::new()));
     let failures = Arc::new(Mutex::new(Vec::new()));

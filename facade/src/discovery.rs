@@ -18,7 +18,7 @@ use std::{
 
 use clap::ValueEnum;
 use config_server::{backoff::Backoff, client::RegistryClient};
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::{sync::watch, task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -30,16 +30,21 @@ pub enum DiscoveryMode {
     Watch,
 }
 
-/// The last pushed list of addresses, and whether the Watch stream is still live.
+/// The last pushed list of addresses, when it came, and whether the Watch stream is
+/// still live.
 #[derive(Debug, Clone, Default)]
 struct Pushed {
     live: bool,
     addresses: Arc<Vec<String>>,
+    at: Option<Instant>,
 }
+
+/// The most recent list seen from either source, and when.
+type Known = HashMap<String, (Instant, Vec<String>)>;
 
 pub struct Discovery {
     registry: RegistryClient,
-    last_known: Mutex<HashMap<String, Vec<String>>>,
+    last_known: Mutex<Known>,
     registry_down: AtomicBool,
     pushed: HashMap<String, watch::Receiver<Pushed>>,
     watchers: Vec<JoinHandle<()>>,
@@ -77,7 +82,7 @@ impl Discovery {
         }
     }
 
-    fn last_known(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<String>>> {
+    fn last_known(&self) -> std::sync::MutexGuard<'_, Known> {
         self.last_known
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -86,16 +91,21 @@ impl Discovery {
     /// Addresses of the live instances of `service`.
     pub async fn instances(&self, service: &str) -> Vec<String> {
         if let Some(pushed) = self.pushed.get(service) {
-            let Pushed { live, addresses } = pushed.borrow().clone();
+            let Pushed {
+                live,
+                addresses,
+                at,
+            } = pushed.borrow().clone();
             if live {
                 return addresses.as_ref().clone();
             }
-            // The stream is down: look up per call, and if the registry is down too, the
-            // last pushed list is the last known one.
-            if !addresses.is_empty() {
-                self.last_known()
-                    .entry(service.to_owned())
-                    .or_insert_with(|| addresses.as_ref().clone());
+            // The stream is down: look up per call; if the registry is down too, the
+            // newest list from either source is the last known one.
+            if let Some(at) = at {
+                let mut known = self.last_known();
+                if known.get(service).is_none_or(|(seen, _)| *seen < at) {
+                    known.insert(service.to_owned(), (at, addresses.as_ref().clone()));
+                }
             }
         }
         self.lookup(service).await
@@ -111,14 +121,22 @@ impl Discovery {
                 if self.registry_down.swap(false, Ordering::Relaxed) {
                     info!("registry reachable again; using fresh lookups");
                 }
-                let mut last = self.last_known();
-                if last.get(service) != Some(&addresses) {
-                    last.insert(service.to_owned(), addresses.clone());
+                let mut known = self.last_known();
+                match known.get_mut(service) {
+                    Some((seen, list)) if *list == addresses => *seen = Instant::now(),
+                    _ => {
+                        known.insert(service.to_owned(), (Instant::now(), addresses.clone()));
+                    }
                 }
+                drop(known);
                 addresses
             }
             Err(status) => {
-                let fallback = self.last_known().get(service).cloned().unwrap_or_default();
+                let fallback = self
+                    .last_known()
+                    .get(service)
+                    .map(|(_, addresses)| addresses.clone())
+                    .unwrap_or_default();
                 if !self.registry_down.swap(true, Ordering::Relaxed) {
                     warn!(error = status.message(), service, known = ?fallback,
                           "registry unreachable; using the last known instances");
@@ -164,6 +182,7 @@ async fn follow(
                         pushed.send_replace(Pushed {
                             live: true,
                             addresses: Arc::new(addresses),
+                            at: Some(Instant::now()),
                         });
                     }
                     Ok(None) | Err(_) => {

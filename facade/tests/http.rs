@@ -1,7 +1,9 @@
 //! The facade's HTTP and gRPC APIs against real in-process services on 127.0.0.1: every
 //! status code of the contract, checked with curl, and concurrency with 16 clients.
 
-use std::{net::SocketAddr, process::Command, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use e2e::curl;
 
 use config_server::{client::RegistryClient, registry::RegistryConfig};
 use logging::store::MemoryStore;
@@ -77,29 +79,6 @@ async fn start(with_logging: bool, budget: &str) -> Stack {
         store,
         shutdown,
     }
-}
-
-/// curl: returns (status, headers, body).
-fn curl(method: &str, url: &str, args: &[&str]) -> (u16, String, String) {
-    let output = Command::new("curl")
-        .args(["-s", "-S", "-i", "--max-time", "20", "-X", method])
-        .args(args)
-        .arg(url)
-        .output()
-        .expect("curl runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status");
-    (status, head.to_owned(), body.to_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,116 @@
+//! Discovery against a real in-process registry: the pushed (watch) view follows changes
+//! within 100 ms, and both modes keep the last known instances when the registry goes.
+
+use std::{collections::HashMap, time::Duration};
+
+use config_server::{
+    client::{Registration, RegistryClient},
+    registry::RegistryConfig,
+};
+use facade::discovery::{Discovery, DiscoveryMode};
+use tokio::{net::TcpListener, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+async fn registry() -> (
+    String,
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(config_server::serve(
+        listener,
+        RegistryConfig::default(),
+        stop.clone(),
+    ));
+    (addr, stop, task)
+}
+
+/// Polls until `discovery` lists exactly `expected`; returns how long that took.
+async fn until_listed(discovery: &Discovery, expected: &[String]) -> Duration {
+    let started = Instant::now();
+    loop {
+        if discovery.instances("logging").await == expected {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "never listed {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_watch_view_follows_the_registry_within_100ms_and_outlives_it() {
+    let (addr, stop_registry, registry_task) = registry().await;
+    let client = RegistryClient::new(&addr).expect("client");
+    let shutdown = CancellationToken::new();
+    let discovery = Discovery::new(
+        client.clone(),
+        DiscoveryMode::Watch,
+        &["logging"],
+        &shutdown,
+    );
+    until_listed(&discovery, &[]).await;
+
+    let registration =
+        Registration::start(client.clone(), "logging", "127.0.0.1:50051", HashMap::new());
+    registration.registered().await;
+    let added = until_listed(&discovery, &["127.0.0.1:50051".to_owned()]).await;
+    assert!(
+        added < Duration::from_millis(100),
+        "registration seen after {added:?}"
+    );
+
+    registration.deregister().await;
+    let removed = until_listed(&discovery, &[]).await;
+    assert!(
+        removed < Duration::from_millis(100),
+        "deregistration seen after {removed:?}"
+    );
+
+    let again = Registration::start(client, "logging", "127.0.0.1:50052", HashMap::new());
+    again.registered().await;
+    until_listed(&discovery, &["127.0.0.1:50052".to_owned()]).await;
+
+    // The registry goes away: the stream ends, per-call lookups fail, and the last
+    // pushed list is still what the facade uses.
+    stop_registry.cancel();
+    registry_task
+        .await
+        .expect("join")
+        .expect("registry stopped cleanly");
+    for _ in 0..5 {
+        assert_eq!(discovery.instances("logging").await, ["127.0.0.1:50052"]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shutdown.cancel();
+    again.deregister().await;
+}
+
+#[tokio::test]
+async fn per_call_lookups_see_changes_at_once_and_keep_the_last_list_when_the_registry_goes() {
+    let (addr, stop_registry, registry_task) = registry().await;
+    let client = RegistryClient::new(&addr).expect("client");
+    let shutdown = CancellationToken::new();
+    let discovery = Discovery::new(
+        client.clone(),
+        DiscoveryMode::PerCall,
+        &["logging"],
+        &shutdown,
+    );
+    assert!(discovery.instances("logging").await.is_empty());
+    let registration = Registration::start(client, "logging", "127.0.0.1:50051", HashMap::new());
+    registration.registered().await;
+    assert_eq!(discovery.instances("logging").await, ["127.0.0.1:50051"]);
+
+    stop_registry.cancel();
+    registry_task
+        .await
+        .expect("join")
+        .expect("registry stopped cleanly");
+    assert_eq!(discovery.instances("logging").await, ["127.0.0.1:50051"]);
+    registration.deregister().await;
+}
