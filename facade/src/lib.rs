@@ -44,9 +44,9 @@ pub struct Config {
     #[arg(long, default_value = DEFAULT_REGISTRY)]
     pub registry: String,
 
-    /// How to find instances: a registry lookup per call, or a view kept from the
-    /// registry's Watch stream.
-    #[arg(long, value_enum, default_value_t = DiscoveryMode::PerCall)]
+    /// How to find instances: a view kept from the registry's Watch stream (changes
+    /// arrive in well under a millisecond), or a registry lookup per call.
+    #[arg(long, value_enum, default_value_t = DiscoveryMode::Watch)]
     pub discovery: DiscoveryMode,
 
     /// Deadline of one call to one logging instance.

@@ -44,6 +44,10 @@ pub struct Config {
     #[arg(long, value_enum, default_value_t = StoreMode::Auto)]
     pub store: StoreMode,
 
+    /// How the facade finds instances: `watch` or `per-call`.
+    #[arg(long, default_value = "watch")]
+    pub discovery: String,
+
     /// Also start this many logging instances, on --logging-port and up.
     #[arg(long, default_value_t = 0)]
     pub logging: u16,
@@ -191,6 +195,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 facade.clone(),
                 "--registry".into(),
                 registry_url.clone(),
+                "--discovery".into(),
+                config.discovery.clone(),
             ],
             facade.clone(),
         ),
