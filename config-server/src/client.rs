@@ -8,15 +8,21 @@
 //!   deregisters on shutdown with a short deadline. The service keeps serving throughout:
 //!   an unreachable registry only means others cannot find it for a while.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, path::PathBuf, time::Duration};
+
+use anyhow::Context;
 
 use proto::registry::v1::{self as pb, registry_client};
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
-use tonic::{transport::Channel, Code, Status, Streaming};
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    transport::Channel,
+    Code, Status, Streaming,
+};
 use tracing::{info, warn};
 
-use crate::{backoff::Backoff, grpc};
+use crate::{auth, backoff::Backoff, grpc};
 
 /// Deadline of one registry call.
 pub const CALL_DEADLINE: Duration = Duration::from_millis(1000);
@@ -29,6 +35,40 @@ pub const DEFAULT_REGISTRY: &str = "http://127.0.0.1:50050";
 pub struct RegistryClient {
     inner: registry_client::RegistryClient<Channel>,
     deadline: Duration,
+    token: Option<MetadataValue<Ascii>>,
+}
+
+/// How a service reaches the registry; flattened into each service's command line.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RegistryArgs {
+    /// The config server.
+    #[arg(long = "registry", default_value = DEFAULT_REGISTRY)]
+    pub url: String,
+
+    /// File holding the registry's bearer token [default: data/registry.token, if it
+    /// exists].
+    #[arg(long = "registry-token-file", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl RegistryArgs {
+    /// The registry at `url`, with no token file given.
+    pub fn url(url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            token_file: None,
+        }
+    }
+
+    /// A client for this registry, carrying the token if there is one.
+    pub fn client(&self) -> anyhow::Result<RegistryClient> {
+        let client = RegistryClient::new(&self.url)
+            .with_context(|| format!("invalid registry address {}", self.url))?;
+        match auth::token_file(self.token_file.as_ref()) {
+            Some(path) => client.with_token(&auth::read_token(&path)?),
+            None => Ok(client),
+        }
+    }
 }
 
 impl RegistryClient {
@@ -38,7 +78,23 @@ impl RegistryClient {
         Ok(Self {
             inner: registry_client::RegistryClient::new(grpc::channel(url)?),
             deadline: CALL_DEADLINE,
+            token: None,
         })
+    }
+
+    /// The same client, sending `authorization: Bearer <token>` with every call.
+    pub fn with_token(mut self, token: &str) -> anyhow::Result<Self> {
+        self.token = Some(auth::bearer(token)?);
+        Ok(self)
+    }
+
+    fn request<T>(&self, message: T, deadline: Option<Duration>) -> tonic::Request<T> {
+        let mut request = match deadline {
+            Some(deadline) => grpc::request(message, deadline),
+            None => tonic::Request::new(message),
+        };
+        auth::attach(&mut request, self.token.as_ref());
+        request
     }
 
     /// The same client with another deadline for lookups and settings (default 1 s).
@@ -50,15 +106,15 @@ impl RegistryClient {
     /// Live instances of `service`, static entries included.
     pub async fn lookup(&self, service: &str) -> Result<pb::LookupResponse, Status> {
         let mut client = self.inner.clone();
-        let request = pb::LookupRequest {
-            service: service.to_owned(),
-        };
         let deadline = self.deadline;
+        let request = self.request(
+            pb::LookupRequest {
+                service: service.to_owned(),
+            },
+            Some(deadline),
+        );
         grpc::call(deadline, async move {
-            Ok(client
-                .lookup(grpc::request(request, deadline))
-                .await?
-                .into_inner())
+            Ok(client.lookup(request).await?.into_inner())
         })
         .await
     }
@@ -66,15 +122,15 @@ impl RegistryClient {
     /// The setting `key`, or `None` when the registry has no such setting.
     pub async fn get_setting(&self, key: &str) -> Result<Option<String>, Status> {
         let mut client = self.inner.clone();
-        let request = pb::GetSettingRequest {
-            key: key.to_owned(),
-        };
         let deadline = self.deadline;
+        let request = self.request(
+            pb::GetSettingRequest {
+                key: key.to_owned(),
+            },
+            Some(deadline),
+        );
         let result = grpc::call(deadline, async move {
-            Ok(client
-                .get_setting(grpc::request(request, deadline))
-                .await?
-                .into_inner())
+            Ok(client.get_setting(request).await?.into_inner())
         })
         .await;
         match result {
@@ -89,9 +145,12 @@ impl RegistryClient {
     /// ends it.
     pub async fn watch(&self, service: &str) -> Result<Streaming<pb::LookupResponse>, Status> {
         let mut client = self.inner.clone();
-        let request = pb::WatchRequest {
-            service: service.to_owned(),
-        };
+        let request = self.request(
+            pb::WatchRequest {
+                service: service.to_owned(),
+            },
+            None,
+        );
         grpc::call(CALL_DEADLINE, async move {
             Ok(client.watch(request).await?.into_inner())
         })
@@ -105,27 +164,30 @@ impl RegistryClient {
         metadata: &HashMap<String, String>,
     ) -> Result<pb::RegisterResponse, Status> {
         let mut client = self.inner.clone();
-        let request = pb::RegisterRequest {
-            service: service.to_owned(),
-            address: address.to_owned(),
-            metadata: metadata.clone(),
-        };
+        let request = self.request(
+            pb::RegisterRequest {
+                service: service.to_owned(),
+                address: address.to_owned(),
+                metadata: metadata.clone(),
+            },
+            Some(CALL_DEADLINE),
+        );
         grpc::call(CALL_DEADLINE, async move {
-            Ok(client
-                .register(grpc::request(request, CALL_DEADLINE))
-                .await?
-                .into_inner())
+            Ok(client.register(request).await?.into_inner())
         })
         .await
     }
 
     async fn heartbeat(&self, instance_id: &str, deadline: Duration) -> Result<(), Status> {
         let mut client = self.inner.clone();
-        let request = pb::HeartbeatRequest {
-            instance_id: instance_id.to_owned(),
-        };
+        let request = self.request(
+            pb::HeartbeatRequest {
+                instance_id: instance_id.to_owned(),
+            },
+            Some(deadline),
+        );
         grpc::call(deadline, async move {
-            client.heartbeat(grpc::request(request, deadline)).await?;
+            client.heartbeat(request).await?;
             Ok(())
         })
         .await
@@ -133,13 +195,14 @@ impl RegistryClient {
 
     async fn deregister(&self, instance_id: &str) -> Result<(), Status> {
         let mut client = self.inner.clone();
-        let request = pb::DeregisterRequest {
-            instance_id: instance_id.to_owned(),
-        };
+        let request = self.request(
+            pb::DeregisterRequest {
+                instance_id: instance_id.to_owned(),
+            },
+            Some(DEREGISTER_DEADLINE),
+        );
         grpc::call(DEREGISTER_DEADLINE, async move {
-            client
-                .deregister(grpc::request(request, DEREGISTER_DEADLINE))
-                .await?;
+            client.deregister(request).await?;
             Ok(())
         })
         .await

@@ -65,6 +65,15 @@ pub struct Config {
     /// Most dynamic instances in the whole registry.
     #[arg(long, default_value_t = Limits::default().max_instances)]
     pub max_instances: usize,
+
+    /// Require `authorization: Bearer <token>` (the file's first line) on Register,
+    /// Heartbeat and Deregister [default: data/registry.token, if it exists].
+    #[arg(long, value_name = "FILE", env = "CONFIG_SERVER_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// Also require the token on Lookup, ListServices, GetSetting and Watch.
+    #[arg(long, requires = "token_file")]
+    pub token_required_for_reads: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -106,6 +115,16 @@ impl Config {
         let mut config = Config::parse_from(["config-server"]);
         config.addr = addr;
         config
+    }
+
+    /// The token check, when a token file is given or the default one exists.
+    pub fn auth(&self) -> anyhow::Result<Option<crate::auth::Auth>> {
+        crate::auth::token_file(self.token_file.as_ref())
+            .map(|path| {
+                let token = crate::auth::read_token(&path)?;
+                Ok(crate::auth::Auth::new(token, self.token_required_for_reads))
+            })
+            .transpose()
     }
 
     /// Merges the file (if any) with the flags; flags win, static entries add up.

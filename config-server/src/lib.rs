@@ -9,6 +9,7 @@
 //! [`client`] (registration, lookup, watch), [`grpc`] (serving with health and
 //! reflection, channels and deadlines), [`shutdown`], [`telemetry`] and [`backoff`].
 
+pub mod auth;
 pub mod backoff;
 pub mod client;
 pub mod config;
@@ -33,10 +34,11 @@ use service::{RegistryServer, RegistryService};
 /// Binds `config.addr` and serves until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let registry_config = config.registry_config()?;
+    let auth = config.auth()?;
     let listener = TcpListener::bind(config.addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.addr))?;
-    serve(listener, registry_config, shutdown).await
+    serve_with_auth(listener, registry_config, auth, shutdown).await
 }
 
 /// Serves the registry on an already bound listener (tests bind `127.0.0.1:0`).
@@ -45,7 +47,20 @@ pub async fn serve(
     config: RegistryConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    serve_with_auth(listener, config, None, shutdown).await
+}
+
+/// [`serve`], with registration calls (and optionally reads) requiring a bearer token.
+pub async fn serve_with_auth(
+    listener: TcpListener,
+    config: RegistryConfig,
+    auth: Option<auth::Auth>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
+    if auth.is_some() {
+        info!("registration calls require a bearer token");
+    }
     for (service, address) in &config.static_entries {
         info!(service, address, "static entry");
     }
@@ -65,6 +80,7 @@ pub async fn serve(
     let routes = routes.add_service(RegistryServer::new(RegistryService::new(
         registry,
         shutdown.clone(),
+        auth,
     )));
     grpc::serve(listener, routes, axum::Router::new(), shutdown).await?;
     sweeper.await?;

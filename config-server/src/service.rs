@@ -16,18 +16,33 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use crate::registry::{Instance, Registry, RegistryError, Snapshot};
+use crate::{
+    auth::{Access, Auth},
+    registry::{Instance, Registry, RegistryError, Snapshot},
+};
 
 pub use pb::registry_server::RegistryServer;
 
 pub struct RegistryService {
     registry: Arc<Registry>,
     shutdown: CancellationToken,
+    auth: Option<Auth>,
 }
 
 impl RegistryService {
-    pub fn new(registry: Arc<Registry>, shutdown: CancellationToken) -> Self {
-        Self { registry, shutdown }
+    pub fn new(registry: Arc<Registry>, shutdown: CancellationToken, auth: Option<Auth>) -> Self {
+        Self {
+            registry,
+            shutdown,
+            auth,
+        }
+    }
+
+    fn authorize<T>(&self, request: &Request<T>, access: Access) -> Result<(), Status> {
+        match &self.auth {
+            Some(auth) => auth.check(request, access),
+            None => Ok(()),
+        }
     }
 }
 
@@ -89,6 +104,7 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        self.authorize(&request, Access::Write)?;
         let pb::RegisterRequest {
             service,
             address,
@@ -114,6 +130,7 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.authorize(&request, Access::Write)?;
         let id = request.into_inner().instance_id;
         self.registry
             .heartbeat(&id, Instant::now())
@@ -125,6 +142,7 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        self.authorize(&request, Access::Write)?;
         let id = request.into_inner().instance_id;
         let removed = self.registry.deregister(&id).map_err(status)?;
         info!(
@@ -140,6 +158,7 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::LookupRequest>,
     ) -> Result<Response<pb::LookupResponse>, Status> {
+        self.authorize(&request, Access::Read)?;
         let service = request.into_inner().service;
         let snapshot = self.registry.lookup(&service).map_err(status)?;
         Ok(Response::new(snapshot_to_proto(&snapshot)))
@@ -147,8 +166,9 @@ impl pb::registry_server::Registry for RegistryService {
 
     async fn list_services(
         &self,
-        _request: Request<pb::ListServicesRequest>,
+        request: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        self.authorize(&request, Access::Read)?;
         let (services, revision) = self.registry.list_services();
         Ok(Response::new(pb::ListServicesResponse {
             services: services.iter().map(snapshot_to_proto).collect(),
@@ -160,6 +180,7 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::GetSettingRequest>,
     ) -> Result<Response<pb::GetSettingResponse>, Status> {
+        self.authorize(&request, Access::Read)?;
         let key = request.into_inner().key;
         let value = self.registry.setting(&key).map_err(status)?;
         Ok(Response::new(pb::GetSettingResponse { value }))
@@ -171,6 +192,7 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        self.authorize(&request, Access::Read)?;
         let service = request.into_inner().service;
         // Subscribe before the first lookup, so no change can fall between the two.
         let mut changes = self.registry.subscribe();

@@ -487,3 +487,78 @@ async fn settings_and_list_services() {
     assert!(list.services[1].instances[0].is_static);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn with_a_token_registration_calls_need_it_and_reads_only_when_asked() {
+    use config_server::auth::Auth;
+
+    for reads_too in [false, true] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(config_server::serve_with_auth(
+            listener,
+            short_ttl(),
+            Some(Auth::new("let-me-in".into(), reads_too)),
+            shutdown.clone(),
+        ));
+
+        // No token: registration is refused, and so are reads when asked.
+        let anonymous = RegistryClient::new(&addr.to_string()).expect("client");
+        let mut raw = registry_client::RegistryClient::new(
+            config_server::grpc::channel(&addr.to_string()).expect("channel"),
+        );
+        let refused = raw
+            .register(register_request("logging", "127.0.0.1:50051"))
+            .await
+            .expect_err("no token");
+        assert_eq!(refused.code(), Code::Unauthenticated);
+        assert!(
+            refused.message().contains("Bearer"),
+            "{}",
+            refused.message()
+        );
+        let read = anonymous.lookup("messages").await;
+        assert_eq!(read.is_err(), reads_too, "{read:?}");
+
+        // A wrong token is refused too.
+        let wrong = RegistryClient::new(&addr.to_string())
+            .expect("client")
+            .with_token("guess")
+            .expect("token");
+        let registration = Registration::start(wrong, "logging", "127.0.0.1:50051", HashMap::new());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(*registration.state().borrow(), RegistrationState::Pending);
+        registration.deregister().await;
+
+        // The right token: the whole lifecycle works.
+        let client = RegistryClient::new(&addr.to_string())
+            .expect("client")
+            .with_token("let-me-in")
+            .expect("token");
+        let registration =
+            Registration::start(client.clone(), "logging", "127.0.0.1:50051", HashMap::new());
+        tokio::time::timeout(Duration::from_secs(5), registration.registered())
+            .await
+            .expect("registered with the token");
+        assert_eq!(
+            client
+                .lookup("logging")
+                .await
+                .expect("lookup")
+                .instances
+                .len(),
+            1
+        );
+        registration.deregister().await;
+        assert!(client
+            .lookup("logging")
+            .await
+            .expect("lookup")
+            .instances
+            .is_empty());
+
+        shutdown.cancel();
+        task.await.expect("join").expect("clean stop");
+    }
+}

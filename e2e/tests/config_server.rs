@@ -154,3 +154,66 @@ async fn a_taken_port_or_a_bad_flag_is_a_clear_error() {
     assert!(!status.success());
     assert!(bad.output().contains("--ttl"), "{}", bad.output());
 }
+
+#[tokio::test]
+async fn with_a_token_file_grpcurl_must_send_the_bearer_token_to_register() {
+    let dir = std::env::temp_dir().join(format!("token-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let token_file = dir.join("registry.token");
+    std::fs::write(&token_file, "tok-123\n").expect("write");
+    let addr = free_addr();
+    let mut server = Proc::start(
+        "config-server",
+        "config-server",
+        &[
+            "--addr",
+            &addr.to_string(),
+            "--token-file",
+            &token_file.display().to_string(),
+        ],
+    );
+    wait_serving(addr).await;
+    let body = r#"{"service":"logging","address":"127.0.0.1:50051"}"#;
+    let run = |headers: &[&str]| {
+        let mut command = std::process::Command::new(e2e::grpcurl_path());
+        command.args(["-plaintext", "-max-time", "10"]);
+        for header in headers {
+            command.args(["-H", header]);
+        }
+        command
+            .args([
+                "-d",
+                body,
+                &addr.to_string(),
+                "registry.v1.Registry/Register",
+            ])
+            .output()
+            .expect("grpcurl runs")
+    };
+    let anonymous = run(&[]);
+    assert!(!anonymous.status.success());
+    assert!(String::from_utf8_lossy(&anonymous.stderr).contains("Unauthenticated"));
+    let wrong = run(&["authorization: Bearer nope"]);
+    assert!(!wrong.status.success());
+    let right = run(&["authorization: Bearer tok-123"]);
+    assert!(
+        right.status.success(),
+        "{}",
+        String::from_utf8_lossy(&right.stderr)
+    );
+    // Reads stay open.
+    let lookup = grpcurl_json(
+        addr,
+        "registry.v1.Registry/Lookup",
+        Some(r#"{"service":"logging"}"#),
+    );
+    assert_eq!(lookup["instances"][0]["address"], "127.0.0.1:50051");
+    // The refusals were logged with the peer's address.
+    let log = server.output();
+    assert!(
+        log.contains("refused an unauthenticated call") && log.contains("peer=\"127.0.0.1:"),
+        "{log}"
+    );
+    assert!(server.terminate().await.success());
+    std::fs::remove_dir_all(dir).ok();
+}

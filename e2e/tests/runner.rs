@@ -19,7 +19,10 @@ async fn runner_starts_everything_serves_the_walkthrough_and_stops_on_ctrl_c() {
             break port;
         }
     };
+    let token_file = std::env::temp_dir().join(format!("runner-token-{}", std::process::id()));
     let args: Vec<String> = vec![
+        "--token-file".into(),
+        token_file.display().to_string(),
         "--store".into(),
         "memory".into(),
         "--logging".into(),
@@ -64,6 +67,7 @@ async fn runner_starts_everything_serves_the_walkthrough_and_stops_on_ctrl_c() {
         .find("config-server stopped")
         .expect("config server stopped");
     assert!(logging_stopped < registry_stopped);
+    assert!(!token_file.exists(), "the token file is removed on exit");
     for port in [ports[0], ports[1], ports[2], logging_port, logging_port + 1] {
         assert!(
             port_is_closed(port),

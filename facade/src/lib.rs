@@ -15,10 +15,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
-use config_server::{
-    client::{RegistryClient, DEFAULT_REGISTRY},
-    grpc,
-};
+use config_server::{client::RegistryArgs, grpc};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -40,9 +37,8 @@ pub struct Config {
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,
 
-    /// The config server to find services through.
-    #[arg(long, default_value = DEFAULT_REGISTRY)]
-    pub registry: String,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
 
     /// How to find instances: a view kept from the registry's Watch stream (changes
     /// arrive in well under a millisecond), or a registry lookup per call.
@@ -67,7 +63,7 @@ impl Config {
     pub fn new(addr: SocketAddr, registry: &str) -> Self {
         let mut config = Config::parse_from(["facade"]);
         config.addr = addr;
-        config.registry = registry.to_owned();
+        config.registry = RegistryArgs::url(registry);
         config
     }
 }
@@ -85,9 +81,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
-    let registry = RegistryClient::new(&config.registry)
-        .with_context(|| format!("invalid registry address {}", config.registry))?
-        .with_deadline(LOOKUP_DEADLINE);
+    let registry = config.registry.client()?.with_deadline(LOOKUP_DEADLINE);
     let failover = Failover::new(Policy {
         attempt_deadline: config.attempt_deadline,
         budget: config.retry_budget,
@@ -104,7 +98,7 @@ pub async fn serve(
     let (routes, health) = grpc::routes()?;
     health.set_serving::<FacadeServer<FacadeService>>().await;
     let routes = routes.add_service(FacadeServer::new(FacadeService::new(Arc::clone(&facade))));
-    info!(%addr, registry = config.registry, discovery = ?config.discovery,
+    info!(%addr, registry = config.registry.url, discovery = ?config.discovery,
           "facade listening (HTTP and gRPC)");
     grpc::serve(listener, routes, http::router(facade), shutdown).await?;
     info!("facade stopped");

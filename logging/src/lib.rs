@@ -14,7 +14,7 @@ use anyhow::Context;
 use clap::Parser;
 use config_server::{
     backoff::Backoff,
-    client::{Registration, RegistryClient, DEFAULT_REGISTRY},
+    client::{Registration, RegistryArgs, RegistryClient},
     grpc,
 };
 use tokio::net::TcpListener;
@@ -39,9 +39,8 @@ pub struct Config {
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
 
-    /// The config server to register with.
-    #[arg(long, default_value = DEFAULT_REGISTRY)]
-    pub registry: String,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
 
     /// The message store: `memory`, or `nats://HOST:PORT,...` [default: the registry's
     /// `logging.store` setting, else memory].
@@ -120,8 +119,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
-    let registry = RegistryClient::new(&config.registry)
-        .with_context(|| format!("invalid registry address {}", config.registry))?;
+    let registry = config.registry.client()?;
     match choose_store(&config, &registry).await? {
         StoreChoice::Memory => {
             let store = Arc::new(MemoryStore::new());

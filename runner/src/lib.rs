@@ -67,6 +67,11 @@ pub struct Config {
     #[arg(long, default_value_t = 6222)]
     pub nats_cluster_port: u16,
 
+    /// Where the registry token for this run is written (a fresh one every run; removed
+    /// on exit). Services started by hand from the same directory find it there.
+    #[arg(long, default_value = config_server::auth::DEFAULT_TOKEN_FILE)]
+    pub token_file: PathBuf,
+
     /// Where the NATS cluster keeps its data; it survives restarts of the runner.
     #[arg(long, default_value = "data/nats")]
     pub data_dir: PathBuf,
@@ -162,6 +167,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
     };
 
+    let token_file = write_token(&config.token_file)?;
+    let token_arg = token_file.display().to_string();
     let registry = format!("127.0.0.1:{}", config.registry_port);
     let registry_url = format!("http://{registry}");
     let messages = format!("127.0.0.1:{}", config.messages_port);
@@ -178,6 +185,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 format!("messages={messages}"),
                 "--set".into(),
                 format!("logging.store={store}"),
+                "--token-file".into(),
+                token_arg.clone(),
             ],
             registry.clone(),
         ),
@@ -197,6 +206,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 registry_url.clone(),
                 "--discovery".into(),
                 config.discovery.clone(),
+                "--registry-token-file".into(),
+                token_arg.clone(),
             ],
             facade.clone(),
         ),
@@ -205,7 +216,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         plan.push((
             format!("logging-{port}"),
             "logging",
-            vec![port.to_string(), "--registry".into(), registry_url.clone()],
+            vec![
+                port.to_string(),
+                "--registry".into(),
+                registry_url.clone(),
+                "--registry-token-file".into(),
+                token_arg.clone(),
+            ],
             format!("127.0.0.1:{port}"),
         ));
     }
@@ -249,8 +266,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
     }
     started.stop_all().await;
+    let _ = std::fs::remove_file(&token_file);
     println!("runner: all stopped");
     Ok(())
+}
+
+/// Writes a fresh random registry token to `path` (readable by the owner only).
+fn write_token(path: &std::path::Path) -> anyhow::Result<PathBuf> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let token: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write the registry token to {}", path.display()))?;
+    writeln!(file, "{token}")?;
+    println!("runner: registry token for this run in {}", path.display());
+    Ok(path.to_path_buf())
 }
 
 /// `count` consecutive ports from `first`.

@@ -1,0 +1,167 @@
+//! Bearer-token authentication for the registry.
+//!
+//! With `--token-file`, Register, Heartbeat and Deregister need the metadata
+//! `authorization: Bearer <token>`; Lookup, ListServices, GetSetting and Watch stay open
+//! unless `--token-required-for-reads`. A refusal is `UNAUTHENTICATED`, logged with the
+//! peer's address. Services read the same token from `--registry-token-file`; by default
+//! both sides use `data/registry.token` when it exists, which is where the runner writes a
+//! fresh token for every run, so a bare `logging 50051` next to it just works.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context;
+use axum::extract::ConnectInfo;
+use tonic::{metadata::MetadataValue, Request, Status};
+use tracing::warn;
+
+/// Where the runner writes its token, and where services look when not told.
+pub const DEFAULT_TOKEN_FILE: &str = "data/registry.token";
+
+/// Reads a token file: the first line, trimmed; it must not be empty.
+pub fn read_token(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read token file {}", path.display()))?;
+    let token = text.lines().next().unwrap_or_default().trim().to_owned();
+    anyhow::ensure!(!token.is_empty(), "token file {} is empty", path.display());
+    anyhow::ensure!(
+        token.bytes().all(|b| b.is_ascii_graphic()),
+        "token file {} holds characters a header cannot carry",
+        path.display()
+    );
+    Ok(token)
+}
+
+/// The token file to use: the one given, else the default one if it exists.
+pub fn token_file(given: Option<&PathBuf>) -> Option<PathBuf> {
+    given.cloned().or_else(|| {
+        let default = PathBuf::from(DEFAULT_TOKEN_FILE);
+        default.exists().then_some(default)
+    })
+}
+
+/// What a call does, for deciding whether it needs the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+#[derive(Debug, Clone)]
+pub struct Auth {
+    token: String,
+    reads_too: bool,
+}
+
+impl Auth {
+    pub fn new(token: String, reads_too: bool) -> Self {
+        Self { token, reads_too }
+    }
+
+    /// Admits the request, or refuses it with `UNAUTHENTICATED`.
+    pub fn check<T>(&self, request: &Request<T>, access: Access) -> Result<(), Status> {
+        if access == Access::Read && !self.reads_too {
+            return Ok(());
+        }
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "));
+        match presented {
+            Some(token) if constant_time_eq(token.as_bytes(), self.token.as_bytes()) => Ok(()),
+            other => {
+                let peer = request
+                    .extensions()
+                    .get::<ConnectInfo<SocketAddr>>()
+                    .map(|info| info.0.to_string())
+                    .unwrap_or_else(|| "unknown".to_owned());
+                let reason = if other.is_some() {
+                    "wrong token"
+                } else {
+                    "no bearer token"
+                };
+                warn!(peer, ?access, reason, "refused an unauthenticated call");
+                Err(Status::unauthenticated(format!(
+                    "{reason}: send the metadata `authorization: Bearer <token>`"
+                )))
+            }
+        }
+    }
+}
+
+/// Compares without stopping at the first difference, so timing tells nothing.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Adds `authorization: Bearer <token>` to a request, when there is a token.
+pub fn attach<T>(request: &mut Request<T>, token: Option<&MetadataValue<tonic::metadata::Ascii>>) {
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", token.clone());
+    }
+}
+
+/// The header value for a token.
+pub fn bearer(token: &str) -> anyhow::Result<MetadataValue<tonic::metadata::Ascii>> {
+    format!("Bearer {token}")
+        .parse()
+        .context("the token cannot be sent as a header")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(header: Option<&str>) -> Request<()> {
+        let mut request = Request::new(());
+        if let Some(header) = header {
+            request
+                .metadata_mut()
+                .insert("authorization", header.parse().expect("ascii"));
+        }
+        request
+    }
+
+    #[test]
+    fn writes_need_the_token_reads_only_when_asked() {
+        let auth = Auth::new("s3cret".into(), false);
+        assert!(auth
+            .check(&request(Some("Bearer s3cret")), Access::Write)
+            .is_ok());
+        for header in [
+            None,
+            Some("Bearer wrong"),
+            Some("s3cret"),
+            Some("Bearer s3cre"),
+        ] {
+            let status = auth
+                .check(&request(header), Access::Write)
+                .expect_err("refused");
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{header:?}");
+        }
+        assert!(auth.check(&request(None), Access::Read).is_ok());
+        let strict = Auth::new("s3cret".into(), true);
+        assert!(strict.check(&request(None), Access::Read).is_err());
+        assert!(strict
+            .check(&request(Some("Bearer s3cret")), Access::Read)
+            .is_ok());
+    }
+
+    #[test]
+    fn token_files_are_trimmed_and_must_not_be_empty() {
+        let dir = std::env::temp_dir().join(format!("auth-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("token");
+        std::fs::write(&file, "  abc123 \nignored\n").expect("write");
+        assert_eq!(read_token(&file).expect("token"), "abc123");
+        std::fs::write(&file, "\n").expect("write");
+        assert!(read_token(&file).is_err());
+        assert!(read_token(&dir.join("missing")).is_err());
+        std::fs::remove_dir_all(dir).ok();
+    }
+}
