@@ -84,6 +84,7 @@ impl Auth {
                     "no bearer token"
                 };
                 warn!(peer, ?access, reason, "refused an unauthenticated call");
+                metrics::counter!("registry_unauthenticated_total").increment(1);
                 Err(Status::unauthenticated(format!(
                     "{reason}: send the metadata `authorization: Bearer <token>`"
                 )))

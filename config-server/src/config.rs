@@ -71,9 +71,13 @@ pub struct Config {
     #[arg(long, value_name = "FILE", env = "CONFIG_SERVER_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
 
-    /// Also require the token on Lookup, ListServices, GetSetting and Watch.
+    /// Also require the token on Lookup, ListServices, GetSetting and Watch (and on
+    /// `/v1/services`).
     #[arg(long, requires = "token_file")]
     pub token_required_for_reads: bool,
+
+    #[command(flatten)]
+    pub log: crate::telemetry::LogArgs,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -17,6 +17,7 @@ pub mod grpc;
 pub mod registry;
 pub mod service;
 pub mod shutdown;
+pub mod status;
 pub mod sweeper;
 pub mod telemetry;
 
@@ -77,12 +78,14 @@ pub async fn serve_with_auth(
     health
         .set_serving::<RegistryServer<RegistryService>>()
         .await;
+    let http =
+        status::router(Arc::clone(&registry), auth.clone()).merge(telemetry::metrics_router());
     let routes = routes.add_service(RegistryServer::new(RegistryService::new(
         registry,
         shutdown.clone(),
         auth,
     )));
-    grpc::serve(listener, routes, axum::Router::new(), shutdown).await?;
+    grpc::serve(listener, routes, http, shutdown).await?;
     sweeper.await?;
     info!("config server stopped");
     Ok(())

@@ -4,6 +4,6 @@ use config_server::{shutdown, telemetry, Config};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    telemetry::init();
+    telemetry::init(config.log.log_format);
     config_server::run(config, shutdown::on_signal()).await
 }

@@ -118,6 +118,7 @@ impl pb::registry_server::Registry for RegistryService {
         if let Some(old) = replaced {
             info!(service, address, instance_id = %old.id, "replaced by a new registration");
         }
+        metrics::counter!("registry_registrations_total").increment(1);
         info!(service, address, instance_id = %lease.instance_id, "registered");
         Ok(Response::new(pb::RegisterResponse {
             instance_id: lease.instance_id,
@@ -135,6 +136,7 @@ impl pb::registry_server::Registry for RegistryService {
         self.registry
             .heartbeat(&id, Instant::now())
             .map_err(status)?;
+        metrics::counter!("registry_heartbeats_total").increment(1);
         Ok(Response::new(pb::HeartbeatResponse {}))
     }
 
@@ -145,6 +147,7 @@ impl pb::registry_server::Registry for RegistryService {
         self.authorize(&request, Access::Write)?;
         let id = request.into_inner().instance_id;
         let removed = self.registry.deregister(&id).map_err(status)?;
+        metrics::counter!("registry_deregistrations_total").increment(1);
         info!(
             service = removed.service,
             address = removed.address,

@@ -24,10 +24,17 @@ pub async fn run(registry: Arc<Registry>, shutdown: CancellationToken) {
         };
         tokio::select! {
             () = shutdown.cancelled() => break,
-            changed = changes.changed() => if changed.is_err() { break },
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                metrics::gauge!("registry_instances").set(registry.len() as f64);
+            }
             () = due => {
                 let ttl = humantime::format_duration(registry.ttl()).to_string();
-                for instance in registry.evict_expired(Instant::now()) {
+                let evicted = registry.evict_expired(Instant::now());
+                metrics::counter!("registry_evictions_total").increment(evicted.len() as u64);
+                for instance in evicted {
                     info!(
                         service = instance.service,
                         address = instance.address,

@@ -173,6 +173,8 @@ impl Failover {
                         warn!(service, address, code = ?status.code(), error = status.message(),
                               "attempt failed; trying the next instance");
                         self.suspect(&address);
+                        metrics::counter!("facade_failovers_total", "service" => service.to_owned())
+                            .increment(1);
                         last = format!("{address}: {}", status.message());
                     }
                     Err(status) => return Err(FailoverError::Rejected(status)),
@@ -180,6 +182,8 @@ impl Failover {
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
+                metrics::counter!("facade_exhausted_total", "service" => service.to_owned())
+                    .increment(1);
                 return Err(FailoverError::Exhausted {
                     service: service.to_owned(),
                     budget: self.policy.budget,
@@ -187,6 +191,8 @@ impl Failover {
                     last,
                 });
             }
+            metrics::counter!("facade_retry_rounds_total", "service" => service.to_owned())
+                .increment(1);
             let pause = backoff.next_delay().min(remaining);
             debug!(service, ?pause, "a full round failed; backing off");
             tokio::time::sleep(pause).await;

@@ -5,8 +5,9 @@
 use std::sync::Arc;
 
 use axum::{
-    extract::{rejection::JsonRejection, DefaultBodyLimit, State},
+    extract::{rejection::JsonRejection, DefaultBodyLimit, MatchedPath, Request, State},
     http::{header::RETRY_AFTER, HeaderMap, HeaderValue, StatusCode},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, MethodRouter},
     Json, Router,
@@ -33,7 +34,26 @@ pub fn router(facade: Arc<Facade>) -> Router {
         .route("/facade", messages())
         .route("/healthz", get(healthz))
         .layer(DefaultBodyLimit::max(body_limit))
+        .route_layer(middleware::from_fn(record))
         .with_state(facade)
+        .merge(config_server::telemetry::metrics_router())
+}
+
+/// Counts every request by route, method and status, and times it.
+async fn record(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let method = request.method().to_string();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::histogram!("facade_http_request_duration_seconds", "route" => route.clone())
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!("facade_http_requests_total", "route" => route, "method" => method, "status" => status)
+        .increment(1);
+    response
 }
 
 #[derive(Debug, Deserialize)]

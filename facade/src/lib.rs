@@ -56,6 +56,9 @@ pub struct Config {
     /// Longest message accepted, in bytes.
     #[arg(long, default_value_t = 64 * 1024)]
     pub max_message_bytes: usize,
+
+    #[command(flatten)]
+    pub log: config_server::telemetry::LogArgs,
 }
 
 impl Config {

@@ -5,6 +5,6 @@ use facade::Config;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    telemetry::init();
+    telemetry::init(config.log.log_format);
     facade::run(config, shutdown::on_signal()).await
 }

@@ -50,6 +50,9 @@ pub struct Config {
     /// Longest message text accepted, in bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_TEXT_BYTES)]
     pub max_text_bytes: usize,
+
+    #[command(flatten)]
+    pub log: config_server::telemetry::LogArgs,
 }
 
 /// Which store backs this instance.
@@ -154,7 +157,7 @@ pub async fn serve<S: MessageStore>(
     let mut server = tokio::spawn(grpc::serve(
         listener,
         routes,
-        axum::Router::new(),
+        config_server::telemetry::metrics_router(),
         server_stop.clone(),
     ));
     info!(%addr, store = kind, "logging listening");

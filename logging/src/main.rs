@@ -5,6 +5,6 @@ use logging::Config;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    telemetry::init();
+    telemetry::init(config.log.log_format);
     logging::run(config, shutdown::on_signal()).await
 }

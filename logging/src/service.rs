@@ -72,10 +72,19 @@ impl<S: MessageStore> pb::logging_server::Logging for LoggingService<S> {
             id: id.clone(),
             text: text.clone(),
         };
-        let outcome = self.store.append(message).await.map_err(status)?;
+        let outcome = self.store.append(message).await.map_err(|error| {
+            metrics::counter!("logging_appends_total", "outcome" => "unavailable").increment(1);
+            status(error)
+        })?;
         match outcome {
-            Appended::Inserted => info!(id, text, "stored"),
-            Appended::Duplicate => info!(id, "duplicate: already stored, nothing changed"),
+            Appended::Inserted => {
+                metrics::counter!("logging_appends_total", "outcome" => "inserted").increment(1);
+                info!(id, text, "stored");
+            }
+            Appended::Duplicate => {
+                metrics::counter!("logging_appends_total", "outcome" => "duplicate").increment(1);
+                info!(id, "duplicate: already stored, nothing changed");
+            }
         }
         Ok(Response::new(pb::AppendResponse {
             duplicate: outcome == Appended::Duplicate,

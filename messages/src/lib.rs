@@ -23,6 +23,9 @@ pub struct Config {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:50060")]
     pub addr: SocketAddr,
+
+    #[command(flatten)]
+    pub log: config_server::telemetry::LogArgs,
 }
 
 #[derive(Debug, Default)]
@@ -55,7 +58,8 @@ pub async fn serve(listener: TcpListener, shutdown: CancellationToken) -> anyhow
         .await;
     let routes = routes.add_service(MessagesServer::new(MessagesService));
     info!(%addr, "messages listening");
-    grpc::serve(listener, routes, axum::Router::new(), shutdown).await?;
+    let http = config_server::telemetry::metrics_router();
+    grpc::serve(listener, routes, http, shutdown).await?;
     info!("messages stopped");
     Ok(())
 }

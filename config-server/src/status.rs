@@ -1,0 +1,92 @@
+//! The HTTP side of the config server, on the gRPC port: a live status page at `/`
+//! (plain HTML, CSS and JS compiled into the binary; it polls `/v1/services` every
+//! second) and `/v1/services`, every service with its instances as JSON.
+
+use std::{
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use axum::{
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    response::{Html, IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use serde_json::json;
+
+use crate::{
+    auth::{Access, Auth},
+    registry::Registry,
+    service::instance_to_proto,
+};
+
+const PAGE: &str = include_str!("status.html");
+
+#[derive(Clone)]
+struct Status {
+    registry: Arc<Registry>,
+    auth: Option<Auth>,
+}
+
+pub fn router(registry: Arc<Registry>, auth: Option<Auth>) -> Router {
+    Router::new()
+        .route("/", get(|| async { Html(PAGE) }))
+        .route("/v1/services", get(services))
+        .with_state(Status { registry, auth })
+}
+
+async fn services(State(status): State<Status>, headers: HeaderMap) -> Response {
+    if let Some(auth) = &status.auth {
+        // The same rule as the gRPC reads: open unless reads need the token too.
+        let mut probe = tonic::Request::new(());
+        if let Some(value) = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+        {
+            probe.metadata_mut().insert("authorization", value);
+        }
+        if let Err(refused) = auth.check(&probe, Access::Read) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                Json(json!({ "error": refused.message() })),
+            )
+                .into_response();
+        }
+    }
+    let (services, revision) = status.registry.list_services();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis());
+    let services: Vec<_> = services
+        .iter()
+        .map(|snapshot| {
+            let instances: Vec<_> = snapshot
+                .instances
+                .iter()
+                .map(|instance| {
+                    let pb = instance_to_proto(instance);
+                    json!({
+                        "instance_id": pb.instance_id,
+                        "address": pb.address,
+                        "metadata": pb.metadata,
+                        "is_static": pb.is_static,
+                        "registered_at_unix_ms": pb.registered_at_unix_ms,
+                        "last_heartbeat_unix_ms": pb.last_heartbeat_unix_ms,
+                    })
+                })
+                .collect();
+            json!({ "service": snapshot.service, "revision": snapshot.revision, "instances": instances })
+        })
+        .collect();
+    Json(json!({
+        "revision": revision,
+        "now_unix_ms": now,
+        "heartbeat_interval_ms": status.registry.heartbeat_interval().as_millis(),
+        "ttl_ms": status.registry.ttl().as_millis(),
+        "services": services,
+    }))
+    .into_response()
+}
