@@ -15,6 +15,7 @@ pub mod client;
 pub mod config;
 pub mod grpc;
 pub mod registry;
+pub mod request_id;
 pub mod service;
 pub mod shutdown;
 pub mod status;

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use config_server::request_id;
 use proto::facade::v1 as pb;
 use tonic::{Request, Response, Status};
 
@@ -39,20 +40,26 @@ impl pb::facade_server::Facade for FacadeService {
         &self,
         request: Request<pb::PostRequest>,
     ) -> Result<Response<pb::PostResponse>, Status> {
+        let request_id = request_id::accept(request_id::of(&request).as_deref());
         let pb::PostRequest {
             msg,
             idempotency_key,
         } = request.into_inner();
         let key = (!idempotency_key.is_empty()).then_some(idempotency_key.as_str());
-        let id = self.facade.post(msg, key).await.map_err(status)?;
+        let id = self
+            .facade
+            .post(msg, key, &request_id)
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::PostResponse { id }))
     }
 
     async fn get(
         &self,
-        _request: Request<pb::GetRequest>,
+        request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        let listing = self.facade.get().await.map_err(status)?;
+        let request_id = request_id::accept(request_id::of(&request).as_deref());
+        let listing = self.facade.get(&request_id).await.map_err(status)?;
         Ok(Response::new(pb::GetResponse {
             logs: listing
                 .logs

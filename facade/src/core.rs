@@ -2,13 +2,14 @@
 
 use std::{sync::Arc, time::Duration};
 
-use config_server::grpc;
+use config_server::{grpc, request_id};
 use dashmap::DashMap;
 use proto::{
     logging::v1::{logging_client::LoggingClient, AppendRequest, ListRequest},
     messages::v1::{messages_client::MessagesClient, GetRequest},
 };
 use tonic::{transport::Channel, Status};
+use tracing::{debug, Instrument};
 use uuid::Uuid;
 
 use crate::{
@@ -126,9 +127,23 @@ impl Facade {
         &self,
         msg: String,
         idempotency_key: Option<&str>,
+        request_id: &str,
+    ) -> Result<String, FacadeError> {
+        let span = tracing::info_span!("request", request_id);
+        self.post_in_span(msg, idempotency_key, request_id)
+            .instrument(span)
+            .await
+    }
+
+    async fn post_in_span(
+        &self,
+        msg: String,
+        idempotency_key: Option<&str>,
+        request_id: &str,
     ) -> Result<String, FacadeError> {
         self.validate(&msg)?;
         let id = Self::message_id(idempotency_key)?;
+        debug!(id, "posting");
         let deadline = self.failover.policy().attempt_deadline;
         self.failover
             .run(
@@ -140,9 +155,11 @@ impl Facade {
                         id: id.clone(),
                         text: msg.clone(),
                     };
+                    let mut request = grpc::request(request, deadline);
+                    request_id::attach(&mut request, request_id);
                     async move {
                         let mut client = LoggingClient::new(channel?);
-                        client.append(grpc::request(request, deadline)).await
+                        client.append(request).await
                     }
                 },
             )
@@ -153,16 +170,23 @@ impl Facade {
     /// Every message (from one live logging instance, with failover) and the messages
     /// service's text, fetched concurrently. A messages outage does not fail the read:
     /// the logs are what the caller came for, so it is reported in `warnings`.
-    pub async fn get(&self) -> Result<Listing, FacadeError> {
+    pub async fn get(&self, request_id: &str) -> Result<Listing, FacadeError> {
+        let span = tracing::info_span!("request", request_id);
+        self.get_in_span(request_id).instrument(span).await
+    }
+
+    async fn get_in_span(&self, request_id: &str) -> Result<Listing, FacadeError> {
         let deadline = self.failover.policy().attempt_deadline;
         let logs = self.failover.run(
             LOGGING,
             || self.discovery.instances(LOGGING),
             |address| {
                 let channel = self.channel(&address);
+                let mut request = grpc::request(ListRequest {}, deadline);
+                request_id::attach(&mut request, request_id);
                 async move {
                     let mut client = LoggingClient::new(channel?);
-                    client.list(grpc::request(ListRequest {}, deadline)).await
+                    client.list(request).await
                 }
             },
         );

@@ -10,8 +10,9 @@ use axum::{
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, MethodRouter},
-    Json, Router,
+    Extension, Json, Router,
 };
+use config_server::request_id;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -39,8 +40,20 @@ pub fn router(facade: Arc<Facade>) -> Router {
         .merge(config_server::telemetry::metrics_router())
 }
 
-/// Counts every request by route, method and status, and times it.
-async fn record(request: Request, next: Next) -> Response {
+/// The request's id, from `x-request-id` or made fresh; handlers extract it.
+#[derive(Debug, Clone)]
+struct RequestId(String);
+
+/// Gives every request an id (echoed in the `x-request-id` response header), counts
+/// every request by route, method and status, and times it.
+async fn record(mut request: Request, next: Next) -> Response {
+    let id = request_id::accept(
+        request
+            .headers()
+            .get(request_id::HEADER)
+            .and_then(|v| v.to_str().ok()),
+    );
+    request.extensions_mut().insert(RequestId(id.clone()));
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -53,6 +66,10 @@ async fn record(request: Request, next: Next) -> Response {
         .record(started.elapsed().as_secs_f64());
     metrics::counter!("facade_http_requests_total", "route" => route, "method" => method, "status" => status)
         .increment(1);
+    let mut response = response;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(request_id::HEADER, value);
+    }
     response
 }
 
@@ -63,6 +80,7 @@ struct PostBody {
 
 async fn post(
     State(facade): State<Arc<Facade>>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
     headers: HeaderMap,
     body: Result<Json<PostBody>, JsonRejection>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
@@ -75,12 +93,15 @@ async fn post(
                 FacadeError::InvalidIdempotencyKey("must be visible ASCII".to_owned())
             })?),
         };
-    let id = facade.post(msg, key).await?;
+    let id = facade.post(msg, key, &request_id).await?;
     Ok((StatusCode::CREATED, Json(json!({ "id": id }))))
 }
 
-async fn list(State(facade): State<Arc<Facade>>) -> Result<Json<Listing>, ApiError> {
-    Ok(Json(facade.get().await?))
+async fn list(
+    State(facade): State<Arc<Facade>>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
+) -> Result<Json<Listing>, ApiError> {
+    Ok(Json(facade.get(&request_id).await?))
 }
 
 async fn healthz() -> Json<serde_json::Value> {

@@ -2,9 +2,10 @@
 
 use std::sync::Arc;
 
+use config_server::request_id;
 use proto::logging::v1 as pb;
 use tonic::{Request, Response, Status};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::store::{Appended, Message, MessageStore, StoreError};
 
@@ -65,6 +66,7 @@ impl<S: MessageStore> pb::logging_server::Logging for LoggingService<S> {
         &self,
         request: Request<pb::AppendRequest>,
     ) -> Result<Response<pb::AppendResponse>, Status> {
+        let request_id = request_id::of(&request).unwrap_or_default();
         let request = request.into_inner();
         self.validate(&request)?;
         let pb::AppendRequest { id, text } = request;
@@ -74,16 +76,17 @@ impl<S: MessageStore> pb::logging_server::Logging for LoggingService<S> {
         };
         let outcome = self.store.append(message).await.map_err(|error| {
             metrics::counter!("logging_appends_total", "outcome" => "unavailable").increment(1);
+            warn!(request_id, id, %error, "not stored");
             status(error)
         })?;
         match outcome {
             Appended::Inserted => {
                 metrics::counter!("logging_appends_total", "outcome" => "inserted").increment(1);
-                info!(id, text, "stored");
+                info!(request_id, id, text, "stored");
             }
             Appended::Duplicate => {
                 metrics::counter!("logging_appends_total", "outcome" => "duplicate").increment(1);
-                info!(id, "duplicate: already stored, nothing changed");
+                info!(request_id, id, "duplicate: already stored, nothing changed");
             }
         }
         Ok(Response::new(pb::AppendResponse {
