@@ -76,8 +76,13 @@ impl Proc {
         ));
         let out = File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
+        // An empty working directory of its own: files a service looks for by default
+        // (config-server.toml, data/registry.token) never leak between tests.
+        let cwd = log.with_extension("cwd");
+        std::fs::create_dir_all(&cwd).expect("working directory");
         let child = Command::new(program)
             .args(args)
+            .current_dir(&cwd)
             .env(
                 "RUST_LOG",
                 std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -159,6 +164,7 @@ impl Drop for Proc {
             eprintln!("----- output of {} -----\n{}", self.name, self.output());
         }
         let _ = std::fs::remove_file(&self.log);
+        let _ = std::fs::remove_dir_all(self.log.with_extension("cwd"));
     }
 }
 

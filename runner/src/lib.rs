@@ -167,8 +167,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
     };
 
-    let token_file = write_token(&config.token_file)?;
-    let token_arg = token_file.display().to_string();
+    let token_file = TokenFile::write(&config.token_file)?;
+    let token_arg = token_file.0.display().to_string();
     let registry = format!("127.0.0.1:{}", config.registry_port);
     let registry_url = format!("http://{registry}");
     let messages = format!("127.0.0.1:{}", config.messages_port);
@@ -266,9 +266,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
     }
     started.stop_all().await;
-    let _ = std::fs::remove_file(&token_file);
+    drop(token_file);
     println!("runner: all stopped");
     Ok(())
+}
+
+/// The registry token of this run, removed when the runner ends, however it ends.
+struct TokenFile(PathBuf);
+
+impl TokenFile {
+    fn write(path: &std::path::Path) -> anyhow::Result<Self> {
+        write_token(path).map(Self)
+    }
+}
+
+impl Drop for TokenFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Writes a fresh random registry token to `path` (readable by the owner only).
