@@ -7,6 +7,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use e2e::eventually;
+
 use config_server::{
     client::{Registration, RegistrationState, RegistryClient},
     registry::{Limits, RegistryConfig},
@@ -87,25 +89,6 @@ async fn addresses(
         .into_iter()
         .map(|instance| instance.address)
         .collect()
-}
-
-/// Polls `check` every 10 ms until it holds, or panics after `limit`.
-async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    loop {
-        if check().await {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test]

@@ -288,6 +288,23 @@ pub fn curl_post(facade: SocketAddr, msg: &str) -> (u16, serde_json::Value) {
     )
 }
 
+/// POSTs `{"msg": msg}` with an `Idempotency-Key`; returns (status, headers, body).
+pub fn curl_post_keyed(facade: SocketAddr, msg: &str, key: &str) -> (u16, String, String) {
+    let body = serde_json::json!({ "msg": msg }).to_string();
+    curl(
+        "POST",
+        &format!("http://{facade}/messages"),
+        &[
+            "-H",
+            "content-type: application/json",
+            "-H",
+            &format!("Idempotency-Key: {key}"),
+            "-d",
+            &body,
+        ],
+    )
+}
+
 /// The system's binaries on free ports, started in order and waited on.
 pub struct System {
     registry_args: Vec<String>,

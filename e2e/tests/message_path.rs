@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use e2e::{curl, curl_post, eventually, list_instance, System, TEST_TTL};
+use e2e::{curl, curl_post, curl_post_keyed, eventually, list_instance, System, TEST_TTL};
 use nix::sys::signal::Signal;
 use proto::facade::v1::{facade_client::FacadeClient, PostRequest};
 use tokio::sync::Mutex;
@@ -217,21 +217,7 @@ async fn with_the_registry_stopped_posts_use_the_last_known_instances() {
 #[tokio::test]
 async fn an_idempotency_key_stores_once_and_returns_the_same_id() {
     let system = System::start(1, &[]).await;
-    let url = format!("http://{}/messages", system.facade);
-    let post = || {
-        curl(
-            "POST",
-            &url,
-            &[
-                "-H",
-                "content-type: application/json",
-                "-H",
-                "Idempotency-Key: order-7",
-                "-d",
-                r#"{"msg":"pay once"}"#,
-            ],
-        )
-    };
+    let post = || curl_post_keyed(system.facade, "pay once", "order-7");
     let (first_status, _, first) = post();
     let (second_status, _, second) = post();
     assert_eq!((first_status, second_status), (201, 201));

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use e2e::{curl, curl_post, eventually, list_instance, Nats, System};
+use e2e::{curl, curl_post, curl_post_keyed, eventually, list_instance, Nats, System};
 use proto::logging::v1::{logging_client::LoggingClient, AppendRequest};
 
 /// GET /messages through the facade: (status, [(id, msg)]).
@@ -78,24 +78,12 @@ async fn the_walkthrough_on_the_replicated_store_survives_instances_nodes_and_re
     // the same Idempotency-Key, which stores it exactly once.
     nats.kill9(0).await;
     let killed = Instant::now();
-    let url = format!("http://{}/messages", system.facade);
     let mut reply = (0, String::new(), String::new());
     eventually(
         Duration::from_secs(30),
         "POST with one store node down",
         || {
-            reply = curl(
-                "POST",
-                &url,
-                &[
-                    "-H",
-                    "content-type: application/json",
-                    "-H",
-                    "Idempotency-Key: msg12",
-                    "-d",
-                    r#"{"msg":"msg12"}"#,
-                ],
-            );
+            reply = curl_post_keyed(system.facade, "msg12", "msg12");
             assert!(
                 reply.0 == 201 || reply.0 == 503,
                 "only 201 or 503: {reply:?}"
@@ -202,20 +190,7 @@ async fn without_quorum_appends_are_unavailable_promptly_and_the_facade_answers_
         started.elapsed()
     );
 
-    let post_keyed = || {
-        curl(
-            "POST",
-            &url,
-            &[
-                "-H",
-                "content-type: application/json",
-                "-H",
-                "Idempotency-Key: outage-1",
-                "-d",
-                r#"{"msg":"retried after the outage"}"#,
-            ],
-        )
-    };
+    let post_keyed = || curl_post_keyed(system.facade, "retried after the outage", "outage-1");
     let (status, head, body) = post_keyed();
     assert_eq!(status, 503, "{body}");
     assert!(head.to_ascii_lowercase().contains("retry-after:"), "{head}");
