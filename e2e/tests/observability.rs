@@ -74,12 +74,12 @@ async fn a_request_id_follows_the_message_into_every_service_and_json_logs_carry
             line["message"]
                 .as_str()
                 .is_some_and(|m| m.contains("attempt failed"))
-                && line["span"]["request_id"]
+                && line["request_id"]
                     .as_str()
                     .is_some_and(|r| r.starts_with("hung-"))
         })
         .unwrap_or_else(|| panic!("no failover line with a request id in {lines:?}"));
-    let request_id = failover["span"]["request_id"].as_str().unwrap_or_default();
+    let request_id = failover["request_id"].as_str().unwrap_or_default();
     // ...and the instance that finally stored it logged the same id.
     let other = &system.logging[1].1;
     assert!(

@@ -9,7 +9,7 @@ use proto::{
     messages::v1::{messages_client::MessagesClient, GetRequest},
 };
 use tonic::{transport::Channel, Status};
-use tracing::{debug, Instrument};
+use tracing::debug;
 use uuid::Uuid;
 
 use crate::{
@@ -129,25 +129,14 @@ impl Facade {
         idempotency_key: Option<&str>,
         request_id: &str,
     ) -> Result<String, FacadeError> {
-        let span = tracing::info_span!("request", request_id);
-        self.post_in_span(msg, idempotency_key, request_id)
-            .instrument(span)
-            .await
-    }
-
-    async fn post_in_span(
-        &self,
-        msg: String,
-        idempotency_key: Option<&str>,
-        request_id: &str,
-    ) -> Result<String, FacadeError> {
         self.validate(&msg)?;
         let id = Self::message_id(idempotency_key)?;
-        debug!(id, "posting");
+        debug!(request_id, id, "posting");
         let deadline = self.failover.policy().attempt_deadline;
         self.failover
             .run(
                 LOGGING,
+                request_id,
                 || self.discovery.instances(LOGGING),
                 |address| {
                     let channel = self.channel(&address);
@@ -171,14 +160,10 @@ impl Facade {
     /// service's text, fetched concurrently. A messages outage does not fail the read:
     /// the logs are what the caller came for, so it is reported in `warnings`.
     pub async fn get(&self, request_id: &str) -> Result<Listing, FacadeError> {
-        let span = tracing::info_span!("request", request_id);
-        self.get_in_span(request_id).instrument(span).await
-    }
-
-    async fn get_in_span(&self, request_id: &str) -> Result<Listing, FacadeError> {
         let deadline = self.failover.policy().attempt_deadline;
         let logs = self.failover.run(
             LOGGING,
+            request_id,
             || self.discovery.instances(LOGGING),
             |address| {
                 let channel = self.channel(&address);

@@ -134,9 +134,11 @@ impl Failover {
     }
 
     /// Runs `call` on instances from `lookup` until one answers, or the budget is spent.
+    /// `request_id` only labels the log lines of failed attempts.
     pub async fn run<T, L, LF, C, CF>(
         &self,
         service: &str,
+        request_id: &str,
         lookup: L,
         call: C,
     ) -> Result<T, FailoverError>
@@ -170,7 +172,7 @@ impl Failover {
                         return Ok(value);
                     }
                     Err(status) if is_transient(status.code()) => {
-                        warn!(service, address, code = ?status.code(), error = status.message(),
+                        warn!(request_id, service, address, code = ?status.code(), error = status.message(),
                               "attempt failed; trying the next instance");
                         self.suspect(&address);
                         metrics::counter!("facade_failovers_total", "service" => service.to_owned())
@@ -194,7 +196,12 @@ impl Failover {
             metrics::counter!("facade_retry_rounds_total", "service" => service.to_owned())
                 .increment(1);
             let pause = backoff.next_delay().min(remaining);
-            debug!(service, ?pause, "a full round failed; backing off");
+            debug!(
+                request_id,
+                service,
+                ?pause,
+                "a full round failed; backing off"
+            );
             tokio::time::sleep(pause).await;
         }
     }
@@ -249,7 +256,7 @@ mod tests {
         let dead_calls = AtomicUsize::new(0);
         for _ in 0..40 {
             let result = failover
-                .run("logging", instances(&["dead", "live"]), |address| {
+                .run("logging", "test", instances(&["dead", "live"]), |address| {
                     if address == "dead" {
                         dead_calls.fetch_add(1, Ordering::SeqCst);
                     }
@@ -282,6 +289,7 @@ mod tests {
         let result = failover
             .run(
                 "logging",
+                "test",
                 instances(&["hung", "live"]),
                 |address| async move {
                     if address == "hung" {
@@ -300,7 +308,7 @@ mod tests {
         let failover = Failover::new(policy());
         let calls = AtomicUsize::new(0);
         let result: Result<(), _> = failover
-            .run("logging", instances(&["a", "b", "c"]), |_| {
+            .run("logging", "test", instances(&["a", "b", "c"]), |_| {
                 calls.fetch_add(1, Ordering::SeqCst);
                 async { Err(Status::invalid_argument("text is empty")) }
             })
@@ -320,6 +328,7 @@ mod tests {
         let result: Result<(), _> = failover
             .run(
                 "logging",
+                "test",
                 || {
                     lookups.fetch_add(1, Ordering::SeqCst);
                     std::future::ready(vec!["a".to_owned(), "b".to_owned()])
@@ -363,6 +372,7 @@ mod tests {
         let result = failover
             .run(
                 "logging",
+                "test",
                 || {
                     let n = lookups.fetch_add(1, Ordering::SeqCst);
                     std::future::ready(if n < 3 {
