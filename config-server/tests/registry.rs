@@ -328,7 +328,9 @@ async fn a_registration_keeps_trying_while_the_registry_is_down() {
         "127.0.0.1:50051",
         HashMap::new(),
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Nobody listens yet: it must not claim to be registered (it keeps retrying).
+    let early = tokio::time::timeout(Duration::from_millis(300), registration.registered()).await;
+    assert!(early.is_err(), "registered with no registry: {early:?}");
     assert_eq!(*registration.state().borrow(), RegistrationState::Pending);
 
     let server = Server::start_on(TcpListener::bind(addr).await.expect("bind"), short_ttl());
@@ -510,8 +512,12 @@ async fn with_a_token_registration_calls_need_it_and_reads_only_when_asked() {
             .with_token("guess")
             .expect("token");
         let registration = Registration::start(wrong, "logging", "127.0.0.1:50051", HashMap::new());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(*registration.state().borrow(), RegistrationState::Pending);
+        let refused =
+            tokio::time::timeout(Duration::from_millis(200), registration.registered()).await;
+        assert!(
+            refused.is_err(),
+            "registered with a wrong token: {refused:?}"
+        );
         registration.deregister().await;
 
         // The right token: the whole lifecycle works.
