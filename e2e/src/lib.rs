@@ -445,19 +445,45 @@ fn as_strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
 
-/// Every message one logging instance holds, over gRPC.
-pub async fn list_instance(addr: SocketAddr) -> Vec<(String, String)> {
+/// Every message one logging instance holds, over gRPC; the error while its store is
+/// unavailable.
+pub async fn try_list_instance(addr: SocketAddr) -> Result<Vec<(String, String)>, tonic::Status> {
     use proto::logging::v1::{logging_client::LoggingClient, ListRequest};
-    let channel = config_server::grpc::channel(&addr.to_string()).expect("channel");
-    LoggingClient::new(channel)
+    let channel = config_server::grpc::channel(&addr.to_string())
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    Ok(LoggingClient::new(channel)
         .list(ListRequest {})
-        .await
-        .expect("list")
+        .await?
         .into_inner()
         .messages
         .into_iter()
         .map(|m| (m.id, m.text))
-        .collect()
+        .collect())
+}
+
+/// Every message one logging instance holds, over gRPC (which must succeed).
+pub async fn list_instance(addr: SocketAddr) -> Vec<(String, String)> {
+    try_list_instance(addr).await.expect("list")
+}
+
+/// GET /messages through the facade with curl: (status, [(id, msg)]).
+pub fn get_messages(facade: SocketAddr) -> (u16, Vec<(String, String)>) {
+    let (status, _, body) = curl("GET", &format!("http://{facade}/messages"), &[]);
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let logs = body["logs"]
+        .as_array()
+        .map(|logs| {
+            logs.iter()
+                .map(|l| {
+                    (
+                        l["id"].as_str().unwrap_or_default().to_owned(),
+                        l["msg"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (status, logs)
 }
 
 /// Real `nats-server` processes with JetStream on free ports, data in a temporary

@@ -14,8 +14,8 @@ use std::{
 };
 
 use e2e::{
-    eventually,
-    load::{post_load, HttpClient, Progress},
+    eventually, get_messages,
+    load::{post_load, Progress},
     Nats, System, TEST_TTL,
 };
 use nix::sys::signal::Signal;
@@ -138,18 +138,17 @@ async fn chaos_under_load_loses_nothing_duplicates_nothing_and_fails_nothing() {
     let _ = monitor.await;
 
     // Read everything back through the facade.
-    let mut http = HttpClient::new(system.facade);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let stored = loop {
-        if let Some(logs) = fetch_all(&mut http).await {
-            break logs;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "GET /messages never answered 200"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let mut stored = Vec::new();
+    eventually(
+        Duration::from_secs(30),
+        "GET /messages answering 200",
+        || {
+            let (status, logs) = get_messages(system.facade);
+            stored = logs;
+            std::future::ready(status == 200)
+        },
+    )
+    .await;
 
     let mut copies: HashMap<&str, usize> = HashMap::new();
     for (_, msg) in &stored {
@@ -222,25 +221,4 @@ async fn chaos_under_load_loses_nothing_duplicates_nothing_and_fails_nothing() {
         repopulated <= Duration::from_millis(250) + slack,
         "repopulated in {repopulated:?}"
     );
-}
-
-/// GET /messages: the (id, msg) list, or None unless the answer is 200.
-async fn fetch_all(http: &mut HttpClient) -> Option<Vec<(String, String)>> {
-    let (status, _, body) = http.request("GET", "/messages", &[], b"").await.ok()?;
-    if status != 200 {
-        return None;
-    }
-    let body: serde_json::Value = serde_json::from_slice(&body).ok()?;
-    Some(
-        body["logs"]
-            .as_array()?
-            .iter()
-            .map(|l| {
-                (
-                    l["id"].as_str().unwrap_or_default().to_owned(),
-                    l["msg"].as_str().unwrap_or_default().to_owned(),
-                )
-            })
-            .collect(),
-    )
 }

@@ -6,28 +6,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use e2e::{curl, curl_post, curl_post_keyed, eventually, list_instance, Nats, System};
+use e2e::{
+    curl, curl_post, curl_post_keyed, eventually, get_messages, list_instance, try_list_instance,
+    Nats, System,
+};
 use proto::logging::v1::{logging_client::LoggingClient, AppendRequest};
-
-/// GET /messages through the facade: (status, [(id, msg)]).
-fn get_messages(facade: SocketAddr) -> (u16, Vec<(String, String)>) {
-    let (status, _, body) = curl("GET", &format!("http://{facade}/messages"), &[]);
-    let body: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-    let logs = body["logs"]
-        .as_array()
-        .map(|logs| {
-            logs.iter()
-                .map(|l| {
-                    (
-                        l["id"].as_str().unwrap_or_default().to_owned(),
-                        l["msg"].as_str().unwrap_or_default().to_owned(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    (status, logs)
-}
 
 async fn append(addr: SocketAddr, id: &str, text: &str) -> Result<bool, tonic::Status> {
     let channel = config_server::grpc::channel(&addr.to_string()).expect("channel");
@@ -115,7 +98,7 @@ async fn the_walkthrough_on_the_replicated_store_survives_instances_nodes_and_re
     eventually(
         Duration::from_secs(30),
         "a fresh instance sees all 12",
-        || async { list_instance_ok(fresh).await.as_ref() == Some(&sent) },
+        || async { try_list_instance(fresh).await.ok().as_ref() == Some(&sent) },
     )
     .await;
     eventually(
@@ -124,24 +107,6 @@ async fn the_walkthrough_on_the_replicated_store_survives_instances_nodes_and_re
         || async { get_messages(system.facade) == (200, sent.clone()) },
     )
     .await;
-}
-
-/// List on one instance, or None while its store is unavailable.
-async fn list_instance_ok(addr: SocketAddr) -> Option<Vec<(String, String)>> {
-    use proto::logging::v1::ListRequest;
-    let channel = config_server::grpc::channel(&addr.to_string()).ok()?;
-    let reply = LoggingClient::new(channel)
-        .list(ListRequest {})
-        .await
-        .ok()?;
-    Some(
-        reply
-            .into_inner()
-            .messages
-            .into_iter()
-            .map(|m| (m.id, m.text))
-            .collect(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

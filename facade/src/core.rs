@@ -144,8 +144,7 @@ impl Facade {
                         id: id.clone(),
                         text: msg.clone(),
                     };
-                    let mut request = grpc::request(request, deadline);
-                    request_id::attach(&mut request, request_id);
+                    let request = logging_request(request, deadline, request_id);
                     async move {
                         let mut client = LoggingClient::new(channel?);
                         client.append(request).await
@@ -167,8 +166,7 @@ impl Facade {
             || self.discovery.instances(LOGGING),
             |address| {
                 let channel = self.channel(&address);
-                let mut request = grpc::request(ListRequest {}, deadline);
-                request_id::attach(&mut request, request_id);
+                let request = logging_request(ListRequest {}, deadline, request_id);
                 async move {
                     let mut client = LoggingClient::new(channel?);
                     client.list(request).await
@@ -214,6 +212,13 @@ impl Facade {
         .map(|reply| reply.into_inner().text)
         .map_err(|status| format!("{address}: {}", status.message()))
     }
+}
+
+/// A request to a logging instance: the attempt's deadline and the client's request id.
+fn logging_request<T>(message: T, deadline: Duration, request_id: &str) -> tonic::Request<T> {
+    let mut request = grpc::request(message, deadline);
+    request_id::attach(&mut request, request_id);
+    request
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use e2e::curl;
+use e2e::{curl, eventually};
 
 use config_server::{client::RegistryClient, registry::RegistryConfig};
 use logging::store::MemoryStore;
@@ -27,6 +27,17 @@ async fn bind() -> (TcpListener, SocketAddr) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     (listener, addr)
+}
+
+/// Waits (bounded) until the registry lists a logging instance.
+async fn logging_registered(client: &RegistryClient) {
+    eventually(Duration::from_secs(10), "logging registered", || async {
+        client
+            .lookup("logging")
+            .await
+            .is_ok_and(|reply| !reply.instances.is_empty())
+    })
+    .await;
 }
 
 /// Registry, messages, one logging instance (memory) and the facade, all in-process.
@@ -56,18 +67,7 @@ async fn start(with_logging: bool, budget: &str) -> Stack {
             64 * 1024,
             shutdown.clone(),
         ));
-        let registered = async {
-            while client
-                .lookup("logging")
-                .await
-                .map_or(true, |r| r.instances.is_empty())
-            {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), registered)
-            .await
-            .expect("logging registered");
+        logging_registered(&client).await;
     }
 
     let (facade_listener, facade) = bind().await;
@@ -262,13 +262,7 @@ async fn get_still_answers_when_the_messages_service_is_down() {
         1024,
         shutdown.clone(),
     ));
-    while client
-        .lookup("logging")
-        .await
-        .map_or(true, |r| r.instances.is_empty())
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    logging_registered(&client).await;
     let (facade_listener, facade) = bind().await;
     tokio::spawn(facade::serve(
         facade_listener,

@@ -54,6 +54,17 @@ pub(crate) mod contract {
 
     use super::*;
 
+    /// The ids a store lists, in its order.
+    pub async fn listed_ids<S: MessageStore>(store: &S) -> Vec<String> {
+        store
+            .list()
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|m| m.id)
+            .collect()
+    }
+
     fn message(id: &str, text: &str) -> Message {
         Message {
             id: id.to_owned(),
@@ -85,14 +96,7 @@ pub(crate) mod contract {
                 .await
                 .expect("append");
         }
-        let listed: Vec<String> = store
-            .list()
-            .await
-            .expect("list")
-            .into_iter()
-            .map(|m| m.id)
-            .collect();
-        assert_eq!(listed, ids);
+        assert_eq!(listed_ids(store).await, ids);
     }
 
     /// 16 writers, each appending its own ids and a shared set of ids: nothing lost,
