@@ -5,46 +5,18 @@
 //! unless `--token-required-for-reads`. A refusal is `UNAUTHENTICATED`, logged with the
 //! peer's address. Services read the same token from `--registry-token-file`; by default
 //! both sides use `data/registry.token` when it exists, which is where the runner writes a
-//! fresh token for every run, so a bare `logging 50051` next to it just works.
+//! fresh token for every run, so a bare `logging 50051` next to it just works. Reading
+//! the file is the client crate's [`registry_client::token`], shared by both sides.
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-};
+use std::net::SocketAddr;
 
-use anyhow::Context;
 use axum::extract::ConnectInfo;
-use tonic::{metadata::MetadataValue, Request, Status};
+use tonic::{Request, Status};
 use tracing::warn;
-
-/// Where the runner writes its token, and where services look when not told.
-pub const DEFAULT_TOKEN_FILE: &str = "data/registry.token";
-
-/// Reads a token file: the first line, trimmed; it must not be empty.
-pub fn read_token(path: &Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read token file {}", path.display()))?;
-    let token = text.lines().next().unwrap_or_default().trim().to_owned();
-    anyhow::ensure!(!token.is_empty(), "token file {} is empty", path.display());
-    anyhow::ensure!(
-        token.bytes().all(|b| b.is_ascii_graphic()),
-        "token file {} holds characters a header cannot carry",
-        path.display()
-    );
-    Ok(token)
-}
-
-/// The token file to use: the one given, else the default one if it exists.
-pub fn token_file(given: Option<&PathBuf>) -> Option<PathBuf> {
-    given.cloned().or_else(|| {
-        let default = PathBuf::from(DEFAULT_TOKEN_FILE);
-        default.exists().then_some(default)
-    })
-}
 
 /// What a call does, for deciding whether it needs the token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
+pub(crate) enum Access {
     Read,
     Write,
 }
@@ -61,7 +33,7 @@ impl Auth {
     }
 
     /// Admits the request, or refuses it with `UNAUTHENTICATED`.
-    pub fn check<T>(&self, request: &Request<T>, access: Access) -> Result<(), Status> {
+    pub(crate) fn check<T>(&self, request: &Request<T>, access: Access) -> Result<(), Status> {
         if access == Access::Read && !self.reads_too {
             return Ok(());
         }
@@ -96,22 +68,6 @@ impl Auth {
 /// Compares without stopping at the first difference, so timing tells nothing.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Adds `authorization: Bearer <token>` to a request, when there is a token.
-pub fn attach<T>(request: &mut Request<T>, token: Option<&MetadataValue<tonic::metadata::Ascii>>) {
-    if let Some(token) = token {
-        request
-            .metadata_mut()
-            .insert("authorization", token.clone());
-    }
-}
-
-/// The header value for a token.
-pub fn bearer(token: &str) -> anyhow::Result<MetadataValue<tonic::metadata::Ascii>> {
-    format!("Bearer {token}")
-        .parse()
-        .context("the token cannot be sent as a header")
 }
 
 #[cfg(test)]
@@ -151,18 +107,5 @@ mod tests {
         assert!(strict
             .check(&request(Some("Bearer s3cret")), Access::Read)
             .is_ok());
-    }
-
-    #[test]
-    fn token_files_are_trimmed_and_must_not_be_empty() {
-        let dir = std::env::temp_dir().join(format!("auth-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let file = dir.join("token");
-        std::fs::write(&file, "  abc123 \nignored\n").expect("write");
-        assert_eq!(read_token(&file).expect("token"), "abc123");
-        std::fs::write(&file, "\n").expect("write");
-        assert!(read_token(&file).is_err());
-        assert!(read_token(&dir.join("missing")).is_err());
-        std::fs::remove_dir_all(dir).ok();
     }
 }

@@ -25,7 +25,7 @@ use serde::Deserialize;
 use crate::registry::{Limits, RegistryConfig};
 
 /// The file read when `--config` is not given, if it exists.
-pub const DEFAULT_CONFIG_FILE: &str = "config-server.toml";
+pub(crate) const DEFAULT_CONFIG_FILE: &str = "config-server.toml";
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -77,7 +77,7 @@ pub struct Config {
     pub token_required_for_reads: bool,
 
     #[command(flatten)]
-    pub log: crate::telemetry::LogArgs,
+    pub log: telemetry::LogArgs,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -99,7 +99,9 @@ mod humantime_serde_opt {
 
     use serde::{Deserialize, Deserializer};
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
         Option::<String>::deserialize(d)?
             .map(|text| humantime::parse_duration(&text).map_err(serde::de::Error::custom))
             .transpose()
@@ -122,11 +124,11 @@ impl Config {
     }
 
     /// The token check, when a token file is given or the default one exists.
-    pub fn auth(&self) -> anyhow::Result<Option<crate::auth::Auth>> {
-        crate::auth::token_file(self.token_file.as_ref())
+    pub fn auth(&self) -> anyhow::Result<Option<crate::Auth>> {
+        registry_client::token::token_file(self.token_file.as_ref())
             .map(|path| {
-                let token = crate::auth::read_token(&path)?;
-                Ok(crate::auth::Auth::new(token, self.token_required_for_reads))
+                let token = registry_client::token::read_token(&path)?;
+                Ok(crate::Auth::new(token, self.token_required_for_reads))
             })
             .transpose()
     }

@@ -5,22 +5,21 @@
 //! so lookups list only live instances. Static entries and settings come from the config
 //! file or the command line.
 //!
-//! This library also holds what every service shares, so each exists once:
-//! [`client`] (registration, lookup, watch), [`grpc`] (serving with health and
-//! reflection, channels and deadlines), [`shutdown`], [`telemetry`] and [`backoff`].
+//! This crate is the server alone. The client side every service uses (registration,
+//! lookup, watch, token files) is the `registry-client` crate.
+//!
+//! - `registry`: the core, a pure state machine (leases, static entries, revisions).
+//! - `sweeper`: evicts expired leases, sleeping until the next deadline.
+//! - `grpc_api`: `registry.v1.Registry` over the core.
+//! - `status_page`: the live HTML page and `/v1/services`.
+//! - `auth`: the bearer-token check; `config`: flags and the TOML file.
 
-pub mod auth;
-pub mod backoff;
-pub mod client;
-pub mod config;
-pub mod grpc;
-pub mod registry;
-pub mod request_id;
-pub mod service;
-pub mod shutdown;
-pub mod status;
-pub mod sweeper;
-pub mod telemetry;
+mod auth;
+mod config;
+mod grpc_api;
+mod registry;
+mod status_page;
+mod sweeper;
 
 use std::sync::Arc;
 
@@ -29,9 +28,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+pub use auth::Auth;
 pub use config::Config;
-use registry::{Registry, RegistryConfig};
-use service::{RegistryServer, RegistryService};
+pub use registry::{Limits, RegistryConfig};
+
+use grpc_api::{RegistryServer, RegistryService};
+use registry::Registry;
 
 /// Binds `config.addr` and serves until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -56,37 +58,39 @@ pub async fn serve(
 pub async fn serve_with_auth(
     listener: TcpListener,
     config: RegistryConfig,
-    auth: Option<auth::Auth>,
+    auth: Option<Auth>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
-    if auth.is_some() {
-        info!("registration calls require a bearer token");
-    }
-    for (service, address) in &config.static_entries {
-        info!(service, address, "static entry");
-    }
+    let static_entries = config
+        .static_entries
+        .iter()
+        .map(|(service, address)| format!("{service}={address}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let registry = Arc::new(Registry::new(config).context("invalid static entry")?);
     info!(
         %addr,
         heartbeat_interval = %humantime::format_duration(registry.heartbeat_interval()),
         ttl = %humantime::format_duration(registry.ttl()),
+        auth = if auth.is_some() { "token for registration" } else { "none" },
+        static_entries,
         "config server listening"
     );
 
     let sweeper = tokio::spawn(sweeper::run(Arc::clone(&registry), shutdown.clone()));
-    let (routes, health) = grpc::routes()?;
+    let (routes, health) = rpc::routes()?;
     health
         .set_serving::<RegistryServer<RegistryService>>()
         .await;
     let http =
-        status::router(Arc::clone(&registry), auth.clone()).merge(telemetry::metrics_router());
+        status_page::router(Arc::clone(&registry), auth.clone()).merge(telemetry::metrics_router());
     let routes = routes.add_service(RegistryServer::new(RegistryService::new(
         registry,
         shutdown.clone(),
         auth,
     )));
-    grpc::serve(listener, routes, http, shutdown).await?;
+    rpc::serve(listener, routes, http, shutdown).await?;
     sweeper.await?;
     info!("config server stopped");
     Ok(())

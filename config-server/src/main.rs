@@ -1,5 +1,5 @@
 use clap::Parser;
-use config_server::{shutdown, telemetry, Config};
+use config_server::Config;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

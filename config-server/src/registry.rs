@@ -13,7 +13,7 @@
 //! not changes: they move a deadline, not membership, so watchers are not woken by them.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::{Mutex, MutexGuard},
     time::{Duration, SystemTime},
 };
@@ -37,19 +37,19 @@ impl Default for Limits {
 }
 
 /// Longest service name, in bytes.
-pub const MAX_SERVICE_NAME: usize = 64;
+pub(crate) const MAX_SERVICE_NAME: usize = 64;
 /// Most metadata entries on one instance.
-pub const MAX_METADATA_ENTRIES: usize = 32;
+pub(crate) const MAX_METADATA_ENTRIES: usize = 32;
 /// Longest metadata key, in bytes.
-pub const MAX_METADATA_KEY: usize = 128;
+pub(crate) const MAX_METADATA_KEY: usize = 128;
 /// Longest metadata value, in bytes.
-pub const MAX_METADATA_VALUE: usize = 1024;
+pub(crate) const MAX_METADATA_VALUE: usize = 1024;
 /// Longest host part of an address, in bytes (the DNS limit).
 const MAX_HOST: usize = 253;
 
-/// What the registry refuses, and why. Mapped to a gRPC status in one place (`service`).
+/// What the registry refuses, and why. Mapped to a gRPC status in one place (`grpc_api::status`).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum RegistryError {
+pub(crate) enum RegistryError {
     #[error("invalid service name {0:?}: use 1-{MAX_SERVICE_NAME} characters from [A-Za-z0-9._-]")]
     InvalidService(String),
     #[error("invalid address {0:?}: expected host:port with a port from 1 to 65535")]
@@ -72,27 +72,27 @@ pub enum RegistryError {
 
 /// One registered instance, as the registry knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Instance {
-    pub id: String,
-    pub service: String,
-    pub address: String,
-    pub metadata: BTreeMap<String, String>,
-    pub is_static: bool,
-    pub registered_at: SystemTime,
-    pub last_heartbeat: SystemTime,
+pub(crate) struct Instance {
+    pub(crate) id: String,
+    pub(crate) service: String,
+    pub(crate) address: String,
+    pub(crate) metadata: BTreeMap<String, String>,
+    pub(crate) is_static: bool,
+    pub(crate) registered_at: SystemTime,
+    pub(crate) last_heartbeat: SystemTime,
 }
 
 /// A consistent view of one service.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Snapshot {
-    pub service: String,
-    pub instances: Vec<Instance>,
-    pub revision: u64,
+pub(crate) struct Snapshot {
+    pub(crate) service: String,
+    pub(crate) instances: Vec<Instance>,
+    pub(crate) revision: u64,
 }
 
 impl Snapshot {
     /// Whether two snapshots list the same instances (ignoring heartbeat times).
-    pub fn same_members(&self, other: &Snapshot) -> bool {
+    pub(crate) fn same_members(&self, other: &Snapshot) -> bool {
         self.instances.len() == other.instances.len()
             && self
                 .instances
@@ -104,10 +104,10 @@ impl Snapshot {
 
 /// The reply to a successful registration.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lease {
-    pub instance_id: String,
-    pub heartbeat_interval: Duration,
-    pub ttl: Duration,
+pub(crate) struct Lease {
+    pub(crate) instance_id: String,
+    pub(crate) heartbeat_interval: Duration,
+    pub(crate) ttl: Duration,
 }
 
 /// How the registry is set up; built from flags and the config file.
@@ -133,7 +133,7 @@ impl Default for RegistryConfig {
     }
 }
 
-pub struct Registry {
+pub(crate) struct Registry {
     config: RegistryConfig,
     state: Mutex<State>,
     /// The global revision, announced after every change.
@@ -164,8 +164,21 @@ struct Service {
 
 impl Service {
     /// The instances ordered by address (then id), so listings read well and are stable.
+    /// A dynamic registration at a static entry's address is the same endpoint, so it is
+    /// listed once, as the static entry (which outlives any lease); its lease still works.
     fn snapshot(&self, name: &str) -> Snapshot {
-        let mut instances: Vec<Instance> = self.instances.values().cloned().collect();
+        let statics: HashSet<&str> = self
+            .instances
+            .values()
+            .filter(|instance| instance.is_static)
+            .map(|instance| instance.address.as_str())
+            .collect();
+        let mut instances: Vec<Instance> = self
+            .instances
+            .values()
+            .filter(|instance| instance.is_static || !statics.contains(instance.address.as_str()))
+            .cloned()
+            .collect();
         instances.sort_by(|a, b| (&a.address, &a.id).cmp(&(&b.address, &b.id)));
         Snapshot {
             service: name.to_owned(),
@@ -226,7 +239,7 @@ impl State {
 
 impl Registry {
     /// Builds a registry holding the static entries of `config`, which must be valid.
-    pub fn new(config: RegistryConfig) -> Result<Self, RegistryError> {
+    pub(crate) fn new(config: RegistryConfig) -> Result<Self, RegistryError> {
         let mut state = State::default();
         let now = SystemTime::now();
         for (index, (service, address)) in config.static_entries.iter().enumerate() {
@@ -252,11 +265,11 @@ impl Registry {
         })
     }
 
-    pub fn heartbeat_interval(&self) -> Duration {
+    pub(crate) fn heartbeat_interval(&self) -> Duration {
         self.config.heartbeat_interval
     }
 
-    pub fn ttl(&self) -> Duration {
+    pub(crate) fn ttl(&self) -> Duration {
         self.config.ttl
     }
 
@@ -273,12 +286,12 @@ impl Registry {
     }
 
     /// Subscribes to changes: the receiver sees the global revision after each one.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }
 
     /// Registers an instance; an address already live for the service is replaced.
-    pub fn register(
+    pub(crate) fn register(
         &self,
         service: &str,
         address: &str,
@@ -346,7 +359,7 @@ impl Registry {
 
     /// Extends an instance's lease to `now + ttl`. Static entries need no heartbeat and
     /// accept one.
-    pub fn heartbeat(&self, id: &str, now: Instant) -> Result<(), RegistryError> {
+    pub(crate) fn heartbeat(&self, id: &str, now: Instant) -> Result<(), RegistryError> {
         if id.is_empty() {
             return Err(RegistryError::EmptyInstanceId);
         }
@@ -368,7 +381,7 @@ impl Registry {
     }
 
     /// Removes an instance at once.
-    pub fn deregister(&self, id: &str) -> Result<Instance, RegistryError> {
+    pub(crate) fn deregister(&self, id: &str) -> Result<Instance, RegistryError> {
         if id.is_empty() {
             return Err(RegistryError::EmptyInstanceId);
         }
@@ -390,7 +403,7 @@ impl Registry {
     }
 
     /// Evicts every instance whose lease ended at or before `now`.
-    pub fn evict_expired(&self, now: Instant) -> Vec<Instance> {
+    pub(crate) fn evict_expired(&self, now: Instant) -> Vec<Instance> {
         let mut state = self.lock();
         let mut evicted = Vec::new();
         while let Some((deadline, id)) = state.expirations.first().cloned() {
@@ -417,7 +430,7 @@ impl Registry {
     }
 
     /// The earliest lease deadline, if any instance holds a lease.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.lock()
             .expirations
             .first()
@@ -426,7 +439,7 @@ impl Registry {
 
     /// Live instances of one service. A service nobody registered is empty, with the
     /// global revision (so revisions a client sees never go backwards).
-    pub fn lookup(&self, service: &str) -> Result<Snapshot, RegistryError> {
+    pub(crate) fn lookup(&self, service: &str) -> Result<Snapshot, RegistryError> {
         validate_service(service)?;
         let state = self.lock();
         Ok(match state.services.get(service) {
@@ -440,7 +453,7 @@ impl Registry {
     }
 
     /// Every service with its instances, sorted by name, and the global revision.
-    pub fn list_services(&self) -> (Vec<Snapshot>, u64) {
+    pub(crate) fn list_services(&self) -> (Vec<Snapshot>, u64) {
         let state = self.lock();
         let services = state
             .services
@@ -451,15 +464,11 @@ impl Registry {
     }
 
     /// How many instances are registered, static entries included.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.lock().index.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    pub fn setting(&self, key: &str) -> Result<String, RegistryError> {
+    pub(crate) fn setting(&self, key: &str) -> Result<String, RegistryError> {
         self.config
             .settings
             .get(key)
@@ -468,7 +477,7 @@ impl Registry {
     }
 }
 
-pub fn validate_service(service: &str) -> Result<(), RegistryError> {
+pub(crate) fn validate_service(service: &str) -> Result<(), RegistryError> {
     let ok = !service.is_empty()
         && service.len() <= MAX_SERVICE_NAME
         && service
@@ -482,7 +491,7 @@ pub fn validate_service(service: &str) -> Result<(), RegistryError> {
 }
 
 /// Accepts `host:port` and `[ipv6]:port`, where host is a name or an IP address.
-pub fn validate_address(address: &str) -> Result<(), RegistryError> {
+pub(crate) fn validate_address(address: &str) -> Result<(), RegistryError> {
     let invalid = || RegistryError::InvalidAddress(truncate(address));
     let (host, port) = address.rsplit_once(':').ok_or_else(invalid)?;
     let port_ok = !port.is_empty()
@@ -504,7 +513,7 @@ pub fn validate_address(address: &str) -> Result<(), RegistryError> {
     }
 }
 
-pub fn validate_metadata(metadata: &BTreeMap<String, String>) -> Result<(), RegistryError> {
+pub(crate) fn validate_metadata(metadata: &BTreeMap<String, String>) -> Result<(), RegistryError> {
     if metadata.len() > MAX_METADATA_ENTRIES {
         return Err(RegistryError::InvalidMetadata(format!(
             "{} entries, at most {MAX_METADATA_ENTRIES} allowed",
@@ -656,6 +665,39 @@ mod tests {
             Err(RegistryError::StaticInstance(id.clone()))
         );
         assert_eq!(registry.heartbeat(&id, far), Ok(()));
+    }
+
+    #[test]
+    fn a_registration_at_a_static_entrys_address_is_listed_once() {
+        let registry = registry_with(
+            vec![("messages".into(), "127.0.0.1:50060".into())],
+            Limits::default(),
+        );
+        let now = Instant::now();
+        let id = register(&registry, "messages", "127.0.0.1:50060", now);
+        let other = register(&registry, "messages", "127.0.0.1:50061", now);
+        assert_eq!(
+            addresses(&registry, "messages"),
+            ["127.0.0.1:50060", "127.0.0.1:50061"]
+        );
+        let listed = registry.lookup("messages").expect("lookup").instances;
+        assert!(
+            listed[0].is_static,
+            "the static entry stands for the address"
+        );
+        let (services, _) = registry.list_services();
+        assert_eq!(
+            services[0].instances.len(),
+            2,
+            "the status page lists it once too"
+        );
+        // The registration itself is real: it heartbeats, and deregistering or evicting
+        // it leaves the static entry listed.
+        assert_eq!(registry.heartbeat(&id, now), Ok(()));
+        assert!(registry.deregister(&id).is_ok());
+        registry.evict_expired(now + registry.ttl());
+        assert!(registry.heartbeat(&other, now).is_err(), "evicted");
+        assert_eq!(addresses(&registry, "messages"), ["127.0.0.1:50060"]);
     }
 
     #[test]

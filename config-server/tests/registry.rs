@@ -7,12 +7,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use e2e::eventually;
+use testkit::eventually;
 
-use config_server::{
-    client::{Registration, RegistrationState, RegistryClient},
-    registry::{Limits, RegistryConfig},
-};
+use ::registry_client::{Registration, RegistrationState, RegistryClient};
+use config_server::{Limits, RegistryConfig};
 use proto::registry::v1::{self as pb, registry_client};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -94,9 +92,8 @@ async fn addresses(
 #[tokio::test]
 async fn health_is_serving_for_the_server_and_the_registry_service() {
     let server = Server::start(short_ttl()).await;
-    let mut health = health_client::HealthClient::new(
-        config_server::grpc::channel(&server.addr.to_string()).expect("channel"),
-    );
+    let mut health =
+        health_client::HealthClient::new(rpc::channel(&server.addr.to_string()).expect("channel"));
     for service in ["", "registry.v1.Registry"] {
         let status = health
             .check(HealthCheckRequest {
@@ -475,7 +472,7 @@ async fn settings_and_list_services() {
 
 #[tokio::test]
 async fn with_a_token_registration_calls_need_it_and_reads_only_when_asked() {
-    use config_server::auth::Auth;
+    use config_server::Auth;
 
     for reads_too in [false, true] {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -490,9 +487,8 @@ async fn with_a_token_registration_calls_need_it_and_reads_only_when_asked() {
 
         // No token: registration is refused, and so are reads when asked.
         let anonymous = RegistryClient::new(&addr.to_string()).expect("client");
-        let mut raw = registry_client::RegistryClient::new(
-            config_server::grpc::channel(&addr.to_string()).expect("channel"),
-        );
+        let mut raw =
+            registry_client::RegistryClient::new(rpc::channel(&addr.to_string()).expect("channel"));
         let refused = raw
             .register(register_request("logging", "127.0.0.1:50051"))
             .await

@@ -9,7 +9,11 @@ use logging::store::{Message, MessageStore, NatsConfig, NatsStore};
 async fn main() -> anyhow::Result<()> {
     let mut nats = e2e::Nats::cluster(3).await;
     let urls: Vec<String> = nats.urls().split(',').map(str::to_owned).collect();
-    let store = NatsStore::connect(NatsConfig::new(urls)).await?;
+    let store = NatsStore::connect(
+        NatsConfig::new(urls),
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await?;
     let probe = async_nats::jetstream::new(async_nats::connect(nats.nodes[0].url()).await?);
     let mut n = 0;
     for round in 0..6 {

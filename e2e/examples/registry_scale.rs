@@ -10,7 +10,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use config_server::grpc;
 use proto::registry::v1::{
     registry_client::RegistryClient, DeregisterRequest, HeartbeatRequest, LookupRequest,
     RegisterRequest, WatchRequest,
@@ -77,7 +76,7 @@ async fn run(instances: usize) -> anyhow::Result<String> {
     let rss_idle = rss_mib(server_pid);
 
     let channels: Vec<Channel> = (0..CHANNELS)
-        .map(|_| grpc::channel(&addr.to_string()))
+        .map(|_| rpc::channel(&addr.to_string()))
         .collect::<Result<_, _>>()?;
     let stop = tokio_util::sync::CancellationToken::new();
     let mut tasks = Vec::new();
@@ -124,7 +123,7 @@ async fn run(instances: usize) -> anyhow::Result<String> {
     let started = Instant::now();
 
     // Lookup latency under load: a small service and one with instances/10 entries.
-    let mut client = RegistryClient::new(grpc::channel(&addr.to_string())?);
+    let mut client = RegistryClient::new(rpc::channel(&addr.to_string())?);
     let mut small = Vec::new();
     let mut big = Vec::new();
     while started.elapsed() < MEASURE {

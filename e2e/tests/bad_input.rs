@@ -9,7 +9,6 @@ use std::{
     time::Duration,
 };
 
-use config_server::grpc;
 use e2e::{curl, curl_post, free_addr, wait_serving, Proc, System};
 use proto::{
     logging::v1::{logging_client::LoggingClient, AppendRequest},
@@ -148,7 +147,7 @@ async fn hostile_input_is_refused_clearly_and_nothing_dies_or_is_lost() {
 
     // --- gRPC: the registry ---------------------------------------------------------
     let mut registry =
-        RegistryClient::new(grpc::channel(&system.registry.to_string()).expect("channel"));
+        RegistryClient::new(rpc::channel(&system.registry.to_string()).expect("channel"));
     let huge_metadata = RegisterRequest {
         service: "bad".into(),
         address: "127.0.0.1:1".into(),
@@ -176,7 +175,7 @@ async fn hostile_input_is_refused_clearly_and_nothing_dies_or_is_lost() {
 
     // --- gRPC: a logging instance ----------------------------------------------------
     let logging = system.logging[0].0;
-    let mut client = LoggingClient::new(grpc::channel(&logging.to_string()).expect("channel"));
+    let mut client = LoggingClient::new(rpc::channel(&logging.to_string()).expect("channel"));
     let appends = [
         (
             "empty id",
@@ -238,7 +237,7 @@ async fn hostile_input_is_refused_clearly_and_nothing_dies_or_is_lost() {
             b"GET / HTTP/1.1\r\nhost: x\r\ncontent-length: 99999999999999999999\r\n\r\n",
         );
         assert!(
-            grpc::is_serving(&addr.to_string(), "").await,
+            rpc::is_serving(&addr.to_string(), "").await,
             "{name} stopped serving after garbage"
         );
     }
@@ -286,7 +285,7 @@ async fn thousands_of_registrations_hit_the_cap_with_resource_exhausted() {
         ],
     );
     wait_serving(addr).await;
-    let channel = grpc::channel(&addr.to_string()).expect("channel");
+    let channel = rpc::channel(&addr.to_string()).expect("channel");
     let mut tasks = Vec::new();
     for worker in 0..8u16 {
         let mut client = RegistryClient::new(channel.clone());

@@ -43,8 +43,8 @@ async fn chaos_under_load_loses_nothing_duplicates_nothing_and_fails_nothing() {
     let seen_gone: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let monitor_stop = CancellationToken::new();
     let monitor = {
-        let registry = config_server::client::RegistryClient::new(&system.registry.to_string())
-            .expect("client");
+        let registry =
+            registry_client::RegistryClient::new(&system.registry.to_string()).expect("client");
         let seen_gone = Arc::clone(&seen_gone);
         let stop = monitor_stop.clone();
         let watched: Vec<String> = system.logging.iter().map(|(a, _)| a.to_string()).collect();

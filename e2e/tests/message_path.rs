@@ -99,7 +99,7 @@ async fn kill_9_during_concurrent_posts_fails_no_request_with_watch_discovery() 
 
 async fn kill_9_during_concurrent_posts(facade_args: &[&str]) {
     let mut system = System::start(3, facade_args).await;
-    let channel = config_server::grpc::channel(&system.facade.to_string()).expect("channel");
+    let channel = rpc::channel(&system.facade.to_string()).expect("channel");
     let acked = Arc::new(Mutex::new(Vec::new()));
     let failures = Arc::new(Mutex::new(Vec::new()));
     const CLIENTS: usize = 8;
@@ -253,4 +253,39 @@ async fn no_logging_instance_means_503_with_retry_after() {
             .contains("no logging instance"),
         "{body}"
     );
+}
+
+/// The facade's `facade_channels` gauge: how many instance channels its pool holds.
+fn pooled_channels(facade: SocketAddr) -> Option<u64> {
+    let (_, _, metrics) = curl("GET", &format!("http://{facade}/metrics"), &[]);
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("facade_channels "))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn the_facade_forgets_channels_to_instances_that_left() {
+    let mut system = System::start(1, &[]).await;
+    assert_eq!(curl_post(system.facade, "first").0, 201);
+    assert_eq!(pooled_channels(system.facade), Some(1));
+    // Churn: each round an instance joins and the old one leaves. The pool keeps only
+    // what the registry still lists, so it does not grow with every address ever seen.
+    for round in 0..3 {
+        let old = system.logging[0].0;
+        system.add_logging().await;
+        let status = system.logging_proc(old).terminate().await;
+        assert!(status.success(), "{status}");
+        system.logging.retain(|(addr, _)| *addr != old);
+        system.wait_registered(1).await;
+        eventually(
+            Duration::from_secs(10),
+            &format!("round {round}: only the live instance's channel is pooled"),
+            || async {
+                curl_post(system.facade, &format!("round {round}")).0 == 201
+                    && pooled_channels(system.facade) == Some(1)
+            },
+        )
+        .await;
+    }
 }

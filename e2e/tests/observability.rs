@@ -121,6 +121,24 @@ async fn every_service_serves_prometheus_metrics_on_its_own_port() {
         facade.contains("facade_http_request_duration_seconds_bucket"),
         "{facade}"
     );
+    // Unknown paths and /metrics itself get an id and are counted too.
+    let (status, head, _) = curl(
+        "GET",
+        &format!("http://{}/no-such-path", system.facade),
+        &[],
+    );
+    assert_eq!(status, 404);
+    assert!(
+        head.to_ascii_lowercase().contains("x-request-id: "),
+        "{head}"
+    );
+    let facade = scrape(system.facade);
+    for counted in [
+        r#"facade_http_requests_total{route="unmatched",method="GET",status="404"} 1"#,
+        r#"facade_http_requests_total{route="/metrics",method="GET",status="200"}"#,
+    ] {
+        assert!(facade.contains(counted), "{counted} in {facade}");
+    }
     let registry = scrape(system.registry);
     assert!(
         registry.contains("registry_registrations_total 1"),

@@ -13,7 +13,7 @@ use e2e::{
 use proto::logging::v1::{logging_client::LoggingClient, AppendRequest};
 
 async fn append(addr: SocketAddr, id: &str, text: &str) -> Result<bool, tonic::Status> {
-    let channel = config_server::grpc::channel(&addr.to_string()).expect("channel");
+    let channel = rpc::channel(&addr.to_string()).expect("channel");
     LoggingClient::new(channel)
         .append(AppendRequest {
             id: id.into(),

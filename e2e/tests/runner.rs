@@ -9,16 +9,25 @@ fn port_is_closed(port: u16) -> bool {
     std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
 }
 
+/// The first of `count` consecutive ports that were all free a moment ago.
+fn consecutive_free_ports(count: u16) -> u16 {
+    loop {
+        let port = free_port();
+        let all_free = (1..count).all(|i| {
+            port.checked_add(i)
+                .is_some_and(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        });
+        if all_free {
+            return port;
+        }
+    }
+}
+
 #[tokio::test]
 async fn runner_starts_everything_serves_the_walkthrough_and_stops_on_ctrl_c() {
     let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
     // Logging instances take consecutive ports from --logging-port; find two free ones.
-    let logging_port = loop {
-        let port = free_port();
-        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            break port;
-        }
-    };
+    let logging_port = consecutive_free_ports(2);
     let token_file = std::env::temp_dir().join(format!("runner-token-{}", std::process::id()));
     let args: Vec<String> = vec![
         "--token-file".into(),
@@ -100,4 +109,85 @@ async fn runner_fails_loudly_when_a_core_service_cannot_start() {
         "{output}"
     );
     assert!(output.contains("cannot listen on"), "{output}");
+}
+
+#[tokio::test]
+async fn with_nats_the_terminal_stays_readable_and_a_clean_stop_reads_as_one() {
+    let data_dir = std::env::temp_dir().join(format!("runner-nats-{}", std::process::id()));
+    let logging_port = consecutive_free_ports(3);
+    let facade_port = free_port();
+    let args: Vec<String> = vec![
+        "--store".into(),
+        "nats".into(),
+        "--logging".into(),
+        "3".into(),
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+        "--nats-port".into(),
+        consecutive_free_ports(3).to_string(),
+        "--nats-cluster-port".into(),
+        consecutive_free_ports(3).to_string(),
+        "--registry-port".into(),
+        free_port().to_string(),
+        "--messages-port".into(),
+        free_port().to_string(),
+        "--facade-port".into(),
+        facade_port.to_string(),
+        "--logging-port".into(),
+        logging_port.to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut runner = Proc::start("runner", "runner", &args);
+    let end_of_ready = "Ctrl+C stops everything";
+    eventually(Duration::from_secs(60), "runner ready", || async {
+        runner.output().contains(end_of_ready)
+    })
+    .await;
+    let output = runner.output();
+    let start_up: Vec<&str> = output
+        .lines()
+        .take_while(|line| !line.contains(end_of_ready))
+        .collect();
+    eprintln!("{} lines until ready", start_up.len() + 1);
+    assert!(
+        start_up.len() < 60,
+        "start-up fits on one screen ({} lines):\n{output}",
+        start_up.len() + 1
+    );
+    // Every address and the store are on the screen.
+    for port in [
+        facade_port,
+        logging_port,
+        logging_port + 1,
+        logging_port + 2,
+    ] {
+        assert!(output.contains(&format!("127.0.0.1:{port}")), "{output}");
+    }
+    assert!(output.contains("NATS JetStream R3 nats://"), "{output}");
+    // nats-server's banner and cluster chatter are in its log files, not the terminal;
+    // the NATS client's "connected" lines are at DEBUG.
+    assert!(!output.contains("Starting nats-server"), "{output}");
+    assert!(!output.contains("connected successfully"), "{output}");
+    let node_log = std::fs::read_to_string(data_dir.join("node-1.log")).expect("node log");
+    assert!(node_log.contains("Starting nats-server"), "{node_log}");
+
+    let (status, reply) = curl_post(
+        std::net::SocketAddr::from(([127, 0, 0, 1], facade_port)),
+        "hi",
+    );
+    assert_eq!(status, 201, "{reply}");
+
+    runner.signal(Signal::SIGINT);
+    let status = runner.wait_exit(Duration::from_secs(60)).await;
+    assert!(status.success(), "{status}");
+    let output = runner.output();
+    for node in ["nats-1", "nats-2", "nats-3", "facade", "config-server"] {
+        assert!(
+            output.contains(&format!("runner: {node} stopped\n")),
+            "{node}:\n{output}"
+        );
+    }
+    assert!(!output.contains("stopped with an error"), "{output}");
+    assert!(!output.contains("exit status"), "{output}");
+    std::fs::remove_dir_all(&data_dir).ok();
 }

@@ -1,34 +1,30 @@
 //! Finding live instances, in one of two modes:
 //!
-//! - `per-call` (the default, as specified): a registry Lookup before every call, with
+//! - `watch` (the default): a background task per service keeps the list from the
+//!   registry's `Watch` stream, so a call costs no registry round trip. While the stream
+//!   is down (the registry restarted, say) calls fall back to per-call lookups, and the
+//!   task reconnects with backoff.
+//! - `per-call` (DESIGN.md's original spec): a registry Lookup before every call, with
 //!   the last list seen kept as a fallback for when the registry cannot be reached.
-//! - `watch`: a background task per service keeps the list from the registry's `Watch`
-//!   stream, so a call costs no registry round trip. While the stream is down (the
-//!   registry restarted, say) calls fall back to per-call lookups, and the task reconnects
-//!   with backoff.
+//!
+//! [`Discovery::changes`] counts list changes and [`Discovery::listed`] names every
+//! address still listed, so the facade's channel pool can forget the others.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::Duration,
 };
 
-use clap::ValueEnum;
-use config_server::{backoff::Backoff, client::RegistryClient};
+use registry_client::RegistryClient;
+use retry::Retry;
 use tokio::{sync::watch, task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum DiscoveryMode {
-    /// A registry lookup before every call.
-    PerCall,
-    /// Keep a pushed view from the registry's Watch stream.
-    Watch,
-}
+pub use registry_client::DiscoveryMode;
 
 /// The last pushed list of addresses, when it came, and whether the Watch stream is
 /// still live.
@@ -48,6 +44,8 @@ pub struct Discovery {
     registry_down: AtomicBool,
     pushed: HashMap<String, watch::Receiver<Pushed>>,
     watchers: Vec<JoinHandle<()>>,
+    /// Bumped whenever a list from either source differs from the one before.
+    changes: Arc<AtomicU64>,
 }
 
 impl Discovery {
@@ -61,6 +59,7 @@ impl Discovery {
     ) -> Self {
         let mut pushed = HashMap::new();
         let mut watchers = Vec::new();
+        let changes = Arc::new(AtomicU64::new(0));
         if mode == DiscoveryMode::Watch {
             for service in services {
                 let (tx, rx) = watch::channel(Pushed::default());
@@ -69,6 +68,7 @@ impl Discovery {
                     registry.clone(),
                     (*service).to_owned(),
                     tx,
+                    Arc::clone(&changes),
                     shutdown.clone(),
                 )));
             }
@@ -79,7 +79,26 @@ impl Discovery {
             registry_down: AtomicBool::new(false),
             pushed,
             watchers,
+            changes,
         }
+    }
+
+    /// How many times a list has changed; cheap to read on every call.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
+    }
+
+    /// Every address a list from either source currently holds, for any service.
+    pub fn listed(&self) -> HashSet<String> {
+        let mut listed: HashSet<String> = self
+            .pushed
+            .values()
+            .flat_map(|pushed| pushed.borrow().addresses.as_ref().clone())
+            .collect();
+        for (_, addresses) in self.last_known().values() {
+            listed.extend(addresses.iter().cloned());
+        }
+        listed
     }
 
     fn last_known(&self) -> std::sync::MutexGuard<'_, Known> {
@@ -126,6 +145,7 @@ impl Discovery {
                     Some((seen, list)) if *list == addresses => *seen = Instant::now(),
                     _ => {
                         known.insert(service.to_owned(), (Instant::now(), addresses.clone()));
+                        self.changes.fetch_add(1, Ordering::AcqRel);
                     }
                 }
                 drop(known);
@@ -155,59 +175,51 @@ impl Drop for Discovery {
     }
 }
 
-/// Follows `service` on the registry's Watch stream, reconnecting with backoff.
+/// Follows `service` on the registry's Watch stream, reconnecting with backoff, until
+/// `shutdown`.
 async fn follow(
     registry: RegistryClient,
     service: String,
     pushed: watch::Sender<Pushed>,
+    changes: Arc<AtomicU64>,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    let watching = Retry::new(
+        format!("watching {service} on the registry (per-call lookups meanwhile)"),
+        &shutdown,
+    );
     loop {
-        let stream = tokio::select! {
-            () = shutdown.cancelled() => return,
-            stream = registry.watch(&service) => stream,
-        };
-        match stream {
-            Ok(mut stream) => loop {
-                let next = tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    next = stream.message() => next,
-                };
-                match next {
-                    Ok(Some(snapshot)) => {
-                        backoff.reset();
-                        let addresses: Vec<String> =
-                            snapshot.instances.into_iter().map(|i| i.address).collect();
-                        pushed.send_replace(Pushed {
-                            live: true,
-                            addresses: Arc::new(addresses),
-                            at: Some(Instant::now()),
-                        });
-                    }
-                    Ok(None) | Err(_) => {
-                        warn!(
-                            service,
-                            "registry watch ended; using per-call lookups until it is back"
-                        );
-                        break;
-                    }
-                }
-            },
-            Err(status) => {
-                if pushed.borrow().live {
-                    warn!(
-                        service,
-                        error = status.message(),
-                        "cannot watch the registry; using per-call lookups"
-                    );
-                }
+        let opened = watching
+            .run(
+                || async { registry.watch(&service).await.map_err(rpc::CallError) },
+                |_| false,
+            )
+            .await;
+        let Ok(mut stream) = opened else { return }; // shutdown
+        loop {
+            let next = tokio::select! {
+                () = shutdown.cancelled() => return,
+                next = stream.message() => next,
+            };
+            let Ok(Some(snapshot)) = next else {
+                warn!(
+                    service,
+                    "registry watch ended; using per-call lookups until it is back"
+                );
+                break;
+            };
+            let addresses: Vec<String> =
+                snapshot.instances.into_iter().map(|i| i.address).collect();
+            let changed = *pushed.borrow().addresses != addresses;
+            pushed.send_replace(Pushed {
+                live: true,
+                addresses: Arc::new(addresses),
+                at: Some(Instant::now()),
+            });
+            if changed {
+                changes.fetch_add(1, Ordering::AcqRel);
             }
         }
         pushed.send_modify(|pushed| pushed.live = false);
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(backoff.next_delay()) => {}
-        }
     }
 }

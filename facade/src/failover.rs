@@ -2,13 +2,14 @@
 //! keep trying.
 //!
 //! One call through [`Failover::run`]:
-//! 1. ask discovery for the live instances (per call by default);
+//! 1. ask discovery for the live instances (from the pushed view by default);
 //! 2. try them in random order, instances that failed in the last few seconds last,
 //!    each attempt with its own deadline;
 //! 3. a transient failure (unavailable, deadline exceeded, a broken connection) marks the
 //!    instance as suspect and moves on; any other answer is final and returned as is;
 //! 4. after a full round, back off (jittered, capped) and look up again, until the
-//!    total budget is spent.
+//!    total budget is spent or the facade shuts down. The rounds are one [`Retry`]: the
+//!    same loop every wait in the system uses.
 //!
 //! Retrying is only safe because every attempt carries the same message id and the
 //! store is put-if-absent by id: an attempt that timed out but did store is answered
@@ -17,13 +18,22 @@
 //! The policy knows nothing of gRPC channels: `lookup` and `call` are closures, so unit
 //! tests drive it with a fake transport and no network.
 
-use std::{collections::HashMap, future::Future, sync::Mutex, time::Duration};
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Mutex,
+    },
+    time::Duration,
+};
 
-use config_server::backoff::Backoff;
 use rand::seq::SliceRandom;
+use retry::{Retry, RetryError};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
-use tracing::{debug, warn};
+use tracing::warn;
 
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -76,6 +86,27 @@ pub enum FailoverError {
     /// An instance answered with a final (non-transient) error.
     #[error("{0}")]
     Rejected(Status),
+    /// The facade is shutting down; the call was not retried further.
+    #[error("the facade is shutting down")]
+    ShuttingDown,
+}
+
+/// How one round over the instances ended, when nobody took the call.
+#[derive(Debug)]
+enum RoundError {
+    /// Every instance failed transiently (or there was none): the last failure.
+    Transient(String),
+    /// An instance gave a final answer.
+    Rejected(Status),
+}
+
+impl std::fmt::Display for RoundError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Transient(last) => f.write_str(last),
+            Self::Rejected(status) => write!(f, "{status}"),
+        }
+    }
 }
 
 /// The policy plus what it remembers: which instances failed recently.
@@ -83,13 +114,16 @@ pub enum FailoverError {
 pub struct Failover {
     policy: Policy,
     suspects: Mutex<HashMap<String, Instant>>,
+    /// Stops retrying (calls then fail with [`FailoverError::ShuttingDown`]).
+    shutdown: CancellationToken,
 }
 
 impl Failover {
-    pub fn new(policy: Policy) -> Self {
+    pub fn new(policy: Policy, shutdown: &CancellationToken) -> Self {
         Self {
             policy,
             suspects: Mutex::new(HashMap::new()),
+            shutdown: shutdown.clone(),
         }
     }
 
@@ -149,61 +183,92 @@ impl Failover {
         CF: Future<Output = Result<T, Status>>,
     {
         let deadline = Instant::now() + self.policy.budget;
-        let mut backoff = Backoff::new(self.policy.backoff_base, self.policy.backoff_cap);
-        let mut attempts = 0;
-        let mut last = String::from("no live instance in the registry");
-        loop {
-            for address in self.order(lookup().await) {
-                let remaining = deadline.saturating_duration_since(Instant::now());
-                if remaining.is_zero() {
-                    break;
-                }
-                attempts += 1;
-                let attempt = self.policy.attempt_deadline.min(remaining);
-                let result = match tokio::time::timeout(attempt, call(address.clone())).await {
-                    Ok(result) => result,
-                    Err(_) => Err(Status::deadline_exceeded(format!(
-                        "no answer within {attempt:?}"
-                    ))),
-                };
-                match result {
-                    Ok(value) => {
-                        self.clear(&address);
-                        return Ok(value);
-                    }
-                    Err(status) if is_transient(status.code()) => {
-                        warn!(request_id, service, address, code = ?status.code(), error = status.message(),
-                              "attempt failed; trying the next instance");
-                        self.suspect(&address);
-                        metrics::counter!("facade_failovers_total", "service" => service.to_owned())
+        let attempts = AtomicUsize::new(0);
+        let rounds = AtomicUsize::new(0);
+        // Each round logs its failed attempts with the request id, so the loop is quiet.
+        let retry = Retry::new(format!("calling {service}"), &self.shutdown)
+            .backoff(self.policy.backoff_base, self.policy.backoff_cap)
+            .budget(self.policy.budget)
+            .quiet();
+        let result = retry
+            .run(
+                || {
+                    if rounds.fetch_add(1, Ordering::Relaxed) > 0 {
+                        metrics::counter!("facade_retry_rounds_total", "service" => service.to_owned())
                             .increment(1);
-                        last = format!("{address}: {}", status.message());
                     }
-                    Err(status) => return Err(FailoverError::Rejected(status)),
-                }
+                    self.round(service, request_id, &lookup, &call, deadline, &attempts)
+                },
+                |error| matches!(error, RoundError::Rejected(_)),
+            )
+            .await;
+        match result {
+            Ok(value) => Ok(value),
+            Err(RetryError::Permanent(RoundError::Rejected(status))) => {
+                Err(FailoverError::Rejected(status))
             }
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
+            Err(RetryError::Cancelled) => Err(FailoverError::ShuttingDown),
+            Err(RetryError::Exhausted { last, .. } | RetryError::Permanent(last)) => {
                 metrics::counter!("facade_exhausted_total", "service" => service.to_owned())
                     .increment(1);
-                return Err(FailoverError::Exhausted {
+                Err(FailoverError::Exhausted {
                     service: service.to_owned(),
                     budget: self.policy.budget,
-                    attempts,
-                    last,
-                });
+                    attempts: attempts.load(Ordering::Relaxed),
+                    last: last.to_string(),
+                })
             }
-            metrics::counter!("facade_retry_rounds_total", "service" => service.to_owned())
-                .increment(1);
-            let pause = backoff.next_delay().min(remaining);
-            debug!(
-                request_id,
-                service,
-                ?pause,
-                "a full round failed; backing off"
-            );
-            tokio::time::sleep(pause).await;
         }
+    }
+
+    /// One round: every listed instance in [`order`](Self::order), each attempt within
+    /// the attempt deadline and the overall `deadline`.
+    async fn round<T, L, LF, C, CF>(
+        &self,
+        service: &str,
+        request_id: &str,
+        lookup: &L,
+        call: &C,
+        deadline: Instant,
+        attempts: &AtomicUsize,
+    ) -> Result<T, RoundError>
+    where
+        L: Fn() -> LF,
+        LF: Future<Output = Vec<String>>,
+        C: Fn(String) -> CF,
+        CF: Future<Output = Result<T, Status>>,
+    {
+        let mut last = String::from("no live instance in the registry");
+        for address in self.order(lookup().await) {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                break;
+            }
+            attempts.fetch_add(1, Ordering::Relaxed);
+            let attempt = self.policy.attempt_deadline.min(remaining);
+            let result = match tokio::time::timeout(attempt, call(address.clone())).await {
+                Ok(result) => result,
+                Err(_) => Err(Status::deadline_exceeded(format!(
+                    "no answer within {attempt:?}"
+                ))),
+            };
+            match result {
+                Ok(value) => {
+                    self.clear(&address);
+                    return Ok(value);
+                }
+                Err(status) if is_transient(status.code()) => {
+                    warn!(request_id, service, address, code = ?status.code(), error = status.message(),
+                          "attempt failed; trying the next instance");
+                    self.suspect(&address);
+                    metrics::counter!("facade_failovers_total", "service" => service.to_owned())
+                        .increment(1);
+                    last = format!("{address}: {}", status.message());
+                }
+                Err(status) => return Err(RoundError::Rejected(status)),
+            }
+        }
+        Err(RoundError::Transient(last))
     }
 }
 
@@ -252,7 +317,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_dead_instance_is_skipped_and_then_tried_last() {
-        let failover = Failover::new(policy());
+        let failover = Failover::new(policy(), &CancellationToken::new());
         let dead_calls = AtomicUsize::new(0);
         for _ in 0..40 {
             let result = failover
@@ -284,7 +349,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_hung_instance_costs_one_attempt_deadline() {
-        let failover = Failover::new(policy());
+        let failover = Failover::new(policy(), &CancellationToken::new());
         let started = Instant::now();
         let result = failover
             .run(
@@ -305,7 +370,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_final_error_is_returned_without_retrying() {
-        let failover = Failover::new(policy());
+        let failover = Failover::new(policy(), &CancellationToken::new());
         let calls = AtomicUsize::new(0);
         let result: Result<(), _> = failover
             .run("logging", "test", instances(&["a", "b", "c"]), |_| {
@@ -321,7 +386,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn gives_up_when_the_budget_is_spent_and_backs_off_between_rounds() {
-        let failover = Failover::new(policy());
+        let failover = Failover::new(policy(), &CancellationToken::new());
         let calls = AtomicUsize::new(0);
         let lookups = AtomicUsize::new(0);
         let started = Instant::now();
@@ -366,8 +431,27 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn shutdown_ends_the_retries_at_once() {
+        let shutdown = CancellationToken::new();
+        let failover = Failover::new(policy(), &shutdown);
+        let stopper = shutdown.clone();
+        let started = Instant::now();
+        let result: Result<(), _> = failover
+            .run("logging", "test", instances(&["a"]), |_| {
+                stopper.cancel();
+                async { Err(Status::unavailable("down")) }
+            })
+            .await;
+        assert!(
+            matches!(result, Err(FailoverError::ShuttingDown)),
+            "{result:?}"
+        );
+        assert!(started.elapsed() < policy().budget);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn an_empty_registry_is_retried_until_an_instance_appears() {
-        let failover = Failover::new(policy());
+        let failover = Failover::new(policy(), &CancellationToken::new());
         let lookups = AtomicUsize::new(0);
         let result = failover
             .run(
@@ -389,7 +473,7 @@ mod tests {
 
     #[test]
     fn order_is_random_among_healthy_instances() {
-        let failover = Failover::new(policy());
+        let failover = Failover::new(policy(), &CancellationToken::new());
         let all: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
         let firsts: std::collections::HashSet<String> = (0..200)
             .map(|_| failover.order(all.clone())[0].clone())

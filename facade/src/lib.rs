@@ -3,28 +3,32 @@
 //! `POST` gives a message an id and stores it through a randomly chosen live logging
 //! instance, failing over and retrying with the same id ([`failover`]); `GET` returns
 //! every message plus the messages service's text. Instances are found through the
-//! registry on every call ([`discovery`]).
+//! registry ([`discovery`]): by default from a view the registry pushes, or with
+//! `--discovery per-call`, a lookup before every call.
+//!
+//! [`message_path`] is what both APIs do; [`http_api`] and [`grpc_api`] are the two ways
+//! to ask for it.
 
-pub mod api;
-pub mod core;
 pub mod discovery;
 pub mod failover;
-pub mod http;
+pub mod grpc_api;
+pub mod http_api;
+pub mod message_path;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
-use config_server::{client::RegistryArgs, grpc};
+use registry_client::RegistryArgs;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::{
-    api::{FacadeServer, FacadeService},
-    core::Facade,
     discovery::{Discovery, DiscoveryMode},
     failover::{Failover, Policy},
+    grpc_api::{FacadeServer, FacadeService},
+    message_path::Facade,
 };
 
 /// How long a registry lookup may take before the last known list is used instead.
@@ -58,7 +62,7 @@ pub struct Config {
     pub max_message_bytes: usize,
 
     #[command(flatten)]
-    pub log: config_server::telemetry::LogArgs,
+    pub log: telemetry::LogArgs,
 }
 
 impl Config {
@@ -85,25 +89,28 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let registry = config.registry.client()?.with_deadline(LOOKUP_DEADLINE);
-    let failover = Failover::new(Policy {
-        attempt_deadline: config.attempt_deadline,
-        budget: config.retry_budget,
-        ..Policy::default()
-    });
+    let failover = Failover::new(
+        Policy {
+            attempt_deadline: config.attempt_deadline,
+            budget: config.retry_budget,
+            ..Policy::default()
+        },
+        &shutdown,
+    );
     let discovery = Discovery::new(
         registry,
         config.discovery,
-        &[core::LOGGING, core::MESSAGES],
+        &[message_path::LOGGING, message_path::MESSAGES],
         &shutdown,
     );
     let facade = Facade::new(discovery, failover, config.max_message_bytes);
 
-    let (routes, health) = grpc::routes()?;
+    let (routes, health) = rpc::routes()?;
     health.set_serving::<FacadeServer<FacadeService>>().await;
     let routes = routes.add_service(FacadeServer::new(FacadeService::new(Arc::clone(&facade))));
     info!(%addr, registry = config.registry.url, discovery = ?config.discovery,
           "facade listening (HTTP and gRPC)");
-    grpc::serve(listener, routes, http::router(facade), shutdown).await?;
+    rpc::serve(listener, routes, http_api::router(facade), shutdown).await?;
     info!("facade stopped");
     Ok(())
 }

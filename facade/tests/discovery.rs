@@ -3,11 +3,9 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use config_server::{
-    client::{Registration, RegistryClient},
-    registry::RegistryConfig,
-};
+use config_server::RegistryConfig;
 use facade::discovery::{Discovery, DiscoveryMode};
+use registry_client::{Registration, RegistryClient};
 use tokio::{net::TcpListener, time::Instant};
 use tokio_util::sync::CancellationToken;
 

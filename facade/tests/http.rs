@@ -3,11 +3,12 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use e2e::{curl, eventually};
+use testkit::{curl, eventually};
 
-use config_server::{client::RegistryClient, registry::RegistryConfig};
+use config_server::RegistryConfig;
 use logging::store::MemoryStore;
 use proto::facade::v1::{facade_client::FacadeClient, GetRequest, PostRequest};
+use registry_client::RegistryClient;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -182,7 +183,7 @@ async fn no_live_logging_instance_is_503_with_retry_after_over_http_and_unavaila
     let (status, _, _) = curl("GET", &format!("http://{}/messages", stack.facade), &[]);
     assert_eq!(status, 503);
 
-    let channel = config_server::grpc::channel(&stack.facade.to_string()).expect("channel");
+    let channel = rpc::channel(&stack.facade.to_string()).expect("channel");
     let error = FacadeClient::new(channel)
         .post(PostRequest {
             msg: "x".into(),
@@ -196,7 +197,7 @@ async fn no_live_logging_instance_is_503_with_retry_after_over_http_and_unavaila
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_concurrent_clients_over_grpc_all_succeed_and_nothing_is_lost() {
     let stack = start(true, "5s").await;
-    let channel = config_server::grpc::channel(&stack.facade.to_string()).expect("channel");
+    let channel = rpc::channel(&stack.facade.to_string()).expect("channel");
     const CLIENTS: usize = 16;
     const EACH: usize = 50;
     let mut tasks = Vec::new();

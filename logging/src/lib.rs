@@ -12,11 +12,8 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
-use config_server::{
-    backoff::Backoff,
-    client::{Registration, RegistryArgs, RegistryClient},
-    grpc,
-};
+use registry_client::{Registration, RegistryArgs, RegistryClient};
+use retry::{Retry, RetryError};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -52,7 +49,7 @@ pub struct Config {
     pub max_text_bytes: usize,
 
     #[command(flatten)]
-    pub log: config_server::telemetry::LogArgs,
+    pub log: telemetry::LogArgs,
 }
 
 /// Which store backs this instance.
@@ -88,33 +85,52 @@ impl StoreChoice {
 /// How long a bare `logging PORT` waits for the registry to say which store to use.
 const SETTING_WAIT: Duration = Duration::from_secs(5);
 
-/// `--store`, else the registry's setting, else memory.
-async fn choose_store(config: &Config, registry: &RegistryClient) -> anyhow::Result<StoreChoice> {
+/// `--store`, else the registry's setting, else memory; `None` when `shutdown` came
+/// first.
+async fn choose_store(
+    config: &Config,
+    registry: &RegistryClient,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<StoreChoice>> {
     if let Some(store) = &config.store {
-        return StoreChoice::parse(store);
+        return StoreChoice::parse(store).map(Some);
     }
-    let started = tokio::time::Instant::now();
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-    loop {
-        match registry.get_setting(STORE_SETTING).await {
-            Ok(Some(value)) => {
-                info!(
-                    store = value,
-                    "store chosen by the registry's {STORE_SETTING} setting"
-                );
-                return StoreChoice::parse(&value);
-            }
-            Ok(None) => return Ok(StoreChoice::Memory),
-            Err(status) if started.elapsed() >= SETTING_WAIT => {
-                warn!(error = %status.message(),
-                      "registry unreachable, cannot read {STORE_SETTING}; using the memory store");
-                return Ok(StoreChoice::Memory);
-            }
-            Err(_) => tokio::time::sleep(backoff.next_delay()).await,
+    let reading = Retry::new(
+        format!("reading the registry's {STORE_SETTING} setting"),
+        shutdown,
+    )
+    .backoff(Duration::from_millis(100), Duration::from_secs(1))
+    .budget(SETTING_WAIT);
+    let setting = reading
+        .run(
+            || async {
+                registry
+                    .get_setting(STORE_SETTING)
+                    .await
+                    .map_err(rpc::CallError)
+            },
+            |_| false,
+        )
+        .await;
+    match setting {
+        Ok(Some(value)) => {
+            info!(
+                store = value,
+                "store chosen by the registry's {STORE_SETTING} setting"
+            );
+            StoreChoice::parse(&value).map(Some)
+        }
+        Ok(None) => Ok(Some(StoreChoice::Memory)),
+        Err(RetryError::Cancelled) => Ok(None),
+        Err(error) => {
+            warn!(%error, "cannot read {STORE_SETTING} from the registry; using the memory store");
+            Ok(Some(StoreChoice::Memory))
         }
     }
 }
 
+/// Binds the port, chooses and connects the store, and serves until `shutdown`. Every
+/// wait before serving (the registry's setting, the store) stops on `shutdown` too.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let addr: SocketAddr = format!("{}:{}", config.host, config.port)
         .parse()
@@ -123,13 +139,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
     let registry = config.registry.client()?;
-    match choose_store(&config, &registry).await? {
+    let Some(choice) = choose_store(&config, &registry, &shutdown).await? else {
+        info!("logging stopped before it was ready");
+        return Ok(());
+    };
+    match choice {
         StoreChoice::Memory => {
             let store = Arc::new(MemoryStore::new());
             serve(listener, store, registry, config.max_text_bytes, shutdown).await
         }
         StoreChoice::Nats(urls) => {
-            let store = Arc::new(NatsStore::connect(NatsConfig::new(urls)).await?);
+            let store = match NatsStore::connect(NatsConfig::new(urls), &shutdown).await {
+                Ok(store) => Arc::new(store),
+                Err(_) if shutdown.is_cancelled() => {
+                    info!("logging stopped before its store was ready");
+                    return Ok(());
+                }
+                Err(error) => return Err(error),
+            };
             serve(listener, store, registry, config.max_text_bytes, shutdown).await
         }
     }
@@ -144,7 +171,7 @@ pub async fn serve<S: MessageStore>(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
-    let (routes, health) = grpc::routes()?;
+    let (routes, health) = rpc::routes()?;
     health
         .set_serving::<LoggingServer<LoggingService<S>>>()
         .await;
@@ -154,10 +181,10 @@ pub async fn serve<S: MessageStore>(
         max_text_bytes,
     )));
     let server_stop = CancellationToken::new();
-    let mut server = tokio::spawn(grpc::serve(
+    let mut server = tokio::spawn(rpc::serve(
         listener,
         routes,
-        config_server::telemetry::metrics_router(),
+        rpc::http_router().merge(telemetry::metrics_router()),
         server_stop.clone(),
     ));
     info!(%addr, store = kind, "logging listening");

@@ -1,5 +1,4 @@
 use clap::Parser;
-use config_server::{shutdown, telemetry};
 use logging::Config;
 
 #[tokio::main]

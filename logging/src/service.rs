@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use config_server::request_id;
 use proto::logging::v1 as pb;
+use rpc::request_id;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 

@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use clap::Parser;
-use config_server::grpc;
 use proto::messages::v1::{self as pb, messages_server::MessagesServer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -25,7 +24,7 @@ pub struct Config {
     pub addr: SocketAddr,
 
     #[command(flatten)]
-    pub log: config_server::telemetry::LogArgs,
+    pub log: telemetry::LogArgs,
 }
 
 #[derive(Debug, Default)]
@@ -52,14 +51,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
 pub async fn serve(listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
-    let (routes, health) = grpc::routes()?;
+    let (routes, health) = rpc::routes()?;
     health
         .set_serving::<MessagesServer<MessagesService>>()
         .await;
     let routes = routes.add_service(MessagesServer::new(MessagesService));
     info!(%addr, "messages listening");
-    let http = config_server::telemetry::metrics_router();
-    grpc::serve(listener, routes, http, shutdown).await?;
+    let http = rpc::http_router().merge(telemetry::metrics_router());
+    rpc::serve(listener, routes, http, shutdown).await?;
     info!("messages stopped");
     Ok(())
 }

@@ -1,5 +1,4 @@
 use clap::Parser;
-use config_server::{shutdown, telemetry};
 use messages::Config;
 
 #[tokio::main]

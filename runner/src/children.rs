@@ -1,58 +1,95 @@
-//! Child processes: started with their output prefixed by a coloured name, watched for
-//! unexpected exits, and stopped politely (SIGTERM, then SIGKILL after a grace period).
+//! Child processes: started with their output prefixed by a coloured name (or kept in a
+//! log file, with only their problems shown), watched for unexpected exits, and stopped
+//! politely (their stop signal, then SIGKILL after a grace period).
 
 use std::{
     io::IsTerminal,
     path::Path,
     process::{ExitStatus, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
 use anyhow::Context;
 use nix::{sys::signal::Signal, unistd::Pid};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncRead, BufReader},
+    io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader},
     process::Command,
     sync::mpsc,
     task::JoinHandle,
 };
 use tokio_util::sync::CancellationToken;
 
-/// How long a child gets to stop after SIGTERM before it is killed.
+/// How long a child gets to stop after its stop signal before it is killed.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
 const COLOURS: &[&str] = &["36", "33", "35", "32", "34", "91", "96", "93", "95", "92"];
 
+/// nats-server's log levels worth a person's attention.
+const PROBLEMS: &[&str] = &["[WRN]", "[ERR]", "[FTL]"];
+
 /// A child that exited while it was not being stopped.
 #[derive(Debug)]
-pub struct Exited {
-    pub name: String,
-    pub status: std::io::Result<ExitStatus>,
+pub(crate) struct Exited {
+    pub(crate) name: String,
+    pub(crate) status: std::io::Result<ExitStatus>,
 }
 
-pub struct Child {
-    pub name: String,
+impl Exited {
+    pub(crate) fn describe(&self) -> String {
+        match &self.status {
+            Ok(status) => status.to_string(),
+            Err(error) => error.to_string(),
+        }
+    }
+}
+
+/// Where a child's output goes.
+pub(crate) enum Output {
+    /// Every line to the terminal, prefixed with the child's name.
+    Terminal,
+    /// Every line to a log file; warnings and errors also to the terminal, prefixed,
+    /// but only once [`Child::started`] says start-up noise is over (a forming cluster
+    /// logs connection errors that mean nothing).
+    LogFile {
+        file: tokio::fs::File,
+        show_problems: Arc<AtomicBool>,
+    },
+}
+
+impl Output {
+    /// A fresh log file at `path`, problems shown after start-up.
+    pub(crate) fn problems_after_start(path: &Path) -> anyhow::Result<Self> {
+        let file = std::fs::File::create(path)
+            .with_context(|| format!("cannot write the log file {}", path.display()))?;
+        Ok(Self::LogFile {
+            file: tokio::fs::File::from_std(file),
+            show_problems: Arc::new(AtomicBool::new(false)),
+        })
+    }
+}
+
+pub(crate) struct Child {
+    pub(crate) name: String,
     stop: CancellationToken,
     task: JoinHandle<()>,
+    show_problems: Option<Arc<AtomicBool>>,
 }
 
 /// Starts children and prints their output; every child reports an unexpected exit on
 /// one channel.
-pub struct Supervisor {
+pub(crate) struct Supervisor {
     exits_tx: mpsc::UnboundedSender<Exited>,
-    pub exits: mpsc::UnboundedReceiver<Exited>,
+    pub(crate) exits: mpsc::UnboundedReceiver<Exited>,
     coloured: bool,
     started: usize,
 }
 
-impl Default for Supervisor {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Supervisor {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let (exits_tx, exits) = mpsc::unbounded_channel();
         Self {
             exits_tx,
@@ -71,7 +108,14 @@ impl Supervisor {
         }
     }
 
-    pub fn spawn(&mut self, name: &str, program: &Path, args: &[String]) -> anyhow::Result<Child> {
+    pub(crate) fn spawn(
+        &mut self,
+        name: &str,
+        program: &Path,
+        args: &[String],
+        output: Output,
+        stop_signal: Signal,
+    ) -> anyhow::Result<Child> {
         let label = self.label(name);
         self.started += 1;
         let mut child = Command::new(program)
@@ -85,12 +129,33 @@ impl Supervisor {
             .process_group(0)
             .spawn()
             .with_context(|| format!("cannot start {name} ({})", program.display()))?;
-        if let Some(out) = child.stdout.take() {
-            tokio::spawn(pump(out, label.clone()));
-        }
-        if let Some(err) = child.stderr.take() {
-            tokio::spawn(pump(err, label));
-        }
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let show_problems = match output {
+            Output::Terminal => {
+                if let Some(out) = stdout {
+                    tokio::spawn(to_terminal(out, label.clone()));
+                }
+                if let Some(err) = stderr {
+                    tokio::spawn(to_terminal(err, label));
+                }
+                None
+            }
+            Output::LogFile {
+                file,
+                show_problems,
+            } => {
+                // nats-server writes its log to stderr; both streams go to the one file.
+                let (lines_tx, lines) = mpsc::unbounded_channel();
+                if let Some(out) = stdout {
+                    tokio::spawn(read_lines(out, lines_tx.clone()));
+                }
+                if let Some(err) = stderr {
+                    tokio::spawn(read_lines(err, lines_tx));
+                }
+                tokio::spawn(to_log_file(lines, file, label, Arc::clone(&show_problems)));
+                Some(show_problems)
+            }
+        };
         let pid = child
             .id()
             .and_then(|id| i32::try_from(id).ok())
@@ -98,18 +163,19 @@ impl Supervisor {
         let stop = CancellationToken::new();
         let exits = self.exits_tx.clone();
         let owned_name = name.to_owned();
-        let stop_signal = stop.clone();
+        let stop_requested = stop.clone();
         let task = tokio::spawn(async move {
             tokio::select! {
                 status = child.wait() => {
                     let _ = exits.send(Exited { name: owned_name, status });
                 }
-                () = stop_signal.cancelled() => {
+                () = stop_requested.cancelled() => {
                     if let Some(pid) = pid {
-                        let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+                        let _ = nix::sys::signal::kill(pid, stop_signal);
                     }
                     match tokio::time::timeout(STOP_GRACE, child.wait()).await {
-                        Ok(Ok(status)) => println!("runner: {owned_name} stopped ({status})"),
+                        Ok(Ok(status)) if status.success() => println!("runner: {owned_name} stopped"),
+                        Ok(Ok(status)) => println!("runner: {owned_name} stopped with an error ({status})"),
                         Ok(Err(error)) => println!("runner: {owned_name}: {error}"),
                         Err(_) => {
                             println!("runner: {owned_name} did not stop within {STOP_GRACE:?}; killing it");
@@ -123,21 +189,115 @@ impl Supervisor {
             name: name.to_owned(),
             stop,
             task,
+            show_problems,
         })
     }
 }
 
 impl Child {
-    /// SIGTERM, wait up to [`STOP_GRACE`], then SIGKILL.
-    pub async fn stop(self) {
+    /// Start-up is over: from now on a log-file child's problems reach the terminal.
+    pub(crate) fn started(&self) {
+        if let Some(show) = &self.show_problems {
+            show.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Its stop signal, wait up to [`STOP_GRACE`], then SIGKILL.
+    pub(crate) async fn stop(self) {
+        println!("runner: stopping {}", self.name);
         self.stop.cancel();
         let _ = self.task.await;
     }
 }
 
-async fn pump(stream: impl AsyncRead + Unpin, label: String) {
+async fn to_terminal(stream: impl AsyncRead + Unpin, label: String) {
     let mut lines = BufReader::new(stream).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         println!("{label} {line}");
+    }
+}
+
+async fn read_lines(stream: impl AsyncRead + Unpin, lines_tx: mpsc::UnboundedSender<String>) {
+    let mut lines = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if lines_tx.send(line).is_err() {
+            return;
+        }
+    }
+}
+
+async fn to_log_file(
+    mut lines: mpsc::UnboundedReceiver<String>,
+    mut file: tokio::fs::File,
+    label: String,
+    show_problems: Arc<AtomicBool>,
+) {
+    let mut writable = true;
+    while let Some(line) = lines.recv().await {
+        if show_problems.load(Ordering::Relaxed) && PROBLEMS.iter().any(|p| line.contains(p)) {
+            println!("{label} {line}");
+        }
+        if writable {
+            let written = file.write_all(format!("{line}\n").as_bytes()).await;
+            if let Err(error) = written {
+                println!("{label} cannot write its log file any more: {error}");
+                writable = false;
+            }
+        }
+    }
+    let _ = file.flush().await;
+}
+
+/// Prints the last `count` lines of a log file, for when a child that logs to a file
+/// failed to start.
+pub(crate) fn print_tail(path: &Path, count: usize) {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return;
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    println!("runner: last lines of {}:", path.display());
+    for line in &lines[lines.len().saturating_sub(count)..] {
+        println!("  {line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_log_file_child_keeps_everything_in_its_file() {
+        let dir = std::env::temp_dir().join(format!("runner-children-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let log: PathBuf = dir.join("child.log");
+        let mut supervisor = Supervisor::new();
+        let child = supervisor
+            .spawn(
+                "printer",
+                Path::new("/bin/sh"),
+                &["-c".into(), "echo '[INF] one'; echo '[ERR] two' >&2".into()],
+                Output::problems_after_start(&log).expect("log file"),
+                Signal::SIGTERM,
+            )
+            .expect("spawn");
+        let exit = supervisor.exits.recv().await.expect("exit reported");
+        assert!(exit.status.expect("status").success());
+        // The writer finishes once both pipes close; wait on the file, bounded.
+        let mut text = String::new();
+        for _ in 0..200 {
+            text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.lines().count() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            text.contains("[INF] one") && text.contains("[ERR] two"),
+            "{text}"
+        );
+        drop(child);
+        std::fs::remove_dir_all(dir).ok();
     }
 }

@@ -2,23 +2,32 @@
 //! before it answers gRPC health `SERVING`; shows their output with coloured prefixes;
 //! reports any child that dies; and on Ctrl+C or SIGTERM stops them in reverse order.
 //!
+//! [`run`] reads as what it does: make a [`Plan`] from the flags (every name, port and
+//! command line, before anything starts), start it step by step ([`Running::start`]),
+//! supervise, and stop everything through one path ([`Running::stop`]), however the run
+//! ends.
+//!
 //! Binaries are taken from the directory of the runner's own executable, so
 //! `target/release/runner` starts `target/release/config-server` and so on.
 
-pub mod children;
-pub mod nats;
+mod children;
 
 use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
+    path::{Path, PathBuf},
+    time::Duration,
 };
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use config_server::grpc;
+use local_nats::Node;
+use nix::sys::signal::Signal;
+use registry_client::{token::DEFAULT_TOKEN_FILE, DiscoveryMode};
+use retry::{Retry, RetryError};
 use tokio_util::sync::CancellationToken;
 
-use children::{Child, Supervisor};
+use children::{Child, Output, Supervisor};
+
+pub use children::STOP_GRACE;
 
 /// How long a child may take to report SERVING.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -44,9 +53,9 @@ pub struct Config {
     #[arg(long, value_enum, default_value_t = StoreMode::Auto)]
     pub store: StoreMode,
 
-    /// How the facade finds instances: `watch` or `per-call`.
-    #[arg(long, default_value = "watch")]
-    pub discovery: String,
+    /// How the facade finds instances.
+    #[arg(long, value_enum, default_value_t = DiscoveryMode::Watch)]
+    pub discovery: DiscoveryMode,
 
     /// Also start this many logging instances, on --logging-port and up.
     #[arg(long, default_value_t = 0)]
@@ -69,10 +78,11 @@ pub struct Config {
 
     /// Where the registry token for this run is written (a fresh one every run; removed
     /// on exit). Services started by hand from the same directory find it there.
-    #[arg(long, default_value = config_server::auth::DEFAULT_TOKEN_FILE)]
+    #[arg(long, default_value = DEFAULT_TOKEN_FILE)]
     pub token_file: PathBuf,
 
-    /// Where the NATS cluster keeps its data; it survives restarts of the runner.
+    /// Where the NATS cluster keeps its data and its nodes' logs; the data survives
+    /// restarts of the runner.
     #[arg(long, default_value = "data/nats")]
     pub data_dir: PathBuf,
 
@@ -81,202 +91,385 @@ pub struct Config {
     pub bin_dir: Option<PathBuf>,
 }
 
-struct Started {
-    children: Vec<Child>,
+/// Everything the run will start, decided from the flags before anything starts.
+struct Plan {
+    store: StorePlan,
+    /// In start order.
+    services: Vec<Service>,
+    token_file: PathBuf,
+    facade: String,
 }
 
-impl Started {
-    async fn stop_all(self) {
-        for child in self.children.into_iter().rev() {
-            println!("runner: stopping {}", child.name);
-            child.stop().await;
+enum StorePlan {
+    Memory,
+    Nats {
+        program: PathBuf,
+        nodes: Vec<Node>,
+        urls: String,
+    },
+}
+
+/// One service: a binary of ours, its command line, and where it answers health.
+struct Service {
+    name: String,
+    program: PathBuf,
+    args: Vec<String>,
+    addr: String,
+}
+
+impl Plan {
+    fn new(config: &Config) -> anyhow::Result<Self> {
+        let bin_dir = match &config.bin_dir {
+            Some(dir) => dir.clone(),
+            None => std::env::current_exe()?
+                .parent()
+                .context("the runner's executable has no directory")?
+                .to_path_buf(),
+        };
+        let store = StorePlan::new(config)?;
+        let store_setting = match &store {
+            StorePlan::Memory => "memory".to_owned(),
+            StorePlan::Nats { urls, .. } => urls.clone(),
+        };
+        let token = config.token_file.display().to_string();
+        let registry = format!("127.0.0.1:{}", config.registry_port);
+        let registry_url = format!("http://{registry}");
+        let messages = format!("127.0.0.1:{}", config.messages_port);
+        let facade = format!("127.0.0.1:{}", config.facade_port);
+        let service = |name: &str, binary: &str, args: Vec<String>, addr: &str| Service {
+            name: name.to_owned(),
+            program: bin_dir.join(binary),
+            args,
+            addr: addr.to_owned(),
+        };
+        let mut services = vec![
+            service(
+                "config-server",
+                "config-server",
+                strings(&[
+                    "--addr",
+                    &registry,
+                    "--static",
+                    &format!("messages={messages}"),
+                    "--set",
+                    &format!("logging.store={store_setting}"),
+                    "--token-file",
+                    &token,
+                ]),
+                &registry,
+            ),
+            service(
+                "messages",
+                "messages",
+                strings(&["--addr", &messages]),
+                &messages,
+            ),
+            service(
+                "facade",
+                "facade",
+                strings(&[
+                    "--addr",
+                    &facade,
+                    "--registry",
+                    &registry_url,
+                    "--discovery",
+                    config.discovery.as_flag(),
+                    "--registry-token-file",
+                    &token,
+                ]),
+                &facade,
+            ),
+        ];
+        for port in consecutive(config.logging_port, config.logging)? {
+            services.push(service(
+                &format!("logging-{port}"),
+                "logging",
+                strings(&[
+                    &port.to_string(),
+                    "--registry",
+                    &registry_url,
+                    "--registry-token-file",
+                    &token,
+                ]),
+                &format!("127.0.0.1:{port}"),
+            ));
         }
+        Ok(Self {
+            store,
+            services,
+            token_file: config.token_file.clone(),
+            facade,
+        })
+    }
+
+    /// What the user needs once everything answers: every address, the store, and what
+    /// to type next.
+    fn print_ready(&self) {
+        println!("runner: ready");
+        for service in &self.services {
+            println!("  {:<14} {}", service.name, service.addr);
+        }
+        match &self.store {
+            StorePlan::Memory => println!("  {:<14} memory (each instance its own)", "store"),
+            StorePlan::Nats { urls, nodes, .. } => {
+                println!("  {:<14} NATS JetStream R3 {urls}", "store");
+                let logs: Vec<String> = nodes
+                    .iter()
+                    .map(|node| log_file(node).display().to_string())
+                    .collect();
+                println!("  {:<14} {}", "nats logs", logs.join(" "));
+            }
+        }
+        let facade = &self.facade;
+        println!(
+            "Try:\n  curl -s -X POST http://{facade}/messages -H 'content-type: application/json' -d '{{\"msg\":\"hello\"}}'\n  curl -s http://{facade}/messages\nMore logging instances: target/release/logging PORT. Ctrl+C stops everything."
+        );
     }
 }
 
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let bin_dir = match &config.bin_dir {
-        Some(dir) => dir.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("the runner's executable has no directory")?
-            .to_path_buf(),
-    };
-    let nats_server = nats::server_path();
-    let use_nats = match (config.store, &nats_server) {
-        (StoreMode::Memory, _) => false,
-        (StoreMode::Nats, Some(_)) => true,
-        (StoreMode::Nats, None) => anyhow::bail!(
-            "--store nats needs nats-server: run scripts/setup (or apt-get install nats-server)"
-        ),
-        (StoreMode::Auto, Some(_)) => true,
-        (StoreMode::Auto, None) => {
-            println!(
-                "runner: WARNING: nats-server is not installed, so using the memory store: each \
-                 logging instance keeps only the messages it received and instances do not share \
-                 them. Run scripts/setup to install nats-server."
-            );
-            false
-        }
-    };
+impl StorePlan {
+    fn new(config: &Config) -> anyhow::Result<Self> {
+        let program = match (config.store, local_nats::server_path()) {
+            (StoreMode::Memory, _) => return Ok(Self::Memory),
+            (StoreMode::Nats | StoreMode::Auto, Some(program)) => program,
+            (StoreMode::Nats, None) => anyhow::bail!(
+                "--store nats needs nats-server: run scripts/setup (or apt-get install nats-server)"
+            ),
+            (StoreMode::Auto, None) => {
+                println!(
+                    "runner: WARNING: nats-server is not installed, so using the memory store: each \
+                     logging instance keeps only the messages it received and instances do not share \
+                     them. Run scripts/setup to install nats-server."
+                );
+                return Ok(Self::Memory);
+            }
+        };
+        let nodes = local_nats::cluster(
+            &consecutive(config.nats_port, 3)?,
+            &consecutive(config.nats_cluster_port, 3)?,
+            &config.data_dir,
+        );
+        let urls = local_nats::urls(&nodes);
+        Ok(Self::Nats {
+            program,
+            nodes,
+            urls,
+        })
+    }
+}
 
-    let mut supervisor = Supervisor::new();
-    let mut started = Started {
-        children: Vec::new(),
-    };
-    let store = match (use_nats, nats_server) {
-        (true, Some(program)) => {
-            let client_ports = consecutive(config.nats_port, 3)?;
-            let cluster_ports = consecutive(config.nats_cluster_port, 3)?;
-            let nodes = nats::cluster(&client_ports, &cluster_ports, &config.data_dir);
-            for node in &nodes {
-                std::fs::create_dir_all(&node.data_dir)
-                    .with_context(|| format!("cannot create {}", node.data_dir.display()))?;
-                match supervisor.spawn(&node.name, &program, &node.args(&nodes)) {
-                    Ok(child) => started.children.push(child),
-                    Err(error) => {
-                        started.stop_all().await;
-                        return Err(error);
-                    }
-                }
-            }
-            let urls = nats::urls(&nodes);
-            let ready = tokio::select! {
-                ready = nats::wait_ready(&urls, START_TIMEOUT) => ready,
-                () = shutdown.cancelled() => Err(anyhow::anyhow!("interrupted during start-up")),
-                Some(exit) = supervisor.exits.recv() => Err(anyhow::anyhow!(
-                    "{} exited during start-up; its output above says why (a port already in use?)",
-                    exit.name
-                )),
-            };
-            if let Err(error) = ready {
-                started.stop_all().await;
-                return Err(error);
-            }
-            println!(
-                "runner: NATS JetStream cluster ready ({urls}), data in {}",
-                config.data_dir.display()
-            );
-            urls
+/// What is running, in start order, and the token file of this run.
+struct Running {
+    supervisor: Supervisor,
+    children: Vec<Child>,
+    token_file: Option<TokenFile>,
+}
+
+impl Running {
+    fn new() -> Self {
+        Self {
+            supervisor: Supervisor::new(),
+            children: Vec::new(),
+            token_file: None,
         }
-        _ => {
+    }
+
+    /// The start-up steps: the store, the token, then each service once the one before
+    /// it answers. Stops at the first failure, or when `shutdown` fires.
+    async fn start(&mut self, plan: &Plan, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        self.start_store(&plan.store, shutdown).await?;
+        self.token_file = Some(TokenFile::write(&plan.token_file)?);
+        println!(
+            "runner: registry token for this run in {}",
+            plan.token_file.display()
+        );
+        for service in &plan.services {
+            self.start_service(service, shutdown).await?;
+        }
+        Ok(())
+    }
+
+    async fn start_store(
+        &mut self,
+        store: &StorePlan,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let StorePlan::Nats {
+            program,
+            nodes,
+            urls,
+        } = store
+        else {
             println!(
                 "runner: store: memory (each logging instance keeps only the messages it received)"
             );
-            "memory".to_owned()
-        }
-    };
-
-    let token_file = TokenFile::write(&config.token_file)?;
-    let token_arg = token_file.0.display().to_string();
-    let registry = format!("127.0.0.1:{}", config.registry_port);
-    let registry_url = format!("http://{registry}");
-    let messages = format!("127.0.0.1:{}", config.messages_port);
-    let facade = format!("127.0.0.1:{}", config.facade_port);
-
-    let mut plan: Vec<(String, &str, Vec<String>, String)> = vec![
-        (
-            "config-server".into(),
-            "config-server",
-            vec![
-                "--addr".into(),
-                registry.clone(),
-                "--static".into(),
-                format!("messages={messages}"),
-                "--set".into(),
-                format!("logging.store={store}"),
-                "--token-file".into(),
-                token_arg.clone(),
-            ],
-            registry.clone(),
-        ),
-        (
-            "messages".into(),
-            "messages",
-            vec!["--addr".into(), messages.clone()],
-            messages.clone(),
-        ),
-        (
-            "facade".into(),
-            "facade",
-            vec![
-                "--addr".into(),
-                facade.clone(),
-                "--registry".into(),
-                registry_url.clone(),
-                "--discovery".into(),
-                config.discovery.clone(),
-                "--registry-token-file".into(),
-                token_arg.clone(),
-            ],
-            facade.clone(),
-        ),
-    ];
-    for port in consecutive(config.logging_port, config.logging)? {
-        plan.push((
-            format!("logging-{port}"),
-            "logging",
-            vec![
-                port.to_string(),
-                "--registry".into(),
-                registry_url.clone(),
-                "--registry-token-file".into(),
-                token_arg.clone(),
-            ],
-            format!("127.0.0.1:{port}"),
-        ));
-    }
-
-    for (name, binary, args, addr) in plan {
-        let program = bin_dir.join(binary);
-        let child = match supervisor.spawn(&name, &program, &args) {
-            Ok(child) => child,
-            Err(error) => {
-                started.stop_all().await;
-                return Err(error.context("build the binaries first: cargo build --release"));
-            }
+            return Ok(());
         };
-        started.children.push(child);
+        let mut logs = Vec::new();
+        for node in nodes {
+            std::fs::create_dir_all(&node.data_dir)
+                .with_context(|| format!("cannot create {}", node.data_dir.display()))?;
+            let log = log_file(node);
+            let output = Output::problems_after_start(&log)?;
+            let child = self.supervisor.spawn(
+                &node.name,
+                program,
+                &node.args(nodes),
+                output,
+                Signal::SIGINT, // nats-server exits 0 on SIGINT, 1 on SIGTERM
+            )?;
+            logs.push(log);
+            self.children.push(child);
+        }
+        println!(
+            "runner: starting NATS JetStream ({} nodes, output in {})",
+            nodes.len(),
+            logs.iter()
+                .map(|log| log.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         let ready = tokio::select! {
-            ready = wait_ready(&name, &addr, &mut supervisor) => ready,
-            () = shutdown.cancelled() => Err(anyhow::anyhow!("interrupted during start-up")),
+            ready = local_nats::wait_ready(urls, START_TIMEOUT, shutdown) => ready,
+            Some(exit) = self.supervisor.exits.recv() => Err(anyhow::anyhow!(
+                "{} exited during start-up ({})", exit.name, exit.describe()
+            )),
         };
         if let Err(error) = ready {
-            started.stop_all().await;
+            if !shutdown.is_cancelled() {
+                for log in &logs {
+                    children::print_tail(log, 8);
+                }
+            }
             return Err(error);
         }
-        println!("runner: {name} is SERVING on {addr}");
+        for child in &self.children {
+            child.started();
+        }
+        println!("runner: NATS JetStream cluster ready ({urls})");
+        Ok(())
     }
 
-    println!(
-        "runner: ready. Try:\n  curl -s -X POST http://{facade}/messages -H 'content-type: application/json' -d '{{\"msg\":\"hello\"}}'\n  curl -s http://{facade}/messages\n  logging PORT (e.g. `target/release/logging 50051`) starts a logging instance\nPress Ctrl+C to stop everything."
-    );
-
-    loop {
+    async fn start_service(
+        &mut self,
+        service: &Service,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let child = self
+            .supervisor
+            .spawn(
+                &service.name,
+                &service.program,
+                &service.args,
+                Output::Terminal,
+                Signal::SIGTERM,
+            )
+            .context("build the binaries first: cargo build --release")?;
+        self.children.push(child);
+        let addr = service.addr.as_str();
+        let waiting = Retry::new(format!("waiting for {}", service.name), shutdown)
+            .backoff(Duration::from_millis(50), Duration::from_millis(50))
+            .budget(START_TIMEOUT)
+            .quiet();
+        let serving = || async {
+            match rpc::is_serving(addr, "").await {
+                true => Ok(()),
+                false => Err("not SERVING yet"),
+            }
+        };
         tokio::select! {
-            () = shutdown.cancelled() => break,
-            Some(exit) = supervisor.exits.recv() => {
-                let status = match &exit.status {
-                    Ok(status) => status.to_string(),
-                    Err(error) => error.to_string(),
-                };
-                println!("runner: !!! {} exited unexpectedly ({status}); the others keep running", exit.name);
-                started.children.retain(|child| child.name != exit.name);
+            ready = waiting.run(serving, |_| false) => match ready {
+                Ok(()) => {}
+                Err(RetryError::Cancelled) => anyhow::bail!("interrupted during start-up"),
+                Err(_) => anyhow::bail!(
+                    "{} did not report SERVING on {addr} within {START_TIMEOUT:?}",
+                    service.name
+                ),
+            },
+            Some(exit) = self.supervisor.exits.recv() => anyhow::bail!(
+                "{} exited during start-up ({}); its output above says why (a port already in use?)",
+                exit.name, exit.describe()
+            ),
+        }
+        println!("runner: {} is SERVING on {addr}", service.name);
+        Ok(())
+    }
+
+    /// Reports children that exit by themselves (the others keep running) until
+    /// `shutdown`.
+    async fn supervise(&mut self, shutdown: &CancellationToken) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                Some(exit) = self.supervisor.exits.recv() => {
+                    println!(
+                        "runner: !!! {} exited unexpectedly ({}); the others keep running",
+                        exit.name, exit.describe()
+                    );
+                    self.children.retain(|child| child.name != exit.name);
+                }
             }
         }
     }
-    started.stop_all().await;
-    drop(token_file);
+
+    /// The one stop path: every child in reverse start order, then the token file.
+    async fn stop(mut self) {
+        for child in self.children.drain(..).rev() {
+            child.stop().await;
+        }
+        drop(self.token_file.take());
+    }
+}
+
+/// Runs the system until `shutdown`; returns the start-up error, if any, after every
+/// child that was started has been stopped.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let plan = Plan::new(&config)?;
+    let mut running = Running::new();
+    let outcome = async {
+        running.start(&plan, &shutdown).await?;
+        plan.print_ready();
+        running.supervise(&shutdown).await;
+        anyhow::Ok(())
+    }
+    .await;
+    running.stop().await;
     println!("runner: all stopped");
-    Ok(())
+    outcome
+}
+
+/// Where a NATS node's output goes: beside its data directory.
+fn log_file(node: &Node) -> PathBuf {
+    node.data_dir.with_extension("log")
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|arg| (*arg).to_owned()).collect()
 }
 
 /// The registry token of this run, removed when the runner ends, however it ends.
 struct TokenFile(PathBuf);
 
 impl TokenFile {
-    fn write(path: &std::path::Path) -> anyhow::Result<Self> {
-        write_token(path).map(Self)
+    /// Writes a fresh random token to `path` (readable by the owner only).
+    fn write(path: &Path) -> anyhow::Result<Self> {
+        use std::{io::Write, os::unix::fs::OpenOptionsExt};
+        if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let token: String = (0..32)
+            .map(|_| format!("{:02x}", rand::random::<u8>()))
+            .collect();
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("cannot write the registry token to {}", path.display()))?;
+        writeln!(file, "{token}")?;
+        Ok(Self(path.to_path_buf()))
     }
 }
 
@@ -286,55 +479,9 @@ impl Drop for TokenFile {
     }
 }
 
-/// Writes a fresh random registry token to `path` (readable by the owner only).
-fn write_token(path: &std::path::Path) -> anyhow::Result<PathBuf> {
-    use std::{io::Write, os::unix::fs::OpenOptionsExt};
-    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let token: String = (0..32)
-        .map(|_| format!("{:02x}", rand::random::<u8>()))
-        .collect();
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write the registry token to {}", path.display()))?;
-    writeln!(file, "{token}")?;
-    println!("runner: registry token for this run in {}", path.display());
-    Ok(path.to_path_buf())
-}
-
 /// `count` consecutive ports from `first`.
 fn consecutive(first: u16, count: u16) -> anyhow::Result<Vec<u16>> {
     (0..count)
         .map(|i| first.checked_add(i).context("ports run past 65535"))
         .collect()
-}
-
-/// Waits until `addr` reports SERVING; fails at once if the child exits first.
-async fn wait_ready(name: &str, addr: &str, supervisor: &mut Supervisor) -> anyhow::Result<()> {
-    let started = Instant::now();
-    loop {
-        if grpc::is_serving(addr, "").await {
-            return Ok(());
-        }
-        if let Ok(exit) = supervisor.exits.try_recv() {
-            let status = match exit.status {
-                Ok(status) => status.to_string(),
-                Err(error) => error.to_string(),
-            };
-            anyhow::bail!(
-                "{} exited during start-up ({status}); its output above says why (a port already in use?)",
-                exit.name
-            );
-        }
-        anyhow::ensure!(
-            started.elapsed() < START_TIMEOUT,
-            "{name} did not report SERVING on {addr} within {START_TIMEOUT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

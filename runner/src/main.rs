@@ -1,11 +1,17 @@
 use clap::Parser;
-use config_server::shutdown;
-use runner::Config;
+use runner::{Config, STOP_GRACE};
+use shutdown::Received;
 
 #[tokio::main]
 async fn main() {
     let config = Config::parse();
-    if let Err(error) = runner::run(config, shutdown::on_signal()).await {
+    let shutdown = shutdown::on_signal_with(|received| match received {
+        Received::First(signal) => println!("runner: {signal}: stopping everything"),
+        Received::Again(signal) => println!(
+            "runner: {signal} again: still stopping; each child gets {STOP_GRACE:?} before kill -9"
+        ),
+    });
+    if let Err(error) = runner::run(config, shutdown).await {
         eprintln!("runner: error: {error:#}");
         std::process::exit(1);
     }

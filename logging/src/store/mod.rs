@@ -55,7 +55,7 @@ pub(crate) mod contract {
     use super::*;
 
     /// The ids a store lists, in its order.
-    pub async fn listed_ids<S: MessageStore>(store: &S) -> Vec<String> {
+    pub(crate) async fn listed_ids<S: MessageStore>(store: &S) -> Vec<String> {
         store
             .list()
             .await
@@ -72,11 +72,11 @@ pub(crate) mod contract {
         }
     }
 
-    pub async fn empty_store_lists_nothing<S: MessageStore>(store: &S) {
+    pub(crate) async fn empty_store_lists_nothing<S: MessageStore>(store: &S) {
         assert!(store.list().await.expect("list").is_empty());
     }
 
-    pub async fn insert_then_duplicate_keeps_the_first<S: MessageStore>(store: &S) {
+    pub(crate) async fn insert_then_duplicate_keeps_the_first<S: MessageStore>(store: &S) {
         assert_eq!(
             store.append(message("a", "first")).await.expect("append"),
             Appended::Inserted
@@ -88,7 +88,7 @@ pub(crate) mod contract {
         assert_eq!(store.list().await.expect("list"), [message("a", "first")]);
     }
 
-    pub async fn lists_in_insertion_order<S: MessageStore>(store: &S) {
+    pub(crate) async fn lists_in_insertion_order<S: MessageStore>(store: &S) {
         let ids: Vec<String> = (0..50).map(|i| format!("id-{}", 50 - i)).collect();
         for id in &ids {
             store
@@ -101,7 +101,7 @@ pub(crate) mod contract {
 
     /// 16 writers, each appending its own ids and a shared set of ids: nothing lost,
     /// nothing twice, and every shared id inserted exactly once across all writers.
-    pub async fn concurrent_writers_lose_nothing<S: MessageStore>(store: Arc<S>) {
+    pub(crate) async fn concurrent_writers_lose_nothing<S: MessageStore>(store: Arc<S>) {
         const WRITERS: usize = 16;
         const EACH: usize = 50;
         const SHARED: usize = 20;

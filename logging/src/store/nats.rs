@@ -20,7 +20,10 @@
 //!   lost quorum or connection answers [`StoreError::Unavailable`] promptly.
 
 use std::{
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
     time::Duration,
 };
 
@@ -32,11 +35,12 @@ use async_nats::jetstream::{
     stream::{self, StorageType},
 };
 use futures_util::StreamExt;
+use retry::Retry;
 use tokio::{sync::watch, task::JoinHandle};
-use tracing::{info, warn};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
 
 use super::{Appended, Message, MessageStore, StoreError};
-use config_server::backoff::Backoff;
 
 pub const STREAM: &str = "MESSAGES";
 /// How long a reader waits for the tail before fetching what the view lacks itself.
@@ -73,6 +77,8 @@ pub struct NatsStore {
     stream: stream::Stream,
     view: Arc<View>,
     tail: JoinHandle<()>,
+    /// Stops the tail (when the store is dropped, or the process shuts down).
+    stop: CancellationToken,
     timeout: Duration,
 }
 
@@ -150,21 +156,18 @@ pub fn subject_for(id: &str) -> String {
 impl NatsStore {
     /// Connects, creates the stream if it is missing (safe when several instances start
     /// at once: creating an identical stream is idempotent), and starts the local view.
-    /// Keeps trying, with backoff and a log line per failure, until the cluster answers.
-    pub async fn connect(config: NatsConfig) -> anyhow::Result<Self> {
+    /// Keeps trying, with backoff and a log line now and then, until the cluster answers
+    /// or `cancel` fires (then it returns an error at once).
+    pub async fn connect(config: NatsConfig, cancel: &CancellationToken) -> anyhow::Result<Self> {
+        let was_disconnected = Arc::new(AtomicBool::new(false));
         let client = async_nats::ConnectOptions::new()
             .name("logging")
             .connection_timeout(config.timeout)
             .retry_on_initial_connect()
             .max_reconnects(None)
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Connected => info!("store: connected to NATS"),
-                    async_nats::Event::Disconnected => {
-                        warn!("store: disconnected from NATS; reconnecting")
-                    }
-                    other => info!(event = %other, "store: NATS event"),
-                }
+            .event_callback(move |event| {
+                let was_disconnected = Arc::clone(&was_disconnected);
+                async move { report(event, &was_disconnected) }
             })
             .connect(config.urls.as_slice())
             .await?;
@@ -181,25 +184,30 @@ impl NatsStore {
             num_replicas: config.replicas,
             ..Default::default()
         };
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
-        let stream = loop {
-            match jetstream.get_or_create_stream(stream_config.clone()).await {
-                Ok(stream) => break stream,
-                Err(error) => {
-                    warn!(%error, urls = ?config.urls, "store: JetStream not ready; retrying");
-                    tokio::time::sleep(backoff.next_delay()).await;
-                }
-            }
-        };
+        let stream = Retry::new(
+            format!(
+                "store: opening stream {STREAM} on JetStream at {}",
+                config.urls.join(",")
+            ),
+            cancel,
+        )
+        .backoff(Duration::from_millis(200), Duration::from_secs(2))
+        .run(
+            || jetstream.get_or_create_stream(stream_config.clone()),
+            |_| false,
+        )
+        .await?;
         info!(stream = STREAM, replicas = config.replicas, urls = ?config.urls, "store: using JetStream");
 
         let view = Arc::new(View::default());
-        let tail = tokio::spawn(tail(stream.clone(), Arc::clone(&view)));
+        let stop = cancel.child_token();
+        let tail = tokio::spawn(tail(stream.clone(), Arc::clone(&view), stop.clone()));
         Ok(Self {
             jetstream,
             stream,
             view,
             tail,
+            stop,
             timeout: config.timeout,
         })
     }
@@ -238,13 +246,34 @@ impl NatsStore {
 
 impl Drop for NatsStore {
     fn drop(&mut self) {
+        self.stop.cancel();
         self.tail.abort();
     }
 }
 
-/// Follows the stream from where the view stands, for as long as the store lives.
-async fn tail(stream: stream::Stream, view: Arc<View>) {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+/// The NATS client's connection events: trouble at WARN, a reconnection at INFO, the
+/// routine ones (connected, closed, each failed reconnection attempt while disconnected)
+/// at DEBUG.
+fn report(event: async_nats::Event, was_disconnected: &AtomicBool) {
+    use async_nats::Event;
+    match event {
+        Event::Connected if was_disconnected.swap(false, Ordering::Relaxed) => {
+            info!("store: reconnected to NATS")
+        }
+        Event::Disconnected => {
+            was_disconnected.store(true, Ordering::Relaxed);
+            warn!("store: disconnected from NATS; reconnecting")
+        }
+        Event::Connected | Event::Closed | Event::Draining | Event::ClientError(_) => {
+            debug!(%event, "store: NATS event")
+        }
+        other => warn!(event = %other, "store: NATS event"),
+    }
+}
+
+/// Follows the stream from where the view stands, until `stop`.
+async fn tail(stream: stream::Stream, view: Arc<View>, stop: CancellationToken) {
+    let follow = Retry::new("store: following the stream", &stop);
     loop {
         let applied = view.lock().applied;
         let deliver_policy = if applied == 0 {
@@ -254,35 +283,32 @@ async fn tail(stream: stream::Stream, view: Arc<View>) {
                 start_sequence: applied + 1,
             }
         };
-        let consumer = stream
-            .create_consumer(pull::OrderedConfig {
-                deliver_policy,
-                ..Default::default()
-            })
-            .await;
-        let mut messages = match consumer {
-            Ok(consumer) => match consumer.messages().await {
-                Ok(messages) => messages,
-                Err(error) => {
-                    warn!(%error, "store: cannot read the stream; retrying");
-                    tokio::time::sleep(backoff.next_delay()).await;
-                    continue;
-                }
-            },
-            Err(error) => {
-                warn!(%error, "store: cannot follow the stream; retrying");
-                tokio::time::sleep(backoff.next_delay()).await;
-                continue;
-            }
+        let subscribe = || async {
+            stream
+                .create_consumer(pull::OrderedConfig {
+                    deliver_policy,
+                    ..Default::default()
+                })
+                .await?
+                .messages()
+                .await
+                .map_err(anyhow::Error::from)
         };
-        backoff.reset();
-        while let Some(next) = messages.next().await {
+        let Ok(mut messages) = follow.run(subscribe, |_| false).await else {
+            return; // stopped
+        };
+        loop {
+            let next = tokio::select! {
+                () = stop.cancelled() => return,
+                next = messages.next() => next,
+            };
             let message = match next {
-                Ok(message) => message,
-                Err(error) => {
+                Some(Ok(message)) => message,
+                Some(Err(error)) => {
                     warn!(%error, "store: stream follower interrupted; resuming");
                     break;
                 }
+                None => break,
             };
             let Ok(info) = message.info() else { continue };
             view.apply(
@@ -292,7 +318,12 @@ async fn tail(stream: stream::Stream, view: Arc<View>) {
                 &message.payload,
             );
         }
-        tokio::time::sleep(backoff.next_delay()).await;
+        // A short pause before following again, so a consumer that breaks at once
+        // cannot spin.
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
     }
 }
 
@@ -349,14 +380,16 @@ impl MessageStore for NatsStore {
 mod tests {
     use std::sync::Arc;
 
+    use testkit::nats::Nats;
+
     use super::*;
     use crate::store::contract;
 
     /// A fresh single JetStream server (R1) and a store on it.
-    async fn store() -> (e2e::Nats, NatsStore) {
-        let nats = e2e::Nats::single().await;
+    async fn store() -> (Nats, NatsStore) {
+        let nats = Nats::single().await;
         let urls = vec![nats.urls()];
-        let store = NatsStore::connect(NatsConfig::new(urls))
+        let store = NatsStore::connect(NatsConfig::new(urls), &CancellationToken::new())
             .await
             .expect("connect");
         (nats, store)
@@ -409,9 +442,12 @@ mod tests {
     #[tokio::test]
     async fn a_second_store_on_the_same_stream_sees_everything_and_dedups_for_good() {
         let (nats, first) = store().await;
-        let second = NatsStore::connect(NatsConfig::new(vec![nats.urls()]))
-            .await
-            .expect("connect");
+        let second = NatsStore::connect(
+            NatsConfig::new(vec![nats.urls()]),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect("connect");
         let message = |text: &str| Message {
             id: "same-id".into(),
             text: text.into(),

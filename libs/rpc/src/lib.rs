@@ -1,16 +1,20 @@
-//! Server and client plumbing every service shares, so it exists once.
+//! Serving and calling gRPC, the same way in every service.
 //!
 //! Serving: [`routes`] starts a gRPC route table with the standard health service and
 //! reflection (v1 and v1alpha, since grpcurl 1.8 asks v1alpha); a service adds its own
-//! server and calls [`serve`] with its HTTP routes, if any. HTTP/1.1 and HTTP/2 share the
-//! port: axum's server detects the protocol per connection, and each request goes to
-//! tonic when its content type is `application/grpc*`, else to the HTTP router. Routing
-//! in front of both (rather than merging routers) lets the HTTP side keep its own JSON
-//! 404, so curl on a wrong path never gets gRPC's "200 + grpc-status" answer.
+//! server and calls [`serve`] with its HTTP routes, which start from [`http_router`].
+//! HTTP/1.1 and HTTP/2 share the port: axum's server detects the protocol per
+//! connection, and each request goes to tonic when its content type is
+//! `application/grpc*`, else to the HTTP router. Routing in front of both (rather than
+//! merging routers) lets the HTTP side keep its own JSON 404, so curl on a wrong path
+//! never gets gRPC's "200 + grpc-status" answer.
 //!
 //! Calling: [`channel`] makes a lazily connected, reusable channel, and [`call`] puts a
 //! deadline on one request, both in the header (so the server can give up too) and
-//! locally (so a hung peer cannot hang us).
+//! locally (so a hung peer cannot hang us). [`request_id`] carries one id per client
+//! request through every service's log lines.
+
+pub mod request_id;
 
 use std::{future::Future, io, time::Duration};
 
@@ -54,8 +58,16 @@ pub fn routes() -> anyhow::Result<(Routes, HealthReporter)> {
     Ok((routes, reporter))
 }
 
-/// Serves gRPC `routes` and the `http` router on `listener` until `shutdown` is
-/// cancelled, then stops accepting and waits for in-flight requests to finish.
+/// An HTTP router whose unknown paths answer a JSON 404. Every service's HTTP side
+/// starts from it, so that layers added to the whole router (the facade's request ids
+/// and metrics) also see the 404s.
+pub fn http_router<S: Clone + Send + Sync + 'static>() -> Router<S> {
+    Router::new().fallback(not_found)
+}
+
+/// Serves gRPC `routes` and the `http` router (made with [`http_router`]) on `listener`
+/// until `shutdown` is cancelled, then stops accepting and waits for in-flight requests
+/// to finish.
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
@@ -63,7 +75,6 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let grpc = routes.into_axum_router();
-    let http = http.fallback(not_found);
     let app = Router::new().fallback_service(tower::service_fn(move |request: Request| {
         let route = if is_grpc(&request) {
             grpc.clone()
@@ -152,3 +163,16 @@ pub async fn call<T>(
         ))),
     }
 }
+
+/// A failed call as a log line shows it: the code and the message, without the metadata
+/// dump of `Status`'s own `Display`.
+#[derive(Debug)]
+pub struct CallError(pub Status);
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.0.code(), self.0.message())
+    }
+}
+
+impl std::error::Error for CallError {}

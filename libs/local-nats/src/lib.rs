@@ -4,8 +4,11 @@
 
 use std::{
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
+
+use retry::{Retry, RetryError};
+use tokio_util::sync::CancellationToken;
 
 /// The `nats-server` binary: `$NATS_SERVER`, else on PATH, else the one scripts/setup
 /// linked under `.tools/bin` of the repository.
@@ -19,7 +22,7 @@ pub fn server_path() -> Option<PathBuf> {
             .find(|candidate| candidate.is_file())
     });
     on_path.or_else(|| {
-        let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/nats-server");
+        let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools/bin/nats-server");
         local.is_file().then_some(local)
     })
 }
@@ -92,33 +95,42 @@ pub fn urls(nodes: &[Node]) -> String {
 }
 
 /// Waits until JetStream answers an account query through `urls` (for a cluster, that
-/// means it has elected a meta leader), up to `limit`.
-pub async fn wait_ready(urls: &str, limit: Duration) -> anyhow::Result<()> {
-    let started = Instant::now();
+/// means it has elected a meta leader), up to `limit`, or until `cancel` fires.
+pub async fn wait_ready(
+    urls: &str,
+    limit: Duration,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
     let servers: Vec<&str> = urls.split(',').map(str::trim).collect();
-    let mut last_error = String::from("no answer yet");
-    while started.elapsed() < limit {
-        let attempt = async {
-            let client = async_nats::ConnectOptions::new()
-                .connection_timeout(Duration::from_millis(500))
-                .connect(servers.as_slice())
-                .await?;
-            // The raw account-info request: its JSON answer has an "error" until JetStream
-            // (and, in a cluster, its meta leader) is up. Parsed loosely, so any server
-            // version will do.
-            let reply = client.request("$JS.API.INFO", "".into()).await?;
-            let reply: serde_json::Value = serde_json::from_slice(&reply.payload)?;
-            match reply.get("error") {
-                None => anyhow::Ok(()),
-                Some(error) => anyhow::bail!("{error}"),
-            }
-        };
-        match tokio::time::timeout(Duration::from_secs(2), attempt).await {
-            Ok(Ok(())) => return Ok(()),
-            Ok(Err(error)) => last_error = error.to_string(),
-            Err(_) => last_error = "timed out".to_owned(),
+    let attempt = || async {
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_millis(500))
+            .connect(servers.as_slice())
+            .await?;
+        // The raw account-info request: its JSON answer has an "error" until JetStream
+        // (and, in a cluster, its meta leader) is up. Parsed loosely, so any server
+        // version will do.
+        let reply = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.request("$JS.API.INFO", "".into()),
+        )
+        .await??;
+        let reply: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+        match reply.get("error") {
+            None => anyhow::Ok(()),
+            Some(error) => anyhow::bail!("{error}"),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Failures are expected while the nodes start and elect; only the last one matters.
+    let waiting = Retry::new("waiting for JetStream", cancel)
+        .backoff(Duration::from_millis(100), Duration::from_millis(100))
+        .budget(limit)
+        .quiet();
+    match waiting.run(attempt, |_| false).await {
+        Ok(()) => Ok(()),
+        Err(RetryError::Exhausted { last, .. }) => {
+            anyhow::bail!("JetStream at {urls} not ready within {limit:?}: {last}")
+        }
+        Err(error) => anyhow::bail!("JetStream at {urls} not ready: {error}"),
     }
-    anyhow::bail!("JetStream at {urls} not ready within {limit:?}: {last_error}")
 }

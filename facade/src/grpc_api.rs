@@ -2,13 +2,13 @@
 
 use std::sync::Arc;
 
-use config_server::request_id;
 use proto::facade::v1 as pb;
+use rpc::request_id;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    core::{Facade, FacadeError},
     failover::FailoverError,
+    message_path::{Facade, FacadeError},
 };
 
 pub use pb::facade_server::FacadeServer;
@@ -27,9 +27,9 @@ impl FacadeService {
 fn status(error: FacadeError) -> Status {
     match error {
         FacadeError::Failover(FailoverError::Rejected(status)) => status,
-        FacadeError::Failover(exhausted @ FailoverError::Exhausted { .. }) => {
-            Status::unavailable(exhausted.to_string())
-        }
+        FacadeError::Failover(
+            unavailable @ (FailoverError::Exhausted { .. } | FailoverError::ShuttingDown),
+        ) => Status::unavailable(unavailable.to_string()),
         other => Status::invalid_argument(other.to_string()),
     }
 }

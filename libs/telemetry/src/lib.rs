@@ -28,10 +28,16 @@ pub struct LogArgs {
     pub log_format: LogFormat,
 }
 
-/// Installs the global subscriber; `info` unless `RUST_LOG` says otherwise. Colours only
-/// when stdout is a terminal, so captured output (runner, tests) stays plain.
+/// What is logged when `RUST_LOG` is not set: our `info`, and only warnings from the
+/// NATS client, whose connection chatter would otherwise fill the runner's terminal.
+pub const DEFAULT_FILTER: &str = "info,async_nats=warn";
+
+/// Installs the global subscriber; [`DEFAULT_FILTER`] unless `RUST_LOG` says otherwise.
+/// Colours only when stdout is a terminal, so captured output (runner, tests) stays
+/// plain.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout())
         && std::env::var_os("NO_COLOR").is_none();
     let builder = fmt().with_env_filter(filter).with_target(false);

@@ -1,13 +1,21 @@
-//! What the facade does, independent of how it is asked (HTTP or gRPC).
+//! The message path: what the facade does, independent of how it is asked (HTTP or
+//! gRPC). POST validates, makes the id and writes through [`Failover`]; GET reads every
+//! message the same way and asks the messages service for its text.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
-use config_server::{grpc, request_id};
 use dashmap::DashMap;
 use proto::{
     logging::v1::{logging_client::LoggingClient, AppendRequest, ListRequest},
     messages::v1::{messages_client::MessagesClient, GetRequest},
 };
+use rpc::request_id;
 use tonic::{transport::Channel, Status};
 use tracing::debug;
 use uuid::Uuid;
@@ -58,8 +66,11 @@ pub struct Facade {
     discovery: Discovery,
     failover: Failover,
     /// One channel per instance address, made on first use and reused (channels are
-    /// cheap handles over one HTTP/2 connection that reconnects by itself).
+    /// cheap handles over one HTTP/2 connection that reconnects by itself). Addresses
+    /// that left every list are forgotten, so the pool does not grow with churn.
     channels: DashMap<String, Channel>,
+    /// The discovery change count the pool was last pruned at.
+    pruned_at: AtomicU64,
     max_message_bytes: usize,
     messages_deadline: Duration,
 }
@@ -70,6 +81,7 @@ impl Facade {
             discovery,
             failover,
             channels: DashMap::new(),
+            pruned_at: AtomicU64::new(0),
             max_message_bytes,
             messages_deadline: Duration::from_secs(1),
         })
@@ -80,16 +92,31 @@ impl Facade {
     }
 
     fn channel(&self, address: &str) -> Result<Channel, Status> {
+        self.forget_unlisted();
         if let Some(channel) = self.channels.get(address) {
             return Ok(channel.clone());
         }
-        let channel = grpc::channel(address)
+        let channel = rpc::channel(address)
             .map_err(|e| Status::unavailable(format!("bad instance address {address}: {e}")))?;
-        Ok(self
+        let channel = self
             .channels
             .entry(address.to_owned())
             .or_insert(channel)
-            .clone())
+            .clone();
+        metrics::gauge!("facade_channels").set(self.channels.len() as f64);
+        Ok(channel)
+    }
+
+    /// After any list changed, drops the channels of addresses no list holds any more
+    /// (calls still using one keep their own clone). Costs one atomic load otherwise.
+    fn forget_unlisted(&self) {
+        let changes = self.discovery.changes();
+        if self.pruned_at.swap(changes, Ordering::AcqRel) == changes {
+            return;
+        }
+        let listed = self.discovery.listed();
+        self.channels.retain(|address, _| listed.contains(address));
+        metrics::gauge!("facade_channels").set(self.channels.len() as f64);
     }
 
     /// The id a message gets: from the idempotency key when there is one (the same key
@@ -205,8 +232,8 @@ impl Facade {
         let channel = self.channel(address).map_err(|s| s.message().to_owned())?;
         let mut client = MessagesClient::new(channel);
         let deadline = self.messages_deadline;
-        grpc::call(deadline, async move {
-            client.get(grpc::request(GetRequest {}, deadline)).await
+        rpc::call(deadline, async move {
+            client.get(rpc::request(GetRequest {}, deadline)).await
         })
         .await
         .map(|reply| reply.into_inner().text)
@@ -216,7 +243,7 @@ impl Facade {
 
 /// A request to a logging instance: the attempt's deadline and the client's request id.
 fn logging_request<T>(message: T, deadline: Duration, request_id: &str) -> tonic::Request<T> {
-    let mut request = grpc::request(message, deadline);
+    let mut request = rpc::request(message, deadline);
     request_id::attach(&mut request, request_id);
     request
 }

@@ -1,6 +1,8 @@
 //! The HTTP/JSON API: `POST /messages`, `GET /messages` (and `/facade`, the same),
-//! `GET /healthz`. Every error is `{"error": "..."}` with its status chosen in one place,
-//! [`ApiError::into_response`]; the body limit is a layer, not a check in a handler.
+//! `GET /healthz`, `GET /metrics`. Every error is `{"error": "..."}` with its status
+//! chosen in one place, [`ApiError::into_response`]; the body limit is a layer, not a
+//! check in a handler. One middleware ([`record`]) wraps the whole router, unknown paths
+//! and `/metrics` included, so every request gets an id and is counted.
 
 use std::sync::Arc;
 
@@ -12,13 +14,13 @@ use axum::{
     routing::{get, MethodRouter},
     Extension, Json, Router,
 };
-use config_server::request_id;
+use rpc::request_id;
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::{
-    core::{Facade, FacadeError, Listing},
     failover::FailoverError,
+    message_path::{Facade, FacadeError, Listing},
 };
 
 /// Seconds a client is told to wait after a 503.
@@ -30,14 +32,15 @@ pub fn router(facade: Arc<Facade>) -> Router {
     let body_limit = facade.max_message_bytes() + BODY_OVERHEAD;
     let messages =
         || -> MethodRouter<Arc<Facade>> { get(list).post(post).fallback(method_not_allowed) };
-    Router::new()
+    rpc::http_router()
         .route("/messages", messages())
         .route("/facade", messages())
         .route("/healthz", get(healthz))
-        .layer(DefaultBodyLimit::max(body_limit))
-        .route_layer(middleware::from_fn(record))
         .with_state(facade)
-        .merge(config_server::telemetry::metrics_router())
+        .merge(telemetry::metrics_router())
+        .layer(DefaultBodyLimit::max(body_limit))
+        // `layer`, not `route_layer`: the fallback (404) is wrapped too.
+        .layer(middleware::from_fn(record))
 }
 
 /// The status code as a label, without allocating for the codes this API answers.
@@ -61,7 +64,8 @@ fn status_label(status: StatusCode) -> metrics::SharedString {
 struct RequestId(String);
 
 /// Gives every request an id (echoed in the `x-request-id` response header), counts
-/// every request by route, method and status, and times it.
+/// every request by route (`unmatched` for unknown paths), method and status, and times
+/// it.
 async fn record(mut request: Request, next: Next) -> Response {
     let id = request_id::accept(
         request
@@ -79,6 +83,7 @@ async fn record(mut request: Request, next: Next) -> Response {
         Some("/messages") => "/messages",
         Some("/facade") => "/facade",
         Some("/healthz") => "/healthz",
+        Some("/metrics") => "/metrics",
         Some(_) => "other",
         None => "unmatched",
     };
@@ -184,9 +189,9 @@ impl IntoResponse for ApiError {
                     | FacadeError::EmptyMessage
                     | FacadeError::InvalidIdempotencyKey(_) => StatusCode::BAD_REQUEST,
                     FacadeError::MessageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-                    FacadeError::Failover(FailoverError::Exhausted { .. }) => {
-                        StatusCode::SERVICE_UNAVAILABLE
-                    }
+                    FacadeError::Failover(
+                        FailoverError::Exhausted { .. } | FailoverError::ShuttingDown,
+                    ) => StatusCode::SERVICE_UNAVAILABLE,
                     FacadeError::Failover(FailoverError::Rejected(status)) => match status.code() {
                         tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
                         _ => StatusCode::BAD_GATEWAY,

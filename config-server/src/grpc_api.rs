@@ -21,16 +21,20 @@ use crate::{
     registry::{Instance, Registry, RegistryError, Snapshot},
 };
 
-pub use pb::registry_server::RegistryServer;
+pub(crate) use pb::registry_server::RegistryServer;
 
-pub struct RegistryService {
+pub(crate) struct RegistryService {
     registry: Arc<Registry>,
     shutdown: CancellationToken,
     auth: Option<Auth>,
 }
 
 impl RegistryService {
-    pub fn new(registry: Arc<Registry>, shutdown: CancellationToken, auth: Option<Auth>) -> Self {
+    pub(crate) fn new(
+        registry: Arc<Registry>,
+        shutdown: CancellationToken,
+        auth: Option<Auth>,
+    ) -> Self {
         Self {
             registry,
             shutdown,
@@ -47,7 +51,7 @@ impl RegistryService {
 }
 
 /// The one place registry errors become gRPC statuses.
-pub fn status(error: RegistryError) -> Status {
+pub(crate) fn status(error: RegistryError) -> Status {
     let message = error.to_string();
     match error {
         RegistryError::InvalidService(_)
@@ -70,7 +74,7 @@ fn unix_ms(time: SystemTime) -> u64 {
     })
 }
 
-pub fn instance_to_proto(instance: &Instance) -> pb::Instance {
+pub(crate) fn instance_to_proto(instance: &Instance) -> pb::Instance {
     pb::Instance {
         instance_id: instance.id.clone(),
         service: instance.service.clone(),
@@ -86,7 +90,7 @@ pub fn instance_to_proto(instance: &Instance) -> pb::Instance {
     }
 }
 
-pub fn snapshot_to_proto(snapshot: &Snapshot) -> pb::LookupResponse {
+pub(crate) fn snapshot_to_proto(snapshot: &Snapshot) -> pb::LookupResponse {
     pb::LookupResponse {
         service: snapshot.service.clone(),
         instances: snapshot.instances.iter().map(instance_to_proto).collect(),

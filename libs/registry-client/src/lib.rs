@@ -7,6 +7,12 @@
 //!   us), keeps trying with capped jittered backoff while the server is unreachable, and
 //!   deregisters on shutdown with a short deadline. The service keeps serving throughout:
 //!   an unreachable registry only means others cannot find it for a while.
+//! - [`RegistryArgs`] and [`DiscoveryMode`]: the flags every service shares.
+//! - [`token`]: the bearer-token file the runner writes and both sides read.
+//!
+//! The registry server itself is the `config-server` crate; no service depends on it.
+
+pub mod token;
 
 use std::{collections::HashMap, path::PathBuf, time::Duration};
 
@@ -22,7 +28,7 @@ use tonic::{
 };
 use tracing::{info, warn};
 
-use crate::{auth, backoff::Backoff, grpc};
+use retry::Retry;
 
 /// Deadline of one registry call.
 pub const CALL_DEADLINE: Duration = Duration::from_millis(1000);
@@ -30,6 +36,25 @@ pub const CALL_DEADLINE: Duration = Duration::from_millis(1000);
 pub const DEREGISTER_DEADLINE: Duration = Duration::from_millis(500);
 /// The address registries listen on by default.
 pub const DEFAULT_REGISTRY: &str = "http://127.0.0.1:50050";
+
+/// How a client finds the instances of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiscoveryMode {
+    /// A registry lookup before every call.
+    PerCall,
+    /// Keep a pushed view from the registry's Watch stream.
+    Watch,
+}
+
+impl DiscoveryMode {
+    /// The flag value (`per-call` or `watch`), for passing it on to a child process.
+    pub fn as_flag(self) -> &'static str {
+        match self {
+            Self::PerCall => "per-call",
+            Self::Watch => "watch",
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct RegistryClient {
@@ -64,8 +89,8 @@ impl RegistryArgs {
     pub fn client(&self) -> anyhow::Result<RegistryClient> {
         let client = RegistryClient::new(&self.url)
             .with_context(|| format!("invalid registry address {}", self.url))?;
-        match auth::token_file(self.token_file.as_ref()) {
-            Some(path) => client.with_token(&auth::read_token(&path)?),
+        match token::token_file(self.token_file.as_ref()) {
+            Some(path) => client.with_token(&token::read_token(&path)?),
             None => Ok(client),
         }
     }
@@ -76,7 +101,7 @@ impl RegistryClient {
     /// first use, so it can be made before the registry is up.
     pub fn new(url: &str) -> Result<Self, tonic::transport::Error> {
         Ok(Self {
-            inner: registry_client::RegistryClient::new(grpc::channel(url)?),
+            inner: registry_client::RegistryClient::new(rpc::channel(url)?),
             deadline: CALL_DEADLINE,
             token: None,
         })
@@ -84,16 +109,16 @@ impl RegistryClient {
 
     /// The same client, sending `authorization: Bearer <token>` with every call.
     pub fn with_token(mut self, token: &str) -> anyhow::Result<Self> {
-        self.token = Some(auth::bearer(token)?);
+        self.token = Some(token::bearer(token)?);
         Ok(self)
     }
 
     fn request<T>(&self, message: T, deadline: Option<Duration>) -> tonic::Request<T> {
         let mut request = match deadline {
-            Some(deadline) => grpc::request(message, deadline),
+            Some(deadline) => rpc::request(message, deadline),
             None => tonic::Request::new(message),
         };
-        auth::attach(&mut request, self.token.as_ref());
+        token::attach(&mut request, self.token.as_ref());
         request
     }
 
@@ -113,7 +138,7 @@ impl RegistryClient {
             },
             Some(deadline),
         );
-        grpc::call(deadline, async move {
+        rpc::call(deadline, async move {
             Ok(client.lookup(request).await?.into_inner())
         })
         .await
@@ -129,7 +154,7 @@ impl RegistryClient {
             },
             Some(deadline),
         );
-        let result = grpc::call(deadline, async move {
+        let result = rpc::call(deadline, async move {
             Ok(client.get_setting(request).await?.into_inner())
         })
         .await;
@@ -151,7 +176,7 @@ impl RegistryClient {
             },
             None,
         );
-        grpc::call(CALL_DEADLINE, async move {
+        rpc::call(CALL_DEADLINE, async move {
             Ok(client.watch(request).await?.into_inner())
         })
         .await
@@ -172,7 +197,7 @@ impl RegistryClient {
             },
             Some(CALL_DEADLINE),
         );
-        grpc::call(CALL_DEADLINE, async move {
+        rpc::call(CALL_DEADLINE, async move {
             Ok(client.register(request).await?.into_inner())
         })
         .await
@@ -186,7 +211,7 @@ impl RegistryClient {
             },
             Some(deadline),
         );
-        grpc::call(deadline, async move {
+        rpc::call(deadline, async move {
             client.heartbeat(request).await?;
             Ok(())
         })
@@ -201,7 +226,7 @@ impl RegistryClient {
             },
             Some(DEREGISTER_DEADLINE),
         );
-        grpc::call(DEREGISTER_DEADLINE, async move {
+        rpc::call(DEREGISTER_DEADLINE, async move {
             client.deregister(request).await?;
             Ok(())
         })
@@ -227,7 +252,7 @@ pub struct Registration {
 
 /// First retry delay while the registry is unreachable.
 const RETRY_BASE: Duration = Duration::from_millis(100);
-/// Longest retry delay; also the heartbeat pace used before the server has told us one.
+/// Longest retry delay while registering.
 const RETRY_CAP: Duration = Duration::from_secs(1);
 
 impl Registration {
@@ -288,108 +313,110 @@ struct Keeper {
     state: watch::Sender<RegistrationState>,
 }
 
+/// How a registered instance's heartbeats ended.
+enum Heartbeats {
+    /// The registry no longer knows the instance: register again.
+    Forgotten,
+    /// Shutdown.
+    Stopped,
+}
+
 impl Keeper {
+    /// Register (retrying until accepted), heartbeat until the registry forgets us,
+    /// again; on `stop`, deregister.
     async fn run(self, stop: CancellationToken) {
-        let mut backoff = Backoff::new(RETRY_BASE, RETRY_CAP);
-        let mut interval = RETRY_CAP;
-        let mut instance_id: Option<String> = None;
-        let mut unreachable = false;
+        let register = Retry::new(
+            format!("registering {} at {}", self.service, self.address),
+            &stop,
+        )
+        .backoff(RETRY_BASE, RETRY_CAP);
         loop {
-            let wait = match &instance_id {
-                None => match self
-                    .client
-                    .register(&self.service, &self.address, &self.metadata)
-                    .await
-                {
-                    Ok(lease) => {
-                        interval = Duration::from_millis(lease.heartbeat_interval_ms.max(1));
-                        info!(
-                            service = self.service,
-                            address = self.address,
-                            instance_id = lease.instance_id,
-                            heartbeat_interval = %humantime::format_duration(interval),
-                            ttl = %humantime::format_duration(Duration::from_millis(lease.ttl_ms)),
-                            "registered with the registry"
-                        );
-                        self.state
-                            .send_replace(RegistrationState::Registered(lease.instance_id.clone()));
-                        instance_id = Some(lease.instance_id);
-                        unreachable = false;
-                        backoff.reset();
-                        interval
-                    }
-                    Err(status) if is_refusal(&status) => {
-                        // The registry understood and said no (bad name, full): retrying
-                        // fast will not help, so say why and try again slowly.
-                        warn!(service = self.service, address = self.address, code = ?status.code(),
-                              message = status.message(), "registry refused the registration");
-                        RETRY_CAP
-                    }
-                    Err(status) => {
-                        if !unreachable {
-                            warn!(service = self.service, error = %status.message(),
-                                  "registry unreachable; still serving, will keep trying");
-                            unreachable = true;
-                        }
-                        backoff.next_delay()
-                    }
-                },
-                Some(id) => match self.client.heartbeat(id, interval).await {
-                    Ok(()) => {
-                        if unreachable {
-                            info!(
-                                service = self.service,
-                                instance_id = id,
-                                "registry reachable again"
-                            );
-                            unreachable = false;
-                        }
-                        interval
-                    }
-                    Err(status) if status.code() == Code::NotFound => {
-                        info!(service = self.service, instance_id = id,
-                              "registry does not know this instance (restarted or evicted it); registering again");
-                        instance_id = None;
-                        self.state.send_replace(RegistrationState::Pending);
-                        continue;
-                    }
-                    Err(status) => {
-                        if !unreachable {
-                            warn!(service = self.service, error = %status.message(),
-                                  "heartbeat failed; still serving, will keep trying");
-                            unreachable = true;
-                        }
-                        // Keep the server's pace: a heartbeat per interval is already gentle,
-                        // and it brings us back within one interval of the registry's return.
-                        interval
-                    }
-                },
-            };
-            tokio::select! {
-                () = stop.cancelled() => break,
-                () = tokio::time::sleep(wait) => {}
-            }
-        }
-        if let Some(id) = instance_id {
-            match self.client.deregister(&id).await {
-                Ok(()) => info!(service = self.service, instance_id = id, "deregistered"),
-                Err(status) => warn!(service = self.service, instance_id = id,
-                                     error = %status.message(),
-                                     "could not deregister; the registry will evict this instance after its ttl"),
+            let lease = register
+                .run(
+                    || async {
+                        self.client
+                            .register(&self.service, &self.address, &self.metadata)
+                            .await
+                            .map_err(rpc::CallError)
+                    },
+                    |_| false, // a refusal (full, bad name) may be lifted later: keep asking
+                )
+                .await;
+            let Ok(lease) = lease else { break }; // only cancellation ends the retry
+            let interval = Duration::from_millis(lease.heartbeat_interval_ms.max(1));
+            info!(
+                service = self.service,
+                address = self.address,
+                instance_id = lease.instance_id,
+                heartbeat_interval = %humantime::format_duration(interval),
+                ttl = %humantime::format_duration(Duration::from_millis(lease.ttl_ms)),
+                "registered with the registry"
+            );
+            self.state
+                .send_replace(RegistrationState::Registered(lease.instance_id.clone()));
+            match self.heartbeat(&lease.instance_id, interval, &stop).await {
+                Heartbeats::Forgotten => {
+                    self.state.send_replace(RegistrationState::Pending);
+                }
+                Heartbeats::Stopped => {
+                    self.deregister(&lease.instance_id).await;
+                    break;
+                }
             }
         }
         self.state.send_replace(RegistrationState::Pending);
     }
-}
 
-/// Answers that mean "no", not "cannot reach".
-fn is_refusal(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        Code::InvalidArgument
-            | Code::ResourceExhausted
-            | Code::FailedPrecondition
-            | Code::Unauthenticated
-            | Code::PermissionDenied
-    )
+    /// Heartbeats every `interval` until the registry forgets `id` or `stop` fires. While
+    /// the registry is unreachable it keeps the server's pace: a heartbeat per interval is
+    /// already gentle, and it brings us back within one interval of the registry's return.
+    async fn heartbeat(
+        &self,
+        id: &str,
+        interval: Duration,
+        stop: &CancellationToken,
+    ) -> Heartbeats {
+        let mut unreachable = false;
+        loop {
+            let result = tokio::select! {
+                () = stop.cancelled() => return Heartbeats::Stopped,
+                result = async {
+                    tokio::time::sleep(interval).await;
+                    self.client.heartbeat(id, interval).await
+                } => result,
+            };
+            match result {
+                Ok(()) if unreachable => {
+                    info!(
+                        service = self.service,
+                        instance_id = id,
+                        "registry reachable again"
+                    );
+                    unreachable = false;
+                }
+                Ok(()) => {}
+                Err(status) if status.code() == Code::NotFound => {
+                    info!(service = self.service, instance_id = id,
+                          "registry does not know this instance (restarted or evicted it); registering again");
+                    return Heartbeats::Forgotten;
+                }
+                Err(status) => {
+                    if !unreachable {
+                        warn!(service = self.service, error = %status.message(),
+                              "heartbeat failed; still serving, will keep trying");
+                        unreachable = true;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn deregister(&self, id: &str) {
+        match self.client.deregister(id).await {
+            Ok(()) => info!(service = self.service, instance_id = id, "deregistered"),
+            Err(status) => warn!(service = self.service, instance_id = id,
+                                 error = %status.message(),
+                                 "could not deregister; the registry will evict this instance after its ttl"),
+        }
+    }
 }

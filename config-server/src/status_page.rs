@@ -18,27 +18,28 @@ use serde_json::json;
 
 use crate::{
     auth::{Access, Auth},
+    grpc_api::instance_to_proto,
     registry::Registry,
-    service::instance_to_proto,
 };
 
-const PAGE: &str = include_str!("status.html");
+const PAGE: &str = include_str!("status_page.html");
 
+/// What the page's handlers read.
 #[derive(Clone)]
-struct Status {
+struct StatusPage {
     registry: Arc<Registry>,
     auth: Option<Auth>,
 }
 
-pub fn router(registry: Arc<Registry>, auth: Option<Auth>) -> Router {
-    Router::new()
+pub(crate) fn router(registry: Arc<Registry>, auth: Option<Auth>) -> Router {
+    rpc::http_router()
         .route("/", get(|| async { Html(PAGE) }))
         .route("/v1/services", get(services))
-        .with_state(Status { registry, auth })
+        .with_state(StatusPage { registry, auth })
 }
 
-async fn services(State(status): State<Status>, headers: HeaderMap) -> Response {
-    if let Some(auth) = &status.auth {
+async fn services(State(page): State<StatusPage>, headers: HeaderMap) -> Response {
+    if let Some(auth) = &page.auth {
         // The same rule as the gRPC reads: open unless reads need the token too.
         let mut probe = tonic::Request::new(());
         if let Some(value) = headers
@@ -56,7 +57,7 @@ async fn services(State(status): State<Status>, headers: HeaderMap) -> Response 
                 .into_response();
         }
     }
-    let (services, revision) = status.registry.list_services();
+    let (services, revision) = page.registry.list_services();
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |since| since.as_millis());
@@ -84,8 +85,8 @@ async fn services(State(status): State<Status>, headers: HeaderMap) -> Response 
     Json(json!({
         "revision": revision,
         "now_unix_ms": now,
-        "heartbeat_interval_ms": status.registry.heartbeat_interval().as_millis(),
-        "ttl_ms": status.registry.ttl().as_millis(),
+        "heartbeat_interval_ms": page.registry.heartbeat_interval().as_millis(),
+        "ttl_ms": page.registry.ttl().as_millis(),
         "services": services,
     }))
     .into_response()

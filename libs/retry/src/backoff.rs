@@ -1,4 +1,4 @@
-//! Capped exponential backoff with jitter, shared by everything that retries.
+//! Capped exponential backoff with jitter: the delays [`Retry`](crate::Retry) waits.
 //!
 //! Each delay is drawn from the upper half of the current step (`[step/2, step]`), so
 //! peers that failed together spread out while no retry comes sooner than half a step.

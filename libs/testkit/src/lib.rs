@@ -1,0 +1,315 @@
+//! Test support for driving the real binaries: free ports, child processes that are
+//! killed when a test ends (and show their output when it fails), bounded waits on a
+//! condition, readiness on gRPC health, and the real command-line clients (grpcurl,
+//! curl). With the `nats` feature, real `nats-server` nodes too ([`nats`]).
+//!
+//! It is lean on purpose: any crate's tests can use it without compiling the runner, the
+//! registry server or NATS. The whole system on free ports is the `e2e` crate's.
+//!
+//! The binaries come from the same target directory as the test; `scripts/test` builds
+//! them first (`cargo build --workspace --bins`).
+
+use std::{
+    fs::File,
+    future::Future,
+    io::Read,
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+use nix::{sys::signal::Signal, unistd::Pid};
+
+#[cfg(feature = "nats")]
+pub mod nats;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("testkit lives in libs/ of the workspace")
+        .to_path_buf()
+}
+
+/// The path of one of the workspace's binaries, built next to this test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test runs from target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`, which scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// A running child process. Killed when dropped; its output is printed if the test
+/// is failing at that moment.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, program: &Path, args: &[&str]) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let log = std::env::temp_dir().join(format!(
+            "e2e-{}-{}-{}.log",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed),
+            name,
+        ));
+        let out = File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        // An empty working directory of its own: files a service looks for by default
+        // (config-server.toml, data/registry.token) never leak between tests.
+        let cwd = log.with_extension("cwd");
+        std::fs::create_dir_all(&cwd).expect("working directory");
+        let mut command = Command::new(program);
+        // The services' own default log filter, as a user sees it, unless E2E_RUST_LOG
+        // asks for another (a RUST_LOG of the test's own never leaks in).
+        match std::env::var("E2E_RUST_LOG") {
+            Ok(filter) => command.env("RUST_LOG", filter),
+            Err(_) => command.env_remove("RUST_LOG"),
+        };
+        let child = command
+            .args(args)
+            .current_dir(&cwd)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        Self {
+            name: name.to_owned(),
+            child,
+            log,
+        }
+    }
+
+    /// Starts one of the workspace's binaries.
+    pub fn start(name: &str, binary: &str, args: &[&str]) -> Self {
+        Self::spawn(name, &bin(binary), args)
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits"))
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        nix::sys::signal::kill(self.pid(), signal).expect("send signal");
+    }
+
+    /// Everything the process printed so far.
+    pub fn output(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut file) = File::open(&self.log) {
+            let _ = file.read_to_string(&mut text);
+        }
+        text
+    }
+
+    /// Waits for the process to exit, up to `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "{} did not exit within {limit:?}; output:\n{}",
+                self.name,
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        self.signal(Signal::SIGTERM);
+        self.wait_exit(Duration::from_secs(10)).await
+    }
+
+    /// SIGKILL: a crash, with no chance to deregister.
+    pub async fn kill9(&mut self) {
+        self.signal(Signal::SIGKILL);
+        self.wait_exit(Duration::from_secs(10)).await;
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            // A stopped process must be continued to die promptly on some kernels.
+            let _ = nix::sys::signal::kill(self.pid(), Signal::SIGCONT);
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("----- output of {} -----\n{}", self.name, self.output());
+        }
+        let _ = std::fs::remove_file(&self.log);
+        let _ = std::fs::remove_dir_all(self.log.with_extension("cwd"));
+    }
+}
+
+/// Polls `check` every 20 ms until it holds; panics after `limit`. Returns the time taken.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if check().await {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `addr` reports SERVING (20 s bound: a cold start on a busy 2-core box).
+pub async fn wait_serving(addr: SocketAddr) {
+    let address = addr.to_string();
+    eventually(Duration::from_secs(20), &format!("{addr} SERVING"), || {
+        rpc::is_serving(&address, "")
+    })
+    .await;
+}
+
+/// The grpcurl command: `$GRPCURL`, else the one scripts/setup installs, else PATH.
+pub fn grpcurl_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("GRPCURL") {
+        return PathBuf::from(path);
+    }
+    let local = repo_root().join(".tools/bin/grpcurl");
+    if local.exists() {
+        local
+    } else {
+        PathBuf::from("grpcurl")
+    }
+}
+
+/// Runs grpcurl in plaintext against `addr`, optionally with a JSON body.
+pub fn grpcurl(addr: SocketAddr, method: &str, body: Option<&str>) -> Output {
+    let mut command = Command::new(grpcurl_path());
+    command.args(["-plaintext", "-max-time", "10"]);
+    if let Some(body) = body {
+        command.args(["-d", body]);
+    }
+    command.arg(addr.to_string());
+    if !method.is_empty() {
+        command.arg(method);
+    }
+    command.output().unwrap_or_else(|e| {
+        panic!(
+            "cannot run grpcurl ({}): {e}; run scripts/setup",
+            grpcurl_path().display()
+        )
+    })
+}
+
+/// grpcurl that must succeed; returns its JSON output parsed.
+pub fn grpcurl_json(addr: SocketAddr, method: &str, body: Option<&str>) -> serde_json::Value {
+    let output = grpcurl(addr, method, body);
+    assert!(
+        output.status.success(),
+        "grpcurl {method} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "grpcurl {method} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
+/// Runs curl and returns (HTTP status, headers, body). `args` go before the URL.
+pub fn curl(method: &str, url: &str, args: &[&str]) -> (u16, String, String) {
+    let output = Command::new("curl")
+        .args(["-s", "-S", "-i", "--max-time", "20", "-X", method])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("curl runs");
+    assert!(
+        output.status.success(),
+        "curl {method} {url} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+    // A large body makes curl send `Expect: 100-continue`; skip the interim answer.
+    while text.starts_with("HTTP/1.1 100") {
+        text = text
+            .split_once("\r\n\r\n")
+            .map_or_else(String::new, |(_, rest)| rest.to_owned());
+    }
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in: {head}"));
+    (status, head.to_owned(), body.to_owned())
+}
+
+/// POSTs `{"msg": msg}` with curl; returns (status, parsed JSON body).
+pub fn curl_post(facade: SocketAddr, msg: &str) -> (u16, serde_json::Value) {
+    let body = serde_json::json!({ "msg": msg }).to_string();
+    let (status, _, reply) = curl(
+        "POST",
+        &format!("http://{facade}/messages"),
+        &["-H", "content-type: application/json", "-d", &body],
+    );
+    (
+        status,
+        serde_json::from_str(&reply).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// POSTs `{"msg": msg}` with an `Idempotency-Key`; returns (status, headers, body).
+pub fn curl_post_keyed(facade: SocketAddr, msg: &str, key: &str) -> (u16, String, String) {
+    let body = serde_json::json!({ "msg": msg }).to_string();
+    curl(
+        "POST",
+        &format!("http://{facade}/messages"),
+        &[
+            "-H",
+            "content-type: application/json",
+            "-H",
+            &format!("Idempotency-Key: {key}"),
+            "-d",
+            &body,
+        ],
+    )
+}

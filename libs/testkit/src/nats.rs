@@ -1,0 +1,132 @@
+//! Real `nats-server` processes for tests (the `nats` feature).
+
+use std::{
+    path::PathBuf,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::{free_port, Proc};
+
+/// Real `nats-server` processes with JetStream on free ports, data in a temporary
+/// directory removed at the end. Stopped (kill -9) when dropped.
+pub struct Nats {
+    pub nodes: Vec<local_nats::Node>,
+    procs: Vec<Option<Proc>>,
+    dir: PathBuf,
+}
+
+impl Nats {
+    fn data_dir() -> PathBuf {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        std::env::temp_dir().join(format!(
+            "e2e-nats-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+
+    /// One JetStream server (R1).
+    pub async fn single() -> Self {
+        let dir = Self::data_dir();
+        let nodes = vec![local_nats::Node {
+            name: "nats-1".into(),
+            client_port: free_port(),
+            cluster_port: None,
+            data_dir: dir.join("node-1"),
+        }];
+        Self::start(nodes, dir).await
+    }
+
+    /// A cluster of `size` nodes (R3 streams need three).
+    pub async fn cluster(size: usize) -> Self {
+        let dir = Self::data_dir();
+        let client: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let cluster: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let nodes = local_nats::cluster(&client, &cluster, &dir);
+        Self::start(nodes, dir).await
+    }
+
+    async fn start(nodes: Vec<local_nats::Node>, dir: PathBuf) -> Self {
+        let mut nats = Self {
+            procs: nodes.iter().map(|_| None).collect(),
+            nodes,
+            dir,
+        };
+        for i in 0..nats.nodes.len() {
+            nats.start_node(i);
+        }
+        nats.wait_ready().await;
+        nats
+    }
+
+    pub async fn wait_ready(&self) {
+        local_nats::wait_ready(
+            &self.urls(),
+            Duration::from_secs(30),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect("JetStream ready");
+    }
+
+    /// Starts node `i` (again, after a kill: same ports, same data).
+    pub fn start_node(&mut self, i: usize) {
+        let program =
+            local_nats::server_path().expect("nats-server is not installed: run scripts/setup");
+        let node = &self.nodes[i];
+        let args = node.args(&self.nodes);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.procs[i] = Some(Proc::spawn(&node.name, &program, &args));
+    }
+
+    /// kill -9 of node `i`.
+    pub async fn kill9(&mut self, i: usize) {
+        if let Some(mut proc) = self.procs[i].take() {
+            proc.kill9().await;
+        }
+    }
+
+    /// kill -9 of every node, then all started again on the same ports and data.
+    pub async fn restart_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill9(i).await;
+        }
+        for i in 0..self.nodes.len() {
+            self.start_node(i);
+        }
+        self.wait_ready().await;
+    }
+
+    pub fn urls(&self) -> String {
+        local_nats::urls(&self.nodes)
+    }
+
+    /// The index of the node that leads `stream`, asked through any running node.
+    pub async fn stream_leader(&self, stream: &str) -> Option<usize> {
+        for (i, node) in self.nodes.iter().enumerate() {
+            if self.procs[i].is_none() {
+                continue;
+            }
+            let Ok(client) = async_nats::connect(node.url()).await else {
+                continue;
+            };
+            let jetstream = async_nats::jetstream::new(client);
+            let Ok(stream) = jetstream.get_stream(stream).await else {
+                continue;
+            };
+            let leader = stream.cached_info().cluster.as_ref()?.leader.clone()?;
+            return self.nodes.iter().position(|n| n.name == leader);
+        }
+        None
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.procs.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
