@@ -18,10 +18,12 @@ async fn grpcurl_registers_looks_up_heartbeats_and_deregisters() {
             "messages=127.0.0.1:50060",
             "--set",
             "logging.store=memory",
+            // Long enough for the grpcurl calls below (each spawns a process) to come
+            // before the eviction even on a loaded machine; the eviction is tested last.
             "--heartbeat-interval",
-            "200ms",
+            "1s",
             "--ttl",
-            "600ms",
+            "5s",
         ],
     );
     wait_serving(addr).await;
@@ -45,8 +47,8 @@ async fn grpcurl_registers_looks_up_heartbeats_and_deregisters() {
         .as_str()
         .expect("instance id")
         .to_owned();
-    assert_eq!(lease["ttlMs"], "600");
-    assert_eq!(lease["heartbeatIntervalMs"], "200");
+    assert_eq!(lease["ttlMs"], "5000");
+    assert_eq!(lease["heartbeatIntervalMs"], "1000");
 
     let lookup = grpcurl_json(
         addr,
@@ -86,7 +88,11 @@ async fn grpcurl_registers_looks_up_heartbeats_and_deregisters() {
         "registry.v1.Registry/Deregister",
         Some(&format!(r#"{{"instanceId":"{id}"}}"#)),
     );
-    assert!(deregister.status.success());
+    assert!(
+        deregister.status.success(),
+        "{}",
+        String::from_utf8_lossy(&deregister.stderr)
+    );
     let lookup = grpcurl_json(
         addr,
         "registry.v1.Registry/Lookup",
@@ -116,7 +122,7 @@ async fn grpcurl_registers_looks_up_heartbeats_and_deregisters() {
         "registry.v1.Registry/Register",
         Some(r#"{"service":"logging","address":"127.0.0.1:50052"}"#),
     );
-    eventually(Duration::from_secs(5), "eviction", || async {
+    eventually(Duration::from_secs(15), "eviction", || async {
         grpcurl_json(
             addr,
             "registry.v1.Registry/Lookup",
