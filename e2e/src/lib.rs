@@ -98,16 +98,17 @@ impl System {
 
     /// Starts one more logging instance and waits until it is SERVING.
     pub async fn add_logging(&mut self) -> SocketAddr {
+        self.add_logging_with(&[]).await
+    }
+
+    /// [`add_logging`](Self::add_logging) with more flags, e.g. `--max-messages 3`.
+    pub async fn add_logging_with(&mut self, flags: &[&str]) -> SocketAddr {
         let addr = free_addr();
-        let proc = Proc::start(
-            &format!("logging-{}", addr.port()),
-            "logging",
-            &[
-                &addr.port().to_string(),
-                "--registry",
-                &format!("http://{}", self.registry),
-            ],
-        );
+        let port = addr.port().to_string();
+        let registry = format!("http://{}", self.registry);
+        let mut args = vec![port.as_str(), "--registry", registry.as_str()];
+        args.extend_from_slice(flags);
+        let proc = Proc::start(&format!("logging-{}", addr.port()), "logging", &args);
         wait_serving(addr).await;
         self.logging.push((addr, proc));
         addr
@@ -149,20 +150,21 @@ fn as_strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
 
-/// Every message one logging instance holds, over gRPC; the error while its store is
-/// unavailable.
+/// Every message one logging instance holds, read with its `Stream` call; the error
+/// while its store is unavailable.
 pub async fn try_list_instance(addr: SocketAddr) -> Result<Vec<(String, String)>, tonic::Status> {
-    use proto::logging::v1::{logging_client::LoggingClient, ListRequest};
+    use proto::logging::v1::{logging_client::LoggingClient, StreamRequest};
     let channel =
         rpc::channel(&addr.to_string()).map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    Ok(LoggingClient::new(channel)
-        .list(ListRequest {})
+    let mut stream = LoggingClient::new(channel)
+        .stream(StreamRequest { after: 0, until: 0 })
         .await?
-        .into_inner()
-        .messages
-        .into_iter()
-        .map(|m| (m.id, m.text))
-        .collect())
+        .into_inner();
+    let mut messages = Vec::new();
+    while let Some(batch) = stream.message().await? {
+        messages.extend(batch.messages.into_iter().map(|m| (m.id, m.text)));
+    }
+    Ok(messages)
 }
 
 /// Every message one logging instance holds, over gRPC (which must succeed).
@@ -170,22 +172,88 @@ pub async fn list_instance(addr: SocketAddr) -> Vec<(String, String)> {
     try_list_instance(addr).await.expect("list")
 }
 
-/// GET /messages through the facade with curl: (status, [(id, msg)]).
+/// Every message with its id, through the facade's paged API (`GET /v1/messages`, 1000
+/// a page) with curl: (the status of the first failing page, or 200; [(id, msg)]).
 pub fn get_messages(facade: SocketAddr) -> (u16, Vec<(String, String)>) {
+    let mut messages = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut url = format!("http://{facade}/v1/messages?limit=1000");
+        if let Some(cursor) = &after {
+            url.push_str(&format!("&after={cursor}"));
+        }
+        let (status, _, body) = curl("GET", &url, &[]);
+        if status != 200 {
+            return (status, messages);
+        }
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        for entry in body["messages"].as_array().into_iter().flatten() {
+            messages.push((
+                entry["id"].as_str().unwrap_or_default().to_owned(),
+                entry["msg"].as_str().unwrap_or_default().to_owned(),
+            ));
+        }
+        match body["next"].as_str() {
+            Some(cursor) => after = Some(cursor.to_owned()),
+            None => return (200, messages),
+        }
+    }
+}
+
+/// The lab's `GET /messages` with curl: (status, the texts in `logs`, the whole body).
+pub fn get_lab(facade: SocketAddr) -> (u16, Vec<String>, serde_json::Value) {
     let (status, _, body) = curl("GET", &format!("http://{facade}/messages"), &[]);
     let body: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
     let logs = body["logs"]
         .as_array()
         .map(|logs| {
             logs.iter()
-                .map(|l| {
-                    (
-                        l["id"].as_str().unwrap_or_default().to_owned(),
-                        l["msg"].as_str().unwrap_or_default().to_owned(),
-                    )
-                })
+                .map(|l| l.as_str().unwrap_or_default().to_owned())
                 .collect()
         })
         .unwrap_or_default();
-    (status, logs)
+    (status, logs, body)
+}
+
+/// Writes messages `range` straight into the store's JetStream stream, as the NATS store
+/// does (subject `messages.<id>`, `Nats-Msg-Id`), pipelined with 1024 acks in flight:
+/// far faster than posting them. Ids are `{prefix}-{i}`, texts come from `text(i)`.
+/// Returns (id, text) in order.
+pub async fn seed_nats(
+    urls: &str,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+    text: impl Fn(usize) -> String,
+) -> Vec<(String, String)> {
+    use async_nats::jetstream::{self, message::PublishMessage};
+    let servers: Vec<&str> = urls.split(',').collect();
+    let client = async_nats::connect(servers.as_slice())
+        .await
+        .expect("connect to NATS");
+    let jetstream = jetstream::ContextBuilder::new()
+        .max_ack_inflight(4096)
+        .backpressure_on_inflight(true)
+        .build(client);
+    let mut sent = Vec::with_capacity(range.len());
+    let mut acks = std::collections::VecDeque::new();
+    for i in range {
+        let id = format!("{prefix}-{i}");
+        let body = text(i);
+        let message = PublishMessage::build()
+            .message_id(&id)
+            .payload(body.clone().into());
+        let ack = jetstream
+            .send_publish(format!("messages.{id}"), message)
+            .await
+            .expect("publish");
+        acks.push_back(ack);
+        if acks.len() >= 1024 {
+            acks.pop_front().expect("ack").await.expect("stored");
+        }
+        sent.push((id, body));
+    }
+    for ack in acks {
+        ack.await.expect("stored");
+    }
+    sent
 }

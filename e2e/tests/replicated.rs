@@ -116,13 +116,20 @@ async fn the_same_id_through_two_instances_is_stored_once() {
     let (a, b) = (system.logging[0].0, system.logging[1].0);
     let duplicate = append(a, "retry-me", "first").await.expect("append");
     assert!(!duplicate, "first append stores");
-    let duplicate = append(b, "retry-me", "second").await.expect("append");
+    let duplicate = append(b, "retry-me", "first").await.expect("append");
     assert!(
         duplicate,
         "the same id through another instance is a duplicate"
     );
-    // Later still, still refused: the check is per id, not a time window.
-    let duplicate = append(a, "retry-me", "third").await.expect("append");
+    // Another text under the same id is refused, through either instance, and later
+    // still: the check is per id, not a time window.
+    for addr in [b, a] {
+        let refused = append(addr, "retry-me", "second")
+            .await
+            .expect_err("another text");
+        assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused}");
+    }
+    let duplicate = append(a, "retry-me", "first").await.expect("append");
     assert!(duplicate);
     for addr in [a, b] {
         assert_eq!(

@@ -1,14 +1,27 @@
 //! The HTTP/JSON API: `POST /messages`, `GET /messages` (and `/facade`, the same),
-//! `GET /healthz`, `GET /metrics`. Every error is `{"error": "..."}` with its status
-//! chosen in one place, [`ApiError::into_response`]; the body limit is a layer, not a
-//! check in a handler. One middleware ([`record`]) wraps the whole router, unknown paths
-//! and `/metrics` included, so every request gets an id and is counted.
+//! `GET /v1/messages?limit=N&after=CURSOR`, `GET /healthz`, `GET /metrics`. Every error
+//! is `{"error": "..."}` with its status chosen in one place, [`ApiError::into_response`];
+//! the body limit is a layer, not a check in a handler. One middleware ([`record`]) wraps
+//! the whole router, unknown paths and `/metrics` included, so every request gets an id
+//! and is counted.
+//!
+//! `GET /messages` is the lab's answer, `{"logs":["msg1",...],"message":"..."}`, for a
+//! log of any size: the body is chunked and written batch by batch as the log is read,
+//! so neither side holds it whole. If the read breaks and cannot resume, the connection
+//! is aborted (no final chunk), so a client can never take a cut-off log for the whole.
 
 use std::sync::Arc;
 
 use axum::{
-    extract::{rejection::JsonRejection, DefaultBodyLimit, MatchedPath, Request, State},
-    http::{header::RETRY_AFTER, HeaderMap, HeaderValue, Method, StatusCode},
+    body::{Body, Bytes},
+    extract::{
+        rejection::{JsonRejection, QueryRejection},
+        DefaultBodyLimit, MatchedPath, Query, Request, State,
+    },
+    http::{
+        header::{CONTENT_TYPE, RETRY_AFTER},
+        HeaderMap, HeaderValue, Method, StatusCode,
+    },
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, MethodRouter},
@@ -18,10 +31,7 @@ use rpc::request_id;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{
-    failover::FailoverError,
-    message_path::{Facade, FacadeError, Listing},
-};
+use crate::message_path::{Facade, FacadeError, FullRead, MessagesText, Page};
 
 /// Seconds a client is told to wait after a 503.
 const RETRY_AFTER_SECONDS: &str = "1";
@@ -35,6 +45,7 @@ pub fn router(facade: Arc<Facade>) -> Router {
     rpc::http_router()
         .route("/messages", messages())
         .route("/facade", messages())
+        .route("/v1/messages", get(page).fallback(method_not_allowed))
         .route("/healthz", get(healthz))
         .with_state(facade)
         .merge(telemetry::metrics_router())
@@ -53,6 +64,8 @@ fn status_label(status: StatusCode) -> metrics::SharedString {
         405 => "405".into(),
         413 => "413".into(),
         415 => "415".into(),
+        422 => "422".into(),
+        507 => "507".into(),
         502 => "502".into(),
         503 => "503".into(),
         other => other.to_string().into(),
@@ -82,6 +95,7 @@ async fn record(mut request: Request, next: Next) -> Response {
     {
         Some("/messages") => "/messages",
         Some("/facade") => "/facade",
+        Some("/v1/messages") => "/v1/messages",
         Some("/healthz") => "/healthz",
         Some("/metrics") => "/metrics",
         Some(_) => "other",
@@ -131,11 +145,87 @@ async fn post(
     Ok((StatusCode::CREATED, Json(json!({ "id": id }))))
 }
 
+/// The lab's GET, streamed: see the module docs.
 async fn list(
     State(facade): State<Arc<Facade>>,
     Extension(RequestId(request_id)): Extension<RequestId>,
-) -> Result<Json<Listing>, ApiError> {
-    Ok(Json(facade.get(&request_id).await?))
+) -> Result<Response, ApiError> {
+    // Fails with a proper status if no instance can even start the read.
+    let read = facade.read_all(&request_id).await?;
+    let messages = tokio::spawn({
+        let facade = Arc::clone(&facade);
+        async move { facade.messages_text(&request_id).await }
+    });
+    let body = futures_util::stream::unfold(Some((read, true, messages)), lab_chunk);
+    Ok((
+        [(CONTENT_TYPE, "application/json")],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
+
+type LabState = (FullRead, bool, tokio::task::JoinHandle<MessagesText>);
+
+/// The next chunk of the lab's answer: the opening and the first texts, more texts, or
+/// the closing with the messages service's text. An error aborts the response.
+async fn lab_chunk(
+    state: Option<LabState>,
+) -> Option<(Result<Bytes, std::io::Error>, Option<LabState>)> {
+    let (mut read, first, messages) = state?;
+    let mut chunk = String::new();
+    if first {
+        chunk.push_str(r#"{"logs":["#);
+    }
+    match read.next().await {
+        Ok(Some(texts)) => {
+            for (i, text) in texts.iter().enumerate() {
+                if !first || i > 0 {
+                    chunk.push(',');
+                }
+                chunk.push_str(&json!(text).to_string());
+            }
+            Some((Ok(Bytes::from(chunk)), Some((read, false, messages))))
+        }
+        Ok(None) => {
+            let MessagesText { text, warnings } = messages.await.unwrap_or_else(|_| MessagesText {
+                text: None,
+                warnings: vec!["messages service unavailable".to_owned()],
+            });
+            chunk.push_str(r#"],"message":"#);
+            chunk.push_str(&json!(text).to_string());
+            if !warnings.is_empty() {
+                chunk.push_str(r#","warnings":"#);
+                chunk.push_str(&json!(warnings).to_string());
+            }
+            chunk.push('}');
+            Some((Ok(Bytes::from(chunk)), None))
+        }
+        Err(error) => Some((Err(std::io::Error::other(error.to_string())), None)),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct PageQuery {
+    limit: Option<String>,
+    after: Option<String>,
+}
+
+/// `GET /v1/messages?limit=N&after=CURSOR`: one page with ids, and the next cursor.
+async fn page(
+    State(facade): State<Arc<Facade>>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
+    query: Result<Query<PageQuery>, QueryRejection>,
+) -> Result<Json<Page>, ApiError> {
+    let Query(query) = query?;
+    let limit = query
+        .limit
+        .map(|limit| limit.parse::<u32>().map_err(|_| FacadeError::InvalidLimit))
+        .transpose()?;
+    Ok(Json(
+        facade
+            .read_page(query.after.as_deref(), limit, &request_id)
+            .await?,
+    ))
 }
 
 async fn healthz() -> Json<serde_json::Value> {
@@ -150,7 +240,14 @@ async fn method_not_allowed() -> ApiError {
 pub enum ApiError {
     Facade(FacadeError),
     Body(JsonRejection),
+    Query(QueryRejection),
     MethodNotAllowed,
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::Query(rejection)
+    }
 }
 
 impl From<FacadeError> for ApiError {
@@ -181,21 +278,24 @@ impl IntoResponse for ApiError {
             }
             ApiError::MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
-                "method not allowed: use GET or POST".to_owned(),
+                "method not allowed: /messages and /facade take GET and POST, /v1/messages takes GET".to_owned(),
             ),
+            ApiError::Query(rejection) => (StatusCode::BAD_REQUEST, rejection.body_text()),
             ApiError::Facade(error) => {
                 let status = match &error {
                     FacadeError::MissingMessage
                     | FacadeError::EmptyMessage
-                    | FacadeError::InvalidIdempotencyKey(_) => StatusCode::BAD_REQUEST,
+                    | FacadeError::InvalidIdempotencyKey(_)
+                    | FacadeError::Invalid(_)
+                    | FacadeError::InvalidLimit
+                    | FacadeError::InvalidCursor => StatusCode::BAD_REQUEST,
                     FacadeError::MessageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-                    FacadeError::Failover(
-                        FailoverError::Exhausted { .. } | FailoverError::ShuttingDown,
-                    ) => StatusCode::SERVICE_UNAVAILABLE,
-                    FacadeError::Failover(FailoverError::Rejected(status)) => match status.code() {
-                        tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
-                        _ => StatusCode::BAD_GATEWAY,
-                    },
+                    FacadeError::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+                    FacadeError::StoreFull => StatusCode::INSUFFICIENT_STORAGE,
+                    FacadeError::Unavailable { .. }
+                    | FacadeError::ShuttingDown
+                    | FacadeError::Broken => StatusCode::SERVICE_UNAVAILABLE,
+                    FacadeError::Upstream(_) => StatusCode::BAD_GATEWAY,
                 };
                 (status, error.to_string())
             }

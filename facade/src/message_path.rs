@@ -1,6 +1,11 @@
 //! The message path: what the facade does, independent of how it is asked (HTTP or
-//! gRPC). POST validates, makes the id and writes through [`Failover`]; GET reads every
-//! message the same way and asks the messages service for its text.
+//! gRPC). POST validates, makes the id and writes through [`Failover`]; a page read is
+//! one failover call; a full read ([`FullRead`]) streams the whole log from one
+//! instance and, if that instance fails midway, resumes on another that serves the same
+//! log (a shared NATS store), from the last position received.
+//!
+//! Errors that reach a client say what failed in plain words ([`FacadeError`]); the
+//! details (addresses, transport errors) go to the log with the request id.
 
 use std::{
     sync::{
@@ -12,12 +17,14 @@ use std::{
 
 use dashmap::DashMap;
 use proto::{
-    logging::v1::{logging_client::LoggingClient, AppendRequest, ListRequest},
+    logging::v1::{
+        logging_client::LoggingClient, AppendRequest, ReadRequest, StreamRequest, StreamResponse,
+    },
     messages::v1::{messages_client::MessagesClient, GetRequest},
 };
 use rpc::request_id;
-use tonic::{transport::Channel, Status};
-use tracing::debug;
+use tonic::{transport::Channel, Code, Status, Streaming};
+use tracing::{debug, warn};
 use uuid::Uuid;
 
 use crate::{
@@ -29,9 +36,17 @@ pub const LOGGING: &str = "logging";
 pub const MESSAGES: &str = "messages";
 /// Longest Idempotency-Key accepted, in bytes.
 pub const MAX_IDEMPOTENCY_KEY: usize = 256;
+/// Messages in a page when the client does not say.
+pub const DEFAULT_PAGE: u32 = 100;
+/// Most messages in one page.
+pub const MAX_PAGE: u32 = 1000;
+/// How long a full read waits for the next batch before it calls the instance hung and
+/// resumes elsewhere.
+const READ_STALL: Duration = Duration::from_secs(3);
 /// Ids made from idempotency keys live in their own uuid v5 namespace.
 const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_3b8e_2a4d_4e0f_9c51_7d2b_8a3e_4f60);
 
+/// What a client is told when a call fails: plain words, no internal details.
 #[derive(Debug, thiserror::Error)]
 pub enum FacadeError {
     #[error("msg is required: send {{\"msg\": \"...\"}}")]
@@ -42,24 +57,65 @@ pub enum FacadeError {
     MessageTooLarge { len: usize, limit: usize },
     #[error("invalid Idempotency-Key: {0}")]
     InvalidIdempotencyKey(String),
-    #[error(transparent)]
-    Failover(#[from] FailoverError),
+    /// A logging instance refused the input (its own validation, in words for users).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("this Idempotency-Key was already used with another message; the first one is kept")]
+    KeyReused,
+    #[error("the message store is full: nothing was stored")]
+    StoreFull,
+    #[error("limit must be a whole number from 1 to {MAX_PAGE}")]
+    InvalidLimit,
+    #[error("unknown cursor: pass the `next` of an earlier page")]
+    InvalidCursor,
+    #[error("no {service} instance could {what} within {budget:?}; try again")]
+    Unavailable {
+        service: &'static str,
+        what: &'static str,
+        budget: Duration,
+    },
+    #[error("the {0} service answered with an error")]
+    Upstream(&'static str),
+    #[error("the facade is shutting down; try again")]
+    ShuttingDown,
+    #[error("the log could not be read to the end; try again")]
+    Broken,
 }
 
-/// One stored message, as the facade returns it.
+/// One stored message, with its id.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct LogEntry {
     pub id: String,
     pub msg: String,
 }
 
-/// The answer to GET: every message, plus the messages service's text when reachable.
+/// One page of messages, and the cursor of the next one (`None` at the end).
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Listing {
-    pub logs: Vec<LogEntry>,
-    pub message: Option<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+pub struct Page {
+    pub messages: Vec<LogEntry>,
+    pub next: Option<String>,
+}
+
+/// The messages service's text, or why there is none.
+#[derive(Debug, Clone)]
+pub struct MessagesText {
+    pub text: Option<String>,
     pub warnings: Vec<String>,
+}
+
+/// The cursor of the page after position `position`. Opaque to clients.
+pub fn cursor(position: u64) -> String {
+    format!("c{position}")
+}
+
+/// The position a cursor stands for; only cursors [`cursor`] makes are accepted.
+pub fn position(cursor: &str) -> Result<u64, FacadeError> {
+    cursor
+        .strip_prefix('c')
+        .filter(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|digits| digits.parse().ok())
+        .filter(|position| *position > 0)
+        .ok_or(FacadeError::InvalidCursor)
 }
 
 pub struct Facade {
@@ -148,6 +204,43 @@ impl Facade {
         Ok(())
     }
 
+    /// What a client is told about a failed failover, with the details logged.
+    fn failed(&self, what: &'static str, request_id: &str, error: FailoverError) -> FacadeError {
+        match error {
+            FailoverError::Rejected(status) => match status.code() {
+                Code::InvalidArgument => FacadeError::Invalid(status.message().to_owned()),
+                Code::AlreadyExists => FacadeError::KeyReused,
+                Code::ResourceExhausted => {
+                    warn!(
+                        request_id,
+                        error = status.message(),
+                        "logging refused: store full"
+                    );
+                    FacadeError::StoreFull
+                }
+                Code::OutOfRange => FacadeError::InvalidCursor,
+                code => {
+                    warn!(
+                        request_id,
+                        ?code,
+                        error = status.message(),
+                        "a logging instance answered with an error"
+                    );
+                    FacadeError::Upstream(LOGGING)
+                }
+            },
+            FailoverError::Exhausted { .. } => {
+                warn!(request_id, error = %error, "gave up: could not {what}");
+                FacadeError::Unavailable {
+                    service: LOGGING,
+                    what,
+                    budget: self.failover.policy().budget,
+                }
+            }
+            FailoverError::ShuttingDown => FacadeError::ShuttingDown,
+        }
+    }
+
     /// Stores `msg` through a live logging instance, failing over and retrying with the
     /// same id; returns the id.
     pub async fn post(
@@ -171,79 +264,259 @@ impl Facade {
                         id: id.clone(),
                         text: msg.clone(),
                     };
-                    let request = logging_request(request, deadline, request_id);
+                    let request = logging_request(request, Some(deadline), request_id);
                     async move {
                         let mut client = LoggingClient::new(channel?);
                         client.append(request).await
                     }
                 },
             )
-            .await?;
+            .await
+            .map_err(|error| self.failed("store the message", request_id, error))?;
         Ok(id)
     }
 
-    /// Every message (from one live logging instance, with failover) and the messages
-    /// service's text, fetched concurrently. A messages outage does not fail the read:
-    /// the logs are what the caller came for, so it is reported in `warnings`.
-    pub async fn get(&self, request_id: &str) -> Result<Listing, FacadeError> {
+    /// One page: up to `limit` (default [`DEFAULT_PAGE`]) messages after the cursor
+    /// `after` (from the start without one). Costs the same at any depth of the log.
+    pub async fn read_page(
+        &self,
+        after: Option<&str>,
+        limit: Option<u32>,
+        request_id: &str,
+    ) -> Result<Page, FacadeError> {
+        let limit = limit.unwrap_or(DEFAULT_PAGE);
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(FacadeError::InvalidLimit);
+        }
+        let after = after.map(position).transpose()?.unwrap_or(0);
         let deadline = self.failover.policy().attempt_deadline;
-        let logs = self.failover.run(
-            LOGGING,
-            request_id,
-            || self.discovery.instances(LOGGING),
-            |address| {
-                let channel = self.channel(&address);
-                let request = logging_request(ListRequest {}, deadline, request_id);
-                async move {
-                    let mut client = LoggingClient::new(channel?);
-                    client.list(request).await
-                }
-            },
-        );
-        let (logs, message) = tokio::join!(logs, self.messages_text());
-        let logs = logs?
-            .into_inner()
-            .messages
-            .into_iter()
-            .map(|m| LogEntry {
-                id: m.id,
-                msg: m.text,
-            })
-            .collect();
-        Ok(match message {
-            Ok(text) => Listing {
-                logs,
-                message: Some(text),
-                warnings: Vec::new(),
-            },
-            Err(reason) => Listing {
-                logs,
-                message: None,
-                warnings: vec![format!("messages service unavailable: {reason}")],
-            },
+        let reply = self
+            .failover
+            .run(
+                LOGGING,
+                request_id,
+                || self.discovery.instances(LOGGING),
+                |address| {
+                    let channel = self.channel(&address);
+                    let request =
+                        logging_request(ReadRequest { after, limit }, Some(deadline), request_id);
+                    async move {
+                        let mut client = LoggingClient::new(channel?);
+                        client.read(request).await
+                    }
+                },
+            )
+            .await
+            .map_err(|error| self.failed("read the log", request_id, error))?
+            .into_inner();
+        let next = match reply.messages.last() {
+            Some(last) if reply.more => Some(cursor(last.position)),
+            _ => None,
+        };
+        Ok(Page {
+            messages: reply
+                .messages
+                .into_iter()
+                .map(|m| LogEntry {
+                    id: m.id,
+                    msg: m.text,
+                })
+                .collect(),
+            next,
         })
     }
 
-    async fn messages_text(&self) -> Result<String, String> {
-        let instances = self.discovery.instances(MESSAGES).await;
-        let Some(address) = instances.first() else {
-            return Err("not in the registry".to_owned());
+    /// Starts reading the whole log, as it stands now, from a live logging instance.
+    /// Fails (503) only if no instance can start; after that, [`FullRead::next`] resumes
+    /// on another instance if the first one fails.
+    pub async fn read_all(self: &Arc<Self>, request_id: &str) -> Result<FullRead, FacadeError> {
+        let (stream, first) = self
+            .open_stream(request_id, 0, 0, None)
+            .await
+            .map_err(|error| self.failed("read the log", request_id, error))?;
+        let mut read = FullRead {
+            facade: Arc::clone(self),
+            request_id: request_id.to_owned(),
+            log: first.log.clone(),
+            until: first.until,
+            position: 0,
+            stream,
+            ready: None,
         };
-        let channel = self.channel(address).map_err(|s| s.message().to_owned())?;
-        let mut client = MessagesClient::new(channel);
-        let deadline = self.messages_deadline;
-        rpc::call(deadline, async move {
-            client.get(rpc::request(GetRequest {}, deadline)).await
-        })
-        .await
-        .map(|reply| reply.into_inner().text)
-        .map_err(|status| format!("{address}: {}", status.message()))
+        read.take(first);
+        Ok(read)
+    }
+
+    /// Opens a Stream on some instance and waits for its first answer (which says which
+    /// log it reads); with `log`, only an instance that serves that log will do.
+    async fn open_stream(
+        &self,
+        request_id: &str,
+        after: u64,
+        until: u64,
+        log: Option<&str>,
+    ) -> Result<(Streaming<StreamResponse>, StreamResponse), FailoverError> {
+        self.failover
+            .run(
+                LOGGING,
+                request_id,
+                || self.discovery.instances(LOGGING),
+                |address| {
+                    let channel = self.channel(&address);
+                    // No deadline in the header: it would bound the whole stream. The
+                    // failover bounds opening it (to the first answer) locally.
+                    let request = logging_request(StreamRequest { after, until }, None, request_id);
+                    async move {
+                        let mut client = LoggingClient::new(channel?);
+                        let mut stream = client.stream(request).await?.into_inner();
+                        let first = stream.message().await?.ok_or_else(|| {
+                            Status::unavailable("the stream ended before its first answer")
+                        })?;
+                        if log.is_some_and(|log| log != first.log) {
+                            return Err(Status::failed_precondition(format!(
+                                "{address} serves another log ({}), so it cannot resume this read",
+                                first.log
+                            )));
+                        }
+                        Ok((stream, first))
+                    }
+                },
+            )
+            .await
+    }
+
+    /// The messages service's text. An outage does not fail a read: the logs are what
+    /// the caller came for, so it becomes a warning (details in the log).
+    pub async fn messages_text(&self, request_id: &str) -> MessagesText {
+        let instances = self.discovery.instances(MESSAGES).await;
+        let result = match instances.first() {
+            None => Err("not in the registry".to_owned()),
+            Some(address) => match self.channel(address) {
+                Err(status) => Err(status.message().to_owned()),
+                Ok(channel) => {
+                    let mut client = MessagesClient::new(channel);
+                    let deadline = self.messages_deadline;
+                    rpc::call(deadline, async move {
+                        client.get(rpc::request(GetRequest {}, deadline)).await
+                    })
+                    .await
+                    .map(|reply| reply.into_inner().text)
+                    .map_err(|status| format!("{address}: {}", status.message()))
+                }
+            },
+        };
+        match result {
+            Ok(text) => MessagesText {
+                text: Some(text),
+                warnings: Vec::new(),
+            },
+            Err(error) => {
+                warn!(request_id, error, "messages service unavailable");
+                MessagesText {
+                    text: None,
+                    warnings: vec!["messages service unavailable".to_owned()],
+                }
+            }
+        }
     }
 }
 
-/// A request to a logging instance: the attempt's deadline and the client's request id.
-fn logging_request<T>(message: T, deadline: Duration, request_id: &str) -> tonic::Request<T> {
-    let mut request = rpc::request(message, deadline);
+/// A read of the whole log, as it stood when it began, batch by batch. Holds one batch
+/// at a time; the instance behind it may change, the log may not.
+pub struct FullRead {
+    facade: Arc<Facade>,
+    request_id: String,
+    /// Which log is being read; a resumed read must read the same one.
+    log: String,
+    /// The last position to read.
+    until: u64,
+    /// The last position received.
+    position: u64,
+    stream: Streaming<StreamResponse>,
+    /// Texts received while opening a stream, not yet handed out.
+    ready: Option<Vec<String>>,
+}
+
+impl FullRead {
+    /// The next texts, in order; `None` once the whole log has been read. An error means
+    /// the read broke and could not resume: the caller must not present what it got as
+    /// the whole log.
+    pub async fn next(&mut self) -> Result<Option<Vec<String>>, FacadeError> {
+        loop {
+            if let Some(texts) = self.ready.take() {
+                return Ok(Some(texts));
+            }
+            if self.position >= self.until {
+                return Ok(None);
+            }
+            let error = match tokio::time::timeout(READ_STALL, self.stream.message()).await {
+                Ok(Ok(Some(response))) => {
+                    self.take(response);
+                    continue;
+                }
+                Ok(Ok(None)) => "the stream ended early".to_owned(),
+                Ok(Err(status)) => status.message().to_owned(),
+                Err(_) => format!("no batch within {READ_STALL:?}"),
+            };
+            self.resume(&error).await?;
+        }
+    }
+
+    /// Keeps the texts of `response` that are new (a resumed stream may repeat none, but
+    /// never trust it), moving the position on.
+    fn take(&mut self, response: StreamResponse) {
+        let mut texts = Vec::with_capacity(response.messages.len());
+        for message in response.messages {
+            if message.position > self.position && message.position <= self.until {
+                self.position = message.position;
+                texts.push(message.text);
+            }
+        }
+        if !texts.is_empty() {
+            self.ready = Some(texts);
+        }
+    }
+
+    async fn resume(&mut self, error: &str) -> Result<(), FacadeError> {
+        warn!(
+            request_id = self.request_id,
+            error,
+            position = self.position,
+            until = self.until,
+            "full read interrupted; resuming on another instance"
+        );
+        metrics::counter!("facade_read_resumes_total").increment(1);
+        match self
+            .facade
+            .open_stream(&self.request_id, self.position, self.until, Some(&self.log))
+            .await
+        {
+            Ok((stream, first)) => {
+                self.stream = stream;
+                self.take(first);
+                Ok(())
+            }
+            Err(error) => {
+                warn!(request_id = self.request_id, error = %error,
+                      "full read cannot resume; the client gets a broken answer");
+                metrics::counter!("facade_read_broken_total").increment(1);
+                Err(FacadeError::Broken)
+            }
+        }
+    }
+}
+
+/// A request to a logging instance: the attempt's deadline (when the call has one) and
+/// the client's request id.
+fn logging_request<T>(
+    message: T,
+    deadline: Option<Duration>,
+    request_id: &str,
+) -> tonic::Request<T> {
+    let mut request = match deadline {
+        Some(deadline) => rpc::request(message, deadline),
+        None => tonic::Request::new(message),
+    };
     request_id::attach(&mut request, request_id);
     request
 }
@@ -263,5 +536,23 @@ mod tests {
         );
         assert!(Facade::message_id(Some("")).is_err());
         assert!(Facade::message_id(Some(&"k".repeat(MAX_IDEMPOTENCY_KEY + 1))).is_err());
+    }
+
+    #[test]
+    fn cursors_round_trip_and_others_are_refused() {
+        assert_eq!(position(&cursor(42)).expect("ours"), 42);
+        for forged in [
+            "",
+            "c",
+            "c0",
+            "c+5",
+            "c-1",
+            "42",
+            "c1x",
+            "C1",
+            "c99999999999999999999",
+        ] {
+            assert!(position(forged).is_err(), "{forged:?}");
+        }
     }
 }

@@ -7,7 +7,7 @@ use testkit::{curl, eventually};
 
 use config_server::RegistryConfig;
 use logging::store::MemoryStore;
-use proto::facade::v1::{facade_client::FacadeClient, GetRequest, PostRequest};
+use proto::facade::v1::{facade_client::FacadeClient, GetRequest, PostRequest, ReadPageRequest};
 use registry_client::RegistryClient;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -57,7 +57,7 @@ async fn start(with_logging: bool, budget: &str) -> Stack {
     ));
     tokio::spawn(messages::serve(messages_listener, shutdown.clone()));
 
-    let store = Arc::new(MemoryStore::new());
+    let store = Arc::new(MemoryStore::default());
     let client = RegistryClient::new(&registry.to_string()).expect("registry client");
     if with_logging {
         let (logging_listener, _) = bind().await;
@@ -158,9 +158,10 @@ async fn every_status_code_of_the_http_contract() {
     assert_eq!((status, body.as_str()), (200, r#"{"status":"ok"}"#));
 
     // Only the one good POST was stored; none of the bad input reached the store.
-    let stored = logging::store::MessageStore::list(stack.store.as_ref())
+    let stored = logging::store::MessageStore::read(stack.store.as_ref(), 0, 1000)
         .await
-        .expect("list");
+        .expect("read")
+        .messages;
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].text, "hello");
 }
@@ -180,6 +181,12 @@ async fn no_live_logging_instance_is_503_with_retry_after_over_http_and_unavaila
     );
     assert_eq!(status, 503, "{body}");
     assert!(head.to_ascii_lowercase().contains("retry-after:"), "{head}");
+    // Plain words for the client; addresses and transport errors only in the log.
+    let error: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(
+        error["error"],
+        "no logging instance could store the message within 200ms; try again"
+    );
     let (status, _, _) = curl("GET", &format!("http://{}/messages", stack.facade), &[]);
     assert_eq!(status, 503);
 
@@ -232,12 +239,41 @@ async fn sixteen_concurrent_clients_over_grpc_all_succeed_and_nothing_is_lost() 
         .expect("16 clients finish");
     assert_eq!(ids.len(), CLIENTS * EACH);
 
+    // The lab's Get streams every text, then the messages service's text.
     let mut client = FacadeClient::new(channel);
-    let listing = client.get(GetRequest {}).await.expect("get").into_inner();
-    assert_eq!(listing.logs.len(), CLIENTS * EACH);
-    assert_eq!(listing.message, "not implemented yet");
-    let unique: std::collections::HashSet<_> = listing.logs.iter().map(|l| &l.id).collect();
+    let mut stream = client.get(GetRequest {}).await.expect("get").into_inner();
+    let (mut logs, mut message) = (Vec::new(), String::new());
+    while let Some(batch) = stream.message().await.expect("a complete stream") {
+        logs.extend(batch.logs);
+        if !batch.message.is_empty() {
+            message = batch.message;
+        }
+    }
+    assert_eq!(logs.len(), CLIENTS * EACH);
+    assert_eq!(message, "not implemented yet");
+    // Pages carry the ids: every id once, in the same order as the texts.
+    let mut paged = Vec::new();
+    let mut after = String::new();
+    loop {
+        let page = client
+            .read_page(ReadPageRequest {
+                limit: 300,
+                after: after.clone(),
+            })
+            .await
+            .expect("page")
+            .into_inner();
+        paged.extend(page.messages);
+        if page.next.is_empty() {
+            break;
+        }
+        after = page.next;
+    }
+    let texts: Vec<&String> = paged.iter().map(|entry| &entry.msg).collect();
+    assert_eq!(texts, logs.iter().collect::<Vec<_>>());
+    let unique: std::collections::HashSet<_> = paged.iter().map(|entry| &entry.id).collect();
     assert_eq!(unique.len(), CLIENTS * EACH);
+    assert!(ids.iter().all(|id| unique.contains(id)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,7 +294,7 @@ async fn get_still_answers_when_the_messages_service_is_down() {
     let (logging_listener, _) = bind().await;
     tokio::spawn(logging::serve(
         logging_listener,
-        Arc::new(MemoryStore::new()),
+        Arc::new(MemoryStore::default()),
         client.clone(),
         1024,
         shutdown.clone(),
@@ -279,4 +315,94 @@ async fn get_still_answers_when_the_messages_service_is_down() {
         .unwrap_or("")
         .contains("messages service unavailable"));
     shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_and_idempotency_keys_answer_400_and_422_as_documented() {
+    let stack = start(true, "5s").await;
+    let post = |key: &str, msg: &str| {
+        let body = serde_json::json!({ "msg": msg }).to_string();
+        let (status, _, reply) = curl(
+            "POST",
+            &format!("http://{}/messages", stack.facade),
+            &[
+                "-H",
+                "content-type: application/json",
+                "-H",
+                &format!("Idempotency-Key: {key}"),
+                "-d",
+                &body,
+            ],
+        );
+        (
+            status,
+            serde_json::from_str::<serde_json::Value>(&reply).expect("json"),
+        )
+    };
+    let (status, first) = post("order-1", "first");
+    assert_eq!(status, 201);
+    // The same key and body: the same id again.
+    let (status, again) = post("order-1", "first");
+    assert_eq!((status, &again["id"]), (201, &first["id"]));
+    // The same key, another body: 422, and the first message is untouched.
+    let (status, refused) = post("order-1", "second");
+    assert_eq!(status, 422, "{refused}");
+    assert!(refused["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("Idempotency-Key")));
+
+    let page = |query: &str| {
+        let (status, _, body) = curl(
+            "GET",
+            &format!("http://{}/v1/messages{query}", stack.facade),
+            &[],
+        );
+        (
+            status,
+            serde_json::from_str::<serde_json::Value>(&body).expect("json"),
+        )
+    };
+    let (status, all) = page("");
+    assert_eq!(status, 200);
+    assert_eq!(all["messages"].as_array().map(Vec::len), Some(1));
+    assert_eq!(all["messages"][0]["msg"], "first");
+    assert_eq!(all["messages"][0]["id"], first["id"]);
+    assert!(all["next"].is_null(), "{all}");
+
+    for _ in 0..4 {
+        assert_eq!(post(&uuid_like(), "more").0, 201);
+    }
+    let (status, one) = page("?limit=2");
+    assert_eq!(status, 200);
+    let next = one["next"].as_str().expect("a next cursor").to_owned();
+    let (status, rest) = page(&format!("?limit=1000&after={next}"));
+    assert_eq!(status, 200);
+    assert_eq!(rest["messages"].as_array().map(Vec::len), Some(3));
+    assert!(rest["next"].is_null());
+
+    for (query, needle) in [
+        ("?limit=0", "limit"),
+        ("?limit=1001", "limit"),
+        ("?limit=-1", "limit"),
+        ("?limit=ten", "limit"),
+        ("?after=bogus", "cursor"),
+        ("?after=c0", "cursor"),
+        ("?after=c99999", "cursor"),
+    ] {
+        let (status, error) = page(query);
+        assert_eq!(status, 400, "{query}: {error}");
+        assert!(
+            error["error"].as_str().is_some_and(|e| e.contains(needle)),
+            "{query}: {error}"
+        );
+    }
+    let (status, _, _) = curl("POST", &format!("http://{}/v1/messages", stack.facade), &[]);
+    assert_eq!(status, 405);
+}
+
+/// A fresh key each call.
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!("key-{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use service::{LoggingServer, LoggingService, DEFAULT_MAX_TEXT_BYTES};
-use store::{MemoryStore, MessageStore, NatsConfig, NatsStore};
+use store::{MemoryLimits, MemoryStore, MessageStore, NatsConfig, NatsStore, Retention};
 
 /// The name instances register under.
 pub const SERVICE: &str = "logging";
@@ -47,6 +47,28 @@ pub struct Config {
     /// Longest message text accepted, in bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_TEXT_BYTES)]
     pub max_text_bytes: usize,
+
+    /// Memory store: most messages held; past it a POST is refused (507), nothing is
+    /// evicted.
+    #[arg(long, default_value_t = MemoryLimits::default().max_messages)]
+    pub max_messages: usize,
+
+    /// Memory store: most bytes of message text held; past it a POST is refused (507).
+    #[arg(long, default_value_t = MemoryLimits::default().max_bytes)]
+    pub max_bytes: usize,
+
+    /// NATS store: drop messages older than this (e.g. 30d) [default: keep them all].
+    /// Applied when this instance creates the stream.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub retention_max_age: Option<Duration>,
+
+    /// NATS store: keep at most this many bytes, dropping the oldest [default: all].
+    #[arg(long)]
+    pub retention_max_bytes: Option<u64>,
+
+    /// NATS store: keep at most this many messages, dropping the oldest [default: all].
+    #[arg(long)]
+    pub retention_max_messages: Option<u64>,
 
     #[command(flatten)]
     pub log: telemetry::LogArgs,
@@ -145,11 +167,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     match choice {
         StoreChoice::Memory => {
-            let store = Arc::new(MemoryStore::new());
+            let store = Arc::new(MemoryStore::new(MemoryLimits {
+                max_messages: config.max_messages,
+                max_bytes: config.max_bytes,
+            }));
             serve(listener, store, registry, config.max_text_bytes, shutdown).await
         }
         StoreChoice::Nats(urls) => {
-            let store = match NatsStore::connect(NatsConfig::new(urls), &shutdown).await {
+            let mut nats = NatsConfig::new(urls);
+            nats.retention = Retention {
+                max_age: config.retention_max_age,
+                max_bytes: config.retention_max_bytes,
+                max_messages: config.retention_max_messages,
+            };
+            let store = match NatsStore::connect(nats, &shutdown).await {
                 Ok(store) => Arc::new(store),
                 Err(_) if shutdown.is_cancelled() => {
                     info!("logging stopped before its store was ready");

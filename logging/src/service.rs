@@ -4,10 +4,12 @@ use std::sync::Arc;
 
 use proto::logging::v1 as pb;
 use rpc::request_id;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use crate::store::{Appended, Message, MessageStore, StoreError};
+use crate::store::{Appended, Message, MessageStore, StoreError, Stored, MAX_PAGE};
 
 /// Longest id accepted, in bytes (a uuid is 36).
 pub const MAX_ID_BYTES: usize = 128;
@@ -55,8 +57,19 @@ impl<S: MessageStore> LoggingService<S> {
 
 /// The one place store errors become gRPC statuses.
 fn status(error: StoreError) -> Status {
+    let message = error.to_string();
     match error {
-        StoreError::Unavailable(_) => Status::unavailable(error.to_string()),
+        StoreError::Unavailable(_) => Status::unavailable(message),
+        StoreError::Full(_) => Status::resource_exhausted(message),
+        StoreError::PastTheEnd { .. } => Status::out_of_range(message),
+    }
+}
+
+fn to_pb(message: Stored) -> pb::Message {
+    pb::Message {
+        id: message.id,
+        text: message.text,
+        position: message.position,
     }
 }
 
@@ -88,25 +101,78 @@ impl<S: MessageStore> pb::logging_server::Logging for LoggingService<S> {
                 metrics::counter!("logging_appends_total", "outcome" => "duplicate").increment(1);
                 info!(request_id, id, "duplicate: already stored, nothing changed");
             }
+            Appended::Conflict => {
+                metrics::counter!("logging_appends_total", "outcome" => "conflict").increment(1);
+                info!(
+                    request_id,
+                    id, "conflict: already stored with another text, nothing changed"
+                );
+                return Err(Status::already_exists(format!(
+                    "id {id} is already stored with another text"
+                )));
+            }
         }
         Ok(Response::new(pb::AppendResponse {
             duplicate: outcome == Appended::Duplicate,
         }))
     }
 
-    async fn list(
+    async fn read(
         &self,
-        _request: Request<pb::ListRequest>,
-    ) -> Result<Response<pb::ListResponse>, Status> {
-        let messages = self.store.list().await.map_err(status)?;
-        Ok(Response::new(pb::ListResponse {
-            messages: messages
-                .into_iter()
-                .map(|m| pb::Message {
-                    id: m.id,
-                    text: m.text,
-                })
-                .collect(),
+        request: Request<pb::ReadRequest>,
+    ) -> Result<Response<pb::ReadResponse>, Status> {
+        let pb::ReadRequest { after, limit } = request.into_inner();
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(Status::invalid_argument(format!(
+                "limit must be 1 to {MAX_PAGE}, got {limit}"
+            )));
+        }
+        let page = self.store.read(after, limit).await.map_err(status)?;
+        Ok(Response::new(pb::ReadResponse {
+            messages: page.messages.into_iter().map(to_pb).collect(),
+            more: page.more,
         }))
+    }
+
+    type StreamStream = ReceiverStream<Result<pb::StreamResponse, Status>>;
+
+    async fn stream(
+        &self,
+        request: Request<pb::StreamRequest>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let request_id = request_id::of(&request).unwrap_or_default();
+        let pb::StreamRequest { after, until } = request.into_inner();
+        let until = (until > 0).then_some(until);
+        let mut batches = self.store.stream(after, until).await.map_err(status)?;
+        let (until, log) = (batches.until, self.store.log().to_owned());
+        info!(request_id, after, until, "streaming the log");
+        let (responses, receiver) = mpsc::channel(2);
+        tokio::spawn(async move {
+            let mut sent = false;
+            while let Some(batch) = batches.receiver.recv().await {
+                let response = batch.map_err(status).map(|batch| pb::StreamResponse {
+                    messages: batch.into_iter().map(to_pb).collect(),
+                    until,
+                    log: log.clone(),
+                });
+                let failed = response.is_err();
+                if responses.send(response).await.is_err() || failed {
+                    return;
+                }
+                sent = true;
+            }
+            if !sent {
+                // Nothing to send still tells the reader which log it read, and where
+                // it ends.
+                let empty = pb::StreamResponse {
+                    messages: Vec::new(),
+                    until,
+                    log,
+                };
+                let _ = responses.send(Ok(empty)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
     }
 }

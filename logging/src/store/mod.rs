@@ -2,10 +2,14 @@
 //! chosen once at start-up and every call is a direct (not dynamic) call.
 //!
 //! The contract every backend keeps:
-//! - `append` is put-if-absent by id: the first text for an id wins, forever; a repeat
-//!   stores nothing and answers [`Appended::Duplicate`]. This is what makes the facade's
-//!   retries exactly-once in effect.
-//! - `list` returns every message in insertion order.
+//! - `append` is put-if-absent by id: the first text for an id wins, forever (for as
+//!   long as the id is kept); a repeat with the same text stores nothing and answers
+//!   [`Appended::Duplicate`], a repeat with another text [`Appended::Conflict`]. This is
+//!   what makes the facade's retries exactly-once in effect.
+//! - Every message has a position: increasing from 1 in insertion order, never reused.
+//!   `read` returns one page after a position, at the same cost at any depth; `stream`
+//!   sends everything after a position in batches, up to the end of the log when the
+//!   call began, holding at most a couple of batches in memory.
 //! - A backend that cannot reach its data answers [`StoreError::Unavailable`] promptly,
 //!   so callers can fail over instead of hanging.
 
@@ -14,25 +18,100 @@ pub mod nats;
 
 use std::future::Future;
 
-pub use memory::MemoryStore;
-pub use nats::{NatsConfig, NatsStore};
+use tokio::sync::mpsc;
 
+pub use memory::{MemoryLimits, MemoryStore};
+pub use nats::{NatsConfig, NatsStore, Retention};
+
+/// Most messages per batch of a [`MessageStore::stream`].
+pub const STREAM_BATCH: usize = 512;
+/// The most messages one [`MessageStore::read`] returns.
+pub const MAX_PAGE: usize = 1000;
+/// Most bytes of text in one batch or page (always at least one message), so a gRPC
+/// message stays far below the 4 MiB a peer accepts by default, whatever the texts.
+pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
+
+/// Takes messages from `messages` while the batch stays under `count` messages and
+/// [`MAX_BATCH_BYTES`] of text; returns the batch and whether messages were left (still
+/// in `messages`, so the next call goes on from there).
+fn fill<I: Iterator<Item = Stored>>(
+    messages: &mut std::iter::Peekable<I>,
+    count: usize,
+) -> (Vec<Stored>, bool) {
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    while let Some(next) = messages.peek() {
+        let full = batch.len() >= count
+            || (!batch.is_empty() && bytes + next.text.len() > MAX_BATCH_BYTES);
+        if full {
+            return (batch, true);
+        }
+        bytes += next.text.len();
+        batch.extend(messages.next());
+    }
+    (batch, false)
+}
+
+/// A message to store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     pub id: String,
     pub text: String,
 }
 
+/// A message as read back, with its position in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub position: u64,
+    pub id: String,
+    pub text: String,
+}
+
+/// One page of a [`MessageStore::read`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Page {
+    pub messages: Vec<Stored>,
+    /// Whether messages were stored after the last one returned.
+    pub more: bool,
+}
+
+/// The batches of a [`MessageStore::stream`], ending at position `until`. Dropping the
+/// receiver stops the reading.
+#[derive(Debug)]
+pub struct Batches {
+    pub until: u64,
+    pub receiver: mpsc::Receiver<Result<Vec<Stored>, StoreError>>,
+}
+
+impl Batches {
+    /// Nothing to send: an empty log, or a reader already at `until`.
+    fn empty(until: u64) -> Self {
+        Self {
+            until,
+            receiver: mpsc::channel(1).1,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Appended {
     Inserted,
+    /// The id was already stored with the same text: nothing changed.
     Duplicate,
+    /// The id was already stored with another text: nothing changed.
+    Conflict,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("message store unavailable: {0}")]
     Unavailable(String),
+    /// The store is at one of its limits; nothing was stored and nothing was evicted.
+    #[error("message store full: {0}")]
+    Full(String),
+    /// A position past the end of the log: no reader was ever given it.
+    #[error("position {after} is past the end of the log ({last})")]
+    PastTheEnd { after: u64, last: u64 },
 }
 
 pub trait MessageStore: Send + Sync + 'static {
@@ -40,11 +119,60 @@ pub trait MessageStore: Send + Sync + 'static {
     fn append(&self, message: Message)
         -> impl Future<Output = Result<Appended, StoreError>> + Send;
 
-    /// Every stored message, in insertion order.
-    fn list(&self) -> impl Future<Output = Result<Vec<Message>, StoreError>> + Send;
+    /// Up to `limit` (at most [`MAX_PAGE`]) messages after position `after`; fewer when
+    /// they hold more than [`MAX_BATCH_BYTES`] of text (`more` then says so).
+    fn read(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Page, StoreError>> + Send;
+
+    /// Every message after `after` up to `until` (`None`: the end of the log now), in
+    /// batches of up to [`STREAM_BATCH`] messages and [`MAX_BATCH_BYTES`] of text.
+    fn stream(
+        &self,
+        after: u64,
+        until: Option<u64>,
+    ) -> impl Future<Output = Result<Batches, StoreError>> + Send;
+
+    /// Which log this is: the same for every instance on one shared store, different
+    /// for every memory store.
+    fn log(&self) -> &str;
 
     /// A short name for logs and metadata: `memory`, `nats`.
     fn kind(&self) -> &'static str;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filling_batches_by_bytes_loses_nothing() {
+        let big = |position: u64| Stored {
+            position,
+            id: position.to_string(),
+            text: "x".repeat(400 * 1024),
+        };
+        let mut messages = (1..=7).map(big).peekable();
+        let mut sizes = Vec::new();
+        let mut positions = Vec::new();
+        while messages.peek().is_some() {
+            let (batch, _) = fill(&mut messages, STREAM_BATCH);
+            sizes.push(batch.len());
+            positions.extend(batch.iter().map(|m| m.position));
+        }
+        assert_eq!(sizes, [2, 2, 2, 1], "1 MiB holds two texts of 400 KiB");
+        assert_eq!(positions, (1..=7).collect::<Vec<_>>());
+        // One text over the cap still goes, alone.
+        let huge = Stored {
+            position: 1,
+            id: "1".into(),
+            text: "x".repeat(2 * MAX_BATCH_BYTES),
+        };
+        let (batch, more) = fill(&mut vec![huge].into_iter().peekable(), 10);
+        assert_eq!((batch.len(), more), (1, false));
+    }
 }
 
 /// The store contract, run against any backend: one suite, every backend.
@@ -54,15 +182,39 @@ pub(crate) mod contract {
 
     use super::*;
 
-    /// The ids a store lists, in its order.
+    /// Everything a store streams from the start, in its order.
+    pub(crate) async fn streamed<S: MessageStore>(store: &S) -> Vec<Stored> {
+        let mut batches = store.stream(0, None).await.expect("stream");
+        let mut all = Vec::new();
+        while let Some(batch) = batches.receiver.recv().await {
+            let batch = batch.expect("batch");
+            assert!(!batch.is_empty() && batch.len() <= STREAM_BATCH);
+            all.extend(batch);
+        }
+        assert_eq!(all.last().map_or(0, |m| m.position), batches.until);
+        all
+    }
+
+    /// The ids a store streams, in its order.
     pub(crate) async fn listed_ids<S: MessageStore>(store: &S) -> Vec<String> {
-        store
-            .list()
-            .await
-            .expect("list")
-            .into_iter()
-            .map(|m| m.id)
-            .collect()
+        streamed(store).await.into_iter().map(|m| m.id).collect()
+    }
+
+    /// Every message, read page by page.
+    async fn paged<S: MessageStore>(store: &S, limit: usize) -> Vec<Stored> {
+        let mut all = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = store.read(after, limit).await.expect("read");
+            assert!(page.messages.len() <= limit);
+            if let Some(last) = page.messages.last() {
+                after = last.position;
+            }
+            all.extend(page.messages);
+            if !page.more {
+                return all;
+            }
+        }
     }
 
     fn message(id: &str, text: &str) -> Message {
@@ -73,7 +225,8 @@ pub(crate) mod contract {
     }
 
     pub(crate) async fn empty_store_lists_nothing<S: MessageStore>(store: &S) {
-        assert!(store.list().await.expect("list").is_empty());
+        assert!(streamed(store).await.is_empty());
+        assert_eq!(store.read(0, 10).await.expect("read"), Page::default());
     }
 
     pub(crate) async fn insert_then_duplicate_keeps_the_first<S: MessageStore>(store: &S) {
@@ -82,10 +235,19 @@ pub(crate) mod contract {
             Appended::Inserted
         );
         assert_eq!(
-            store.append(message("a", "second")).await.expect("append"),
+            store.append(message("a", "first")).await.expect("append"),
             Appended::Duplicate
         );
-        assert_eq!(store.list().await.expect("list"), [message("a", "first")]);
+        assert_eq!(
+            store.append(message("a", "second")).await.expect("append"),
+            Appended::Conflict
+        );
+        let stored = streamed(store).await;
+        assert_eq!(stored.len(), 1);
+        assert_eq!(
+            (stored[0].id.as_str(), stored[0].text.as_str()),
+            ("a", "first")
+        );
     }
 
     pub(crate) async fn lists_in_insertion_order<S: MessageStore>(store: &S) {
@@ -97,6 +259,84 @@ pub(crate) mod contract {
                 .expect("append");
         }
         assert_eq!(listed_ids(store).await, ids);
+    }
+
+    /// Pages of any size walk the same log the stream sends, positions increase, and a
+    /// position past the end is refused.
+    pub(crate) async fn pages_walk_the_same_log_as_the_stream<S: MessageStore>(store: &S) {
+        for i in 0..1200 {
+            store
+                .append(message(&format!("p-{i}"), &format!("text {i}")))
+                .await
+                .expect("append");
+        }
+        let all = streamed(store).await;
+        assert_eq!(all.len(), 1200);
+        assert!(all.windows(2).all(|w| w[0].position < w[1].position));
+        for limit in [7, 100, MAX_PAGE] {
+            assert_eq!(paged(store, limit).await, all, "limit {limit}");
+        }
+        let first = store.read(0, 1).await.expect("read");
+        assert_eq!(first.messages, all[..1]);
+        assert!(first.more);
+        // From the middle: the page after a position starts right after it.
+        let middle = &all[600];
+        let page = store.read(middle.position, 3).await.expect("read");
+        assert_eq!(page.messages, all[601..604]);
+        let last = all.last().expect("last").position;
+        let end = store.read(last, 10).await.expect("read at the end");
+        assert_eq!(end, Page::default());
+        assert!(matches!(
+            store.read(last + 10, 10).await,
+            Err(StoreError::PastTheEnd { .. })
+        ));
+        // A stream from the middle, and one that stops early.
+        let mut rest = store.stream(middle.position, None).await.expect("stream");
+        let mut count = 0;
+        while let Some(batch) = rest.receiver.recv().await {
+            count += batch.expect("batch").len();
+        }
+        assert_eq!(count, 1200 - 601);
+        let mut early = store
+            .stream(0, Some(all[9].position))
+            .await
+            .expect("stream");
+        assert_eq!(early.until, all[9].position);
+        let batch = early
+            .receiver
+            .recv()
+            .await
+            .expect("a batch")
+            .expect("batch");
+        assert_eq!(batch, all[..10]);
+        assert!(early.receiver.recv().await.is_none());
+    }
+
+    /// Texts of 60 KiB: batches and pages stay under the byte cap and still hold
+    /// everything.
+    pub(crate) async fn big_texts_are_split_into_small_batches<S: MessageStore>(store: &S) {
+        for i in 0..40 {
+            let text = format!("{i:02}{}", "x".repeat(60 * 1024));
+            store
+                .append(message(&format!("big-{i}"), &text))
+                .await
+                .expect("append");
+        }
+        let mut batches = store.stream(0, None).await.expect("stream");
+        let mut count = 0;
+        while let Some(batch) = batches.receiver.recv().await {
+            let batch = batch.expect("batch");
+            let bytes: usize = batch.iter().map(|m| m.text.len()).sum();
+            assert!(bytes <= MAX_BATCH_BYTES, "{bytes} bytes in one batch");
+            count += batch.len();
+        }
+        assert_eq!(count, 40);
+        let page = store.read(0, MAX_PAGE).await.expect("read");
+        assert!(
+            page.more && page.messages.len() < 40,
+            "a page is cut by bytes"
+        );
+        assert_eq!(paged(store, MAX_PAGE).await.len(), 40);
     }
 
     /// 16 writers, each appending its own ids and a shared set of ids: nothing lost,
@@ -139,7 +379,7 @@ pub(crate) mod contract {
             inserted_shared, SHARED,
             "each shared id inserted exactly once"
         );
-        let listed = store.list().await.expect("list");
+        let listed = streamed(&*store).await;
         assert_eq!(listed.len(), WRITERS * EACH + SHARED);
         let unique: HashSet<_> = listed.iter().map(|m| m.id.as_str()).collect();
         assert_eq!(unique.len(), listed.len(), "no duplicates");

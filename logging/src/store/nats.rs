@@ -3,26 +3,31 @@
 //! Messages live in one stream, `MESSAGES`, on subjects `messages.<id>`, replicated over
 //! the cluster (R3 on three nodes) with file storage, so every logging instance sees every
 //! message, losing instances loses nothing, and a restart of the whole cluster keeps all.
+//! A message's position is its stream sequence.
 //!
-//! - **Exactly once, for good.** Each append publishes with the header
-//!   `Nats-Expected-Last-Subject-Sequence: 0`: JetStream stores it only if its subject
-//!   (that is, its id) has never been written, and refuses a repeat with "wrong last
-//!   sequence", at any later time. `Nats-Msg-Id` is set too, so a repeat inside the dedup
-//!   window is answered `duplicate` without even reaching that check. An append is
-//!   acknowledged to the caller only after JetStream acknowledged it (stored on a quorum).
+//! - **Exactly once, for as long as the id is kept.** Each append publishes with the
+//!   header `Nats-Expected-Last-Subject-Sequence: 0`: JetStream stores it only if its
+//!   subject (that is, its id) holds no message, and refuses a repeat with "wrong last
+//!   sequence". `Nats-Msg-Id` is set too, so a repeat inside the dedup window is answered
+//!   `duplicate` without even reaching that check. A repeat is then compared with the
+//!   stored text (one more read, only for repeats): the same text is a duplicate, another
+//!   a conflict. An append is acknowledged only after JetStream acknowledged it (stored
+//!   on a quorum). With retention limits, an id is kept as long as its message is.
 //! - **Throughput from concurrency.** Every request publishes and awaits its own ack;
 //!   there is no lock around the store, so concurrent requests pipeline on the connection.
-//! - **List from a local view.** A background task tails the stream with an ordered
-//!   consumer into memory. `list` asks the stream for its last sequence and waits until
-//!   the view has caught up with it, so a read sees every write acknowledged before it
-//!   (through any instance), and costs one small API call plus a copy.
+//! - **Reads from the stream, not from a copy.** Nothing of the log is kept in this
+//!   process. A page is one stream-info request (for the end of the log) plus the page's
+//!   sequences fetched from the stream leader, pipelined: the same cost at any depth, and
+//!   every write acknowledged before the read is in it (read-your-writes, through any
+//!   instance). A full read is one ordered consumer from the start position, forwarded in
+//!   batches through a channel of two, so memory stays bounded whatever the log's size.
 //! - **Unavailable, never hung.** Every call to the cluster has a deadline; a store that
 //!   lost quorum or connection answers [`StoreError::Unavailable`] promptly.
 
 use std::{
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Mutex, MutexGuard,
+        Arc,
     },
     time::Duration,
 };
@@ -32,20 +37,43 @@ use async_nats::jetstream::{
     consumer::{pull, DeliverPolicy},
     context::PublishErrorKind,
     message::PublishMessage,
-    stream::{self, StorageType},
+    stream::{self, LastRawMessageErrorKind, StorageType},
 };
 use futures_util::StreamExt;
 use retry::Retry;
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Appended, Message, MessageStore, StoreError};
+use super::{
+    fill, Appended, Batches, Message, MessageStore, Page, StoreError, Stored, MAX_PAGE,
+    STREAM_BATCH,
+};
 
 pub const STREAM: &str = "MESSAGES";
-/// How long a reader waits for the tail before fetching what the view lacks itself.
-const TAIL_GRACE: Duration = Duration::from_millis(50);
 const SUBJECT_PREFIX: &str = "messages.";
+/// Page reads in flight at once.
+const READ_CONCURRENCY: usize = 128;
+/// How long a full read may wait for its next batch before it is called stalled.
+const STREAM_STALL: Duration = Duration::from_secs(5);
+
+/// How much of the log the stream keeps. Everything, by default; a limit makes the
+/// stream drop its oldest messages (and with them their ids: see the module docs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Retention {
+    pub max_age: Option<Duration>,
+    pub max_bytes: Option<u64>,
+    pub max_messages: Option<u64>,
+}
+
+impl Retention {
+    fn apply(&self, config: &mut stream::Config) {
+        let limit = |value: Option<u64>| value.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
+        config.max_age = self.max_age.unwrap_or(Duration::ZERO);
+        config.max_bytes = limit(self.max_bytes);
+        config.max_messages = limit(self.max_messages);
+    }
+}
 
 /// How the store connects.
 #[derive(Debug, Clone)]
@@ -56,6 +84,8 @@ pub struct NatsConfig {
     pub replicas: usize,
     /// Deadline of every call to the cluster.
     pub timeout: Duration,
+    /// Limits given to the stream when this instance creates it.
+    pub retention: Retention,
 }
 
 impl NatsConfig {
@@ -68,6 +98,7 @@ impl NatsConfig {
             // Under the facade's 1 s attempt deadline, so a store without quorum answers
             // UNAVAILABLE before the caller gives up on this instance.
             timeout: Duration::from_millis(900),
+            retention: Retention::default(),
         }
     }
 }
@@ -75,65 +106,8 @@ impl NatsConfig {
 pub struct NatsStore {
     jetstream: jetstream::Context,
     stream: stream::Stream,
-    view: Arc<View>,
-    tail: JoinHandle<()>,
-    /// Stops the tail (when the store is dropped, or the process shuts down).
-    stop: CancellationToken,
     timeout: Duration,
-}
-
-/// The local copy of the stream, in stream order.
-struct View {
-    state: Mutex<ViewState>,
-    /// The last stream sequence applied, for readers waiting to catch up.
-    applied: watch::Sender<u64>,
-}
-
-impl Default for View {
-    fn default() -> Self {
-        Self {
-            state: Mutex::default(),
-            applied: watch::channel(0).0,
-        }
-    }
-}
-
-#[derive(Default)]
-struct ViewState {
-    messages: Vec<Message>,
-    applied: u64,
-}
-
-impl View {
-    fn lock(&self) -> MutexGuard<'_, ViewState> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Adds the message at stream `sequence`, unless the view already has it (the tail
-    /// and a reader filling a gap may both bring the same message).
-    fn apply(
-        &self,
-        sequence: u64,
-        subject: &str,
-        headers: Option<&async_nats::HeaderMap>,
-        payload: &[u8],
-    ) {
-        let id = headers
-            .and_then(|headers| headers.get("Nats-Msg-Id"))
-            .map(|value| value.as_str().to_owned())
-            .unwrap_or_else(|| subject.trim_start_matches(SUBJECT_PREFIX).to_owned());
-        let text = String::from_utf8_lossy(payload).into_owned();
-        let mut state = self.lock();
-        if sequence <= state.applied {
-            return;
-        }
-        state.messages.push(Message { id, text });
-        state.applied = sequence;
-        drop(state);
-        self.applied.send_replace(sequence);
-    }
+    log: String,
 }
 
 fn unavailable(what: &str, error: impl std::fmt::Display) -> StoreError {
@@ -153,9 +127,28 @@ pub fn subject_for(id: &str) -> String {
     }
 }
 
+/// A message as stored: the id from `Nats-Msg-Id` (the subject only carries an encoding
+/// of it), the text from the payload.
+fn stored(
+    position: u64,
+    subject: &str,
+    headers: Option<&async_nats::HeaderMap>,
+    payload: &[u8],
+) -> Stored {
+    let id = headers
+        .and_then(|headers| headers.get("Nats-Msg-Id"))
+        .map(|value| value.as_str().to_owned())
+        .unwrap_or_else(|| subject.trim_start_matches(SUBJECT_PREFIX).to_owned());
+    Stored {
+        position,
+        id,
+        text: String::from_utf8_lossy(payload).into_owned(),
+    }
+}
+
 impl NatsStore {
     /// Connects, creates the stream if it is missing (safe when several instances start
-    /// at once: creating an identical stream is idempotent), and starts the local view.
+    /// at once: creating an identical stream is idempotent), and checks its limits.
     /// Keeps trying, with backoff and a log line now and then, until the cluster answers
     /// or `cancel` fires (then it returns an error at once).
     pub async fn connect(config: NatsConfig, cancel: &CancellationToken) -> anyhow::Result<Self> {
@@ -177,14 +170,15 @@ impl NatsStore {
             .backpressure_on_inflight(true)
             .build(client);
 
-        let stream_config = stream::Config {
+        let mut stream_config = stream::Config {
             name: STREAM.to_owned(),
             subjects: vec![format!("{SUBJECT_PREFIX}>")],
             storage: StorageType::File,
             num_replicas: config.replicas,
             ..Default::default()
         };
-        let stream = Retry::new(
+        config.retention.apply(&mut stream_config);
+        let mut stream = Retry::new(
             format!(
                 "store: opening stream {STREAM} on JetStream at {}",
                 config.urls.join(",")
@@ -197,57 +191,65 @@ impl NatsStore {
             |_| false,
         )
         .await?;
+        let info = stream.info().await?;
+        let existing = &info.config;
+        if (existing.max_age, existing.max_bytes, existing.max_messages)
+            != (
+                stream_config.max_age,
+                stream_config.max_bytes,
+                stream_config.max_messages,
+            )
+        {
+            warn!(
+                stream = STREAM,
+                max_age = ?existing.max_age, max_bytes = existing.max_bytes,
+                max_messages = existing.max_messages,
+                "store: the stream already exists with other limits; it keeps its own \
+                 (change them with `nats stream edit`, or remove the stream)"
+            );
+        }
         info!(stream = STREAM, replicas = config.replicas, urls = ?config.urls, "store: using JetStream");
-
-        let view = Arc::new(View::default());
-        let stop = cancel.child_token();
-        let tail = tokio::spawn(tail(stream.clone(), Arc::clone(&view), stop.clone()));
+        // A stream deleted and created again is another log: positions start over.
+        let created = info.created.unix_timestamp_nanos();
         Ok(Self {
             jetstream,
             stream,
-            view,
-            tail,
-            stop,
             timeout: config.timeout,
+            log: format!("nats:{STREAM}:{created}"),
         })
     }
 
-    /// Brings the local view up to `sequence`. The tail normally gets there within
-    /// milliseconds; after an outage its consumer can take seconds to notice and recreate
-    /// itself, so a reader that waited briefly fetches the missing messages directly.
-    async fn catch_up(&self, sequence: u64) -> Result<(), StoreError> {
-        let mut applied = self.view.applied.subscribe();
-        let reached =
-            tokio::time::timeout(TAIL_GRACE, applied.wait_for(|applied| *applied >= sequence))
-                .await
-                .is_ok_and(|waited| waited.is_ok());
-        if reached {
-            return Ok(());
-        }
-        loop {
-            let next = self.view.lock().applied + 1;
-            if next > sequence {
-                return Ok(());
-            }
-            let message = self
-                .stream
-                .get_raw_message(next)
-                .await
-                .map_err(|e| unavailable("read", e))?;
-            self.view.apply(
-                message.sequence,
-                &message.subject,
-                Some(&message.headers),
-                &message.payload,
-            );
+    /// The first and last sequence the stream holds now (0, 0 when empty).
+    async fn bounds(&self) -> Result<(u64, u64), StoreError> {
+        let info = self
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| unavailable("stream info", e))?;
+        Ok((info.state.first_sequence, info.state.last_sequence))
+    }
+
+    /// The text stored for `id`, if its subject holds a message.
+    async fn stored_text(&self, id: &str) -> Result<Option<String>, StoreError> {
+        match self
+            .stream
+            .get_last_raw_message_by_subject(&subject_for(id))
+            .await
+        {
+            Ok(message) => Ok(Some(String::from_utf8_lossy(&message.payload).into_owned())),
+            Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(error) => Err(unavailable("read", error)),
         }
     }
-}
 
-impl Drop for NatsStore {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        self.tail.abort();
+    async fn with_deadline<T>(
+        &self,
+        what: &str,
+        work: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .unwrap_or_else(|_| Err(unavailable(what, "timed out")))
     }
 }
 
@@ -271,108 +273,173 @@ fn report(event: async_nats::Event, was_disconnected: &AtomicBool) {
     }
 }
 
-/// Follows the stream from where the view stands, until `stop`.
-async fn tail(stream: stream::Stream, view: Arc<View>, stop: CancellationToken) {
-    let follow = Retry::new("store: following the stream", &stop);
-    loop {
-        let applied = view.lock().applied;
-        let deliver_policy = if applied == 0 {
-            DeliverPolicy::All
-        } else {
-            DeliverPolicy::ByStartSequence {
-                start_sequence: applied + 1,
-            }
-        };
-        let subscribe = || async {
-            stream
-                .create_consumer(pull::OrderedConfig {
-                    deliver_policy,
-                    ..Default::default()
-                })
-                .await?
-                .messages()
-                .await
-                .map_err(anyhow::Error::from)
-        };
-        let Ok(mut messages) = follow.run(subscribe, |_| false).await else {
-            return; // stopped
-        };
-        loop {
-            let next = tokio::select! {
-                () = stop.cancelled() => return,
-                next = messages.next() => next,
-            };
-            let message = match next {
-                Some(Ok(message)) => message,
-                Some(Err(error)) => {
-                    warn!(%error, "store: stream follower interrupted; resuming");
-                    break;
-                }
-                None => break,
-            };
-            let Ok(info) = message.info() else { continue };
-            view.apply(
-                info.stream_sequence,
-                &message.subject,
-                message.headers.as_ref(),
-                &message.payload,
-            );
-        }
-        // A short pause before following again, so a consumer that breaks at once
-        // cannot spin.
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_millis(100)) => {}
-        }
-    }
-}
-
 impl MessageStore for NatsStore {
     async fn append(&self, message: Message) -> Result<Appended, StoreError> {
         let subject = subject_for(&message.id);
         let publish = PublishMessage::build()
             .message_id(&message.id)
             .expected_last_subject_sequence(0)
-            .payload(message.text.into());
+            .payload(message.text.clone().into());
         let publish = async {
             let ack = self
                 .jetstream
                 .send_publish(subject, publish)
                 .await
                 .map_err(|e| unavailable("publish", e))?;
-            match ack.await {
-                Ok(ack) if ack.duplicate => Ok(Appended::Duplicate),
-                Ok(_) => Ok(Appended::Inserted),
-                Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
-                    Ok(Appended::Duplicate)
-                }
-                Err(error) => Err(unavailable("no acknowledgement from JetStream", error)),
+            let repeat = match ack.await {
+                Ok(ack) => ack.duplicate,
+                Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => true,
+                Err(error) => return Err(unavailable("no acknowledgement from JetStream", error)),
+            };
+            if !repeat {
+                return Ok(Appended::Inserted);
             }
+            Ok(match self.stored_text(&message.id).await? {
+                Some(text) if text != message.text => Appended::Conflict,
+                _ => Appended::Duplicate,
+            })
         };
-        tokio::time::timeout(self.timeout, publish)
-            .await
-            .unwrap_or_else(|_| Err(unavailable("publish", "timed out")))
+        self.with_deadline("publish", publish).await
     }
 
-    async fn list(&self) -> Result<Vec<Message>, StoreError> {
+    async fn read(&self, after: u64, limit: usize) -> Result<Page, StoreError> {
         let read = async {
-            let info = self
-                .stream
-                .get_info()
-                .await
-                .map_err(|e| unavailable("stream info", e))?;
-            self.catch_up(info.state.last_sequence).await?;
-            // Everything acknowledged before this request is in the view (and perhaps a
-            // few messages stored since), in stream order.
-            Ok(self.view.lock().messages.clone())
+            let (first, last) = self.bounds().await?;
+            if after > last {
+                return Err(StoreError::PastTheEnd { after, last });
+            }
+            let start = (after + 1).max(first);
+            if last == 0 || start > last {
+                return Ok(Page::default());
+            }
+            let limit = limit.clamp(1, MAX_PAGE) as u64;
+            let stop = (start + limit - 1).min(last);
+            let fetched: Vec<_> = futures_util::stream::iter(start..=stop)
+                .map(|sequence| self.stream.get_raw_message(sequence))
+                .buffered(READ_CONCURRENCY)
+                .collect()
+                .await;
+            let mut messages = Vec::with_capacity(fetched.len());
+            for message in fetched {
+                match message {
+                    Ok(m) => {
+                        messages.push(stored(m.sequence, &m.subject, Some(&m.headers), &m.payload))
+                    }
+                    // Removed by a retention limit since the bounds were read.
+                    Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {}
+                    Err(e) => return Err(unavailable("read", e)),
+                }
+            }
+            let (messages, cut) = fill(&mut messages.into_iter().peekable(), MAX_PAGE);
+            Ok(Page {
+                messages,
+                more: cut || stop < last,
+            })
         };
-        tokio::time::timeout(self.timeout, read)
-            .await
-            .unwrap_or_else(|_| Err(unavailable("list", "timed out")))
+        self.with_deadline("read", read).await
+    }
+
+    async fn stream(&self, after: u64, until: Option<u64>) -> Result<Batches, StoreError> {
+        let start = async {
+            let (first, last) = self.bounds().await?;
+            if after > last {
+                return Err(StoreError::PastTheEnd { after, last });
+            }
+            let until = until.unwrap_or(last).min(last);
+            let start = (after + 1).max(first);
+            if until == 0 || start > until {
+                return Ok(None);
+            }
+            let messages = self
+                .stream
+                .create_consumer(pull::OrderedConfig {
+                    deliver_policy: DeliverPolicy::ByStartSequence {
+                        start_sequence: start,
+                    },
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| unavailable("read", e))?
+                .messages()
+                .await
+                .map_err(|e| unavailable("read", e))?;
+            Ok(Some((until, messages)))
+        };
+        let Some((until, messages)) = self.with_deadline("read", start).await? else {
+            return Ok(Batches::empty(until.unwrap_or(0)));
+        };
+        let (sender, receiver) = mpsc::channel(2);
+        tokio::spawn(forward(messages.ready_chunks(STREAM_BATCH), until, sender));
+        Ok(Batches { until, receiver })
+    }
+
+    fn log(&self) -> &str {
+        &self.log
     }
 
     fn kind(&self) -> &'static str {
         "nats"
+    }
+}
+
+/// Forwards an ordered consumer's messages in batches until position `until`, or until
+/// the reader goes away, or the consumer stalls or fails (sent as the last item).
+async fn forward<S, E>(
+    mut chunks: S,
+    until: u64,
+    sender: mpsc::Sender<Result<Vec<Stored>, StoreError>>,
+) where
+    S: futures_util::Stream<Item = Vec<Result<jetstream::Message, E>>> + Unpin,
+    E: std::fmt::Display,
+{
+    loop {
+        let chunk = match tokio::time::timeout(STREAM_STALL, chunks.next()).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => {
+                let _ = sender
+                    .send(Err(unavailable("read", "the stream ended early")))
+                    .await;
+                return;
+            }
+            Err(_) => {
+                let _ = sender
+                    .send(Err(unavailable("read", "no message for 5 s")))
+                    .await;
+                return;
+            }
+        };
+        let mut messages = Vec::with_capacity(chunk.len());
+        for message in chunk {
+            let message = match message {
+                Ok(message) => message,
+                Err(error) => {
+                    let _ = sender.send(Err(unavailable("read", error))).await;
+                    return;
+                }
+            };
+            let Ok(info) = message.info() else { continue };
+            if info.stream_sequence > until {
+                break;
+            }
+            messages.push(stored(
+                info.stream_sequence,
+                &message.subject,
+                message.headers.as_ref(),
+                &message.payload,
+            ));
+        }
+        let done = messages.last().is_some_and(|m| m.position >= until);
+        // A chunk of big texts goes out as several batches under the byte cap.
+        let mut rest = messages.into_iter().peekable();
+        while rest.peek().is_some() {
+            let (batch, _) = fill(&mut rest, STREAM_BATCH);
+            if sender.send(Ok(batch)).await.is_err() {
+                return; // the reader went away
+            }
+        }
+        if done {
+            return;
+        }
     }
 }
 
@@ -411,6 +478,18 @@ mod tests {
     async fn order() {
         let (_nats, store) = store().await;
         contract::lists_in_insertion_order(&store).await;
+    }
+
+    #[tokio::test]
+    async fn pages() {
+        let (_nats, store) = store().await;
+        contract::pages_walk_the_same_log_as_the_stream(&store).await;
+    }
+
+    #[tokio::test]
+    async fn big_texts() {
+        let (_nats, store) = store().await;
+        contract::big_texts_are_split_into_small_batches(&store).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -457,10 +536,46 @@ mod tests {
             Appended::Inserted
         );
         assert_eq!(
-            second.append(message("two")).await.expect("append"),
+            second.append(message("one")).await.expect("append"),
             Appended::Duplicate
         );
-        assert_eq!(second.list().await.expect("list"), [message("one")]);
+        assert_eq!(
+            second.append(message("two")).await.expect("append"),
+            Appended::Conflict
+        );
+        assert_eq!(contract::listed_ids(&second).await, ["same-id"]);
+        assert_eq!(first.log(), second.log(), "one shared log");
+    }
+
+    #[tokio::test]
+    async fn retention_limits_reach_the_stream() {
+        let nats = Nats::single().await;
+        let mut config = NatsConfig::new(vec![nats.urls()]);
+        config.retention = Retention {
+            max_age: Some(Duration::from_secs(3600)),
+            max_bytes: Some(1 << 20),
+            max_messages: Some(3),
+        };
+        let store = NatsStore::connect(config, &CancellationToken::new())
+            .await
+            .expect("connect");
+        let mut stream = store.stream.clone();
+        let info = stream.info().await.expect("info");
+        assert_eq!(info.config.max_age, Duration::from_secs(3600));
+        assert_eq!(info.config.max_bytes, 1 << 20);
+        assert_eq!(info.config.max_messages, 3);
+        for i in 0..5 {
+            let message = Message {
+                id: format!("r-{i}"),
+                text: format!("text {i}"),
+            };
+            store.append(message).await.expect("append");
+        }
+        // The oldest went; pages and the stream start at the first message kept.
+        assert_eq!(contract::listed_ids(&store).await, ["r-2", "r-3", "r-4"]);
+        let page = store.read(0, 10).await.expect("read");
+        let ids: Vec<&str> = page.messages.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, ["r-2", "r-3", "r-4"]);
     }
 
     #[test]
