@@ -253,26 +253,16 @@ impl Facade {
         let id = Self::message_id(idempotency_key)?;
         debug!(request_id, id, "posting");
         let deadline = self.failover.policy().attempt_deadline;
-        self.failover
-            .run(
-                LOGGING,
-                request_id,
-                || self.discovery.instances(LOGGING),
-                |address| {
-                    let channel = self.channel(&address);
-                    let request = AppendRequest {
-                        id: id.clone(),
-                        text: msg.clone(),
-                    };
-                    let request = logging_request(request, Some(deadline), request_id);
-                    async move {
-                        let mut client = LoggingClient::new(channel?);
-                        client.append(request).await
-                    }
-                },
-            )
-            .await
-            .map_err(|error| self.failed("store the message", request_id, error))?;
+        self.call_logging(request_id, |_, mut client| {
+            let request = AppendRequest {
+                id: id.clone(),
+                text: msg.clone(),
+            };
+            let request = logging_request(request, Some(deadline), request_id);
+            async move { client.append(request).await }
+        })
+        .await
+        .map_err(|error| self.failed("store the message", request_id, error))?;
         Ok(id)
     }
 
@@ -291,21 +281,11 @@ impl Facade {
         let after = after.map(position).transpose()?.unwrap_or(0);
         let deadline = self.failover.policy().attempt_deadline;
         let reply = self
-            .failover
-            .run(
-                LOGGING,
-                request_id,
-                || self.discovery.instances(LOGGING),
-                |address| {
-                    let channel = self.channel(&address);
-                    let request =
-                        logging_request(ReadRequest { after, limit }, Some(deadline), request_id);
-                    async move {
-                        let mut client = LoggingClient::new(channel?);
-                        client.read(request).await
-                    }
-                },
-            )
+            .call_logging(request_id, |_, mut client| {
+                let request =
+                    logging_request(ReadRequest { after, limit }, Some(deadline), request_id);
+                async move { client.read(request).await }
+            })
             .await
             .map_err(|error| self.failed("read the log", request_id, error))?
             .into_inner();
@@ -356,6 +336,34 @@ impl Facade {
         until: u64,
         log: Option<&str>,
     ) -> Result<(Streaming<StreamResponse>, StreamResponse), FailoverError> {
+        self.call_logging(request_id, |address, mut client| {
+            // No deadline in the header: it would bound the whole stream. The failover
+            // bounds opening it (to the first answer) locally.
+            let request = logging_request(StreamRequest { after, until }, None, request_id);
+            async move {
+                let mut stream = client.stream(request).await?.into_inner();
+                let first = stream.message().await?.ok_or_else(|| {
+                    Status::unavailable("the stream ended before its first answer")
+                })?;
+                if log.is_some_and(|log| log != first.log) {
+                    return Err(Status::failed_precondition(format!(
+                        "{address} serves another log ({}), so it cannot resume this read",
+                        first.log
+                    )));
+                }
+                Ok((stream, first))
+            }
+        })
+        .await
+    }
+
+    /// One call to a live logging instance through the failover: `call` gets the
+    /// instance's address and a client on its pooled channel.
+    async fn call_logging<T, C, CF>(&self, request_id: &str, call: C) -> Result<T, FailoverError>
+    where
+        C: Fn(String, LoggingClient<Channel>) -> CF,
+        CF: std::future::Future<Output = Result<T, Status>>,
+    {
         self.failover
             .run(
                 LOGGING,
@@ -363,23 +371,8 @@ impl Facade {
                 || self.discovery.instances(LOGGING),
                 |address| {
                     let channel = self.channel(&address);
-                    // No deadline in the header: it would bound the whole stream. The
-                    // failover bounds opening it (to the first answer) locally.
-                    let request = logging_request(StreamRequest { after, until }, None, request_id);
-                    async move {
-                        let mut client = LoggingClient::new(channel?);
-                        let mut stream = client.stream(request).await?.into_inner();
-                        let first = stream.message().await?.ok_or_else(|| {
-                            Status::unavailable("the stream ended before its first answer")
-                        })?;
-                        if log.is_some_and(|log| log != first.log) {
-                            return Err(Status::failed_precondition(format!(
-                                "{address} serves another log ({}), so it cannot resume this read",
-                                first.log
-                            )));
-                        }
-                        Ok((stream, first))
-                    }
+                    let call = &call;
+                    async move { call(address, LoggingClient::new(channel?)).await }
                 },
             )
             .await

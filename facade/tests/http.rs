@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use testkit::{curl, eventually};
+use testkit::{curl, curl_post_keyed, eventually};
 
 use config_server::RegistryConfig;
 use logging::store::MemoryStore;
@@ -321,19 +321,7 @@ async fn get_still_answers_when_the_messages_service_is_down() {
 async fn pages_and_idempotency_keys_answer_400_and_422_as_documented() {
     let stack = start(true, "5s").await;
     let post = |key: &str, msg: &str| {
-        let body = serde_json::json!({ "msg": msg }).to_string();
-        let (status, _, reply) = curl(
-            "POST",
-            &format!("http://{}/messages", stack.facade),
-            &[
-                "-H",
-                "content-type: application/json",
-                "-H",
-                &format!("Idempotency-Key: {key}"),
-                "-d",
-                &body,
-            ],
-        );
+        let (status, _, reply) = curl_post_keyed(stack.facade, msg, key);
         (
             status,
             serde_json::from_str::<serde_json::Value>(&reply).expect("json"),

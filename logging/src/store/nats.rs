@@ -37,7 +37,7 @@ use async_nats::jetstream::{
     consumer::{pull, DeliverPolicy},
     context::PublishErrorKind,
     message::PublishMessage,
-    stream::{self, LastRawMessageErrorKind, StorageType},
+    stream::{self, DirectGetErrorKind, LastRawMessageErrorKind, StorageType},
 };
 use futures_util::StreamExt;
 use retry::Retry;
@@ -108,6 +108,8 @@ pub struct NatsStore {
     stream: stream::Stream,
     timeout: Duration,
     log: String,
+    /// Whether the stream answers direct gets (any replica, not only the leader).
+    direct: bool,
 }
 
 fn unavailable(what: &str, error: impl std::fmt::Display) -> StoreError {
@@ -175,6 +177,9 @@ impl NatsStore {
             subjects: vec![format!("{SUBJECT_PREFIX}>")],
             storage: StorageType::File,
             num_replicas: config.replicas,
+            // Page reads ask any replica (see `get`); a stream created before this keeps
+            // reading from its leader only.
+            allow_direct: true,
             ..Default::default()
         };
         config.retention.apply(&mut stream_config);
@@ -211,11 +216,13 @@ impl NatsStore {
         info!(stream = STREAM, replicas = config.replicas, urls = ?config.urls, "store: using JetStream");
         // A stream deleted and created again is another log: positions start over.
         let created = info.created.unix_timestamp_nanos();
+        let direct = info.config.allow_direct;
         Ok(Self {
             jetstream,
             stream,
             timeout: config.timeout,
             log: format!("nats:{STREAM}:{created}"),
+            direct,
         })
     }
 
@@ -227,6 +234,39 @@ impl NatsStore {
             .await
             .map_err(|e| unavailable("stream info", e))?;
         Ok((info.state.first_sequence, info.state.last_sequence))
+    }
+
+    /// The message at `sequence`, or `None` when it is gone (removed by retention). A
+    /// direct get is answered by any replica, off the JetStream API queue; one that has
+    /// not applied `sequence` yet answers "not found", and then the leader is asked, so
+    /// a read still sees every acknowledged write.
+    async fn get(&self, sequence: u64) -> Result<Option<Stored>, StoreError> {
+        if self.direct {
+            match self.stream.direct_get(sequence).await {
+                Ok(m) => {
+                    return Ok(Some(stored(
+                        m.sequence,
+                        &m.subject,
+                        Some(&m.headers),
+                        &m.payload,
+                    )))
+                }
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => {}
+                Err(e) => {
+                    debug!(error = %e, sequence, "store: direct get failed; asking the leader")
+                }
+            }
+        }
+        match self.stream.get_raw_message(sequence).await {
+            Ok(m) => Ok(Some(stored(
+                m.sequence,
+                &m.subject,
+                Some(&m.headers),
+                &m.payload,
+            ))),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(unavailable("read", e)),
+        }
     }
 
     /// The text stored for `id`, if its subject holds a message.
@@ -315,20 +355,14 @@ impl MessageStore for NatsStore {
             let limit = limit.clamp(1, MAX_PAGE) as u64;
             let stop = (start + limit - 1).min(last);
             let fetched: Vec<_> = futures_util::stream::iter(start..=stop)
-                .map(|sequence| self.stream.get_raw_message(sequence))
+                .map(|sequence| self.get(sequence))
                 .buffered(READ_CONCURRENCY)
                 .collect()
                 .await;
             let mut messages = Vec::with_capacity(fetched.len());
             for message in fetched {
-                match message {
-                    Ok(m) => {
-                        messages.push(stored(m.sequence, &m.subject, Some(&m.headers), &m.payload))
-                    }
-                    // Removed by a retention limit since the bounds were read.
-                    Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {}
-                    Err(e) => return Err(unavailable("read", e)),
-                }
+                // `None`: removed by a retention limit since the bounds were read.
+                messages.extend(message?);
             }
             let (messages, cut) = fill(&mut messages.into_iter().peekable(), MAX_PAGE);
             Ok(Page {
