@@ -429,6 +429,24 @@ impl Registry {
         evicted
     }
 
+    /// After the process was frozen (SIGSTOP, a paused VM), restarts every lease at
+    /// `now + ttl`: heartbeats sent while the registry could not run were lost through no
+    /// fault of the instances. Every lease ended at most one ttl after its last heartbeat,
+    /// so this extends each by at least the time lost, and an instance that really died
+    /// is still evicted within one ttl of the resume. Returns how many were renewed.
+    pub(crate) fn renew_all(&self, now: Instant) -> usize {
+        let mut state = self.lock();
+        let deadline = now + self.config.ttl;
+        let ids: Vec<String> = state.expirations.iter().map(|(_, id)| id.clone()).collect();
+        state.expirations = ids.iter().map(|id| (deadline, id.clone())).collect();
+        for id in &ids {
+            if let Some(entry) = state.index.get_mut(id) {
+                entry.deadline = Some(deadline);
+            }
+        }
+        ids.len()
+    }
+
     /// The earliest lease deadline, if any instance holds a lease.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.lock()

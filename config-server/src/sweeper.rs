@@ -3,17 +3,28 @@
 //! The task sleeps until the earliest deadline and no longer; a change in the registry
 //! (such as the first registration) wakes it to look again. With a fixed TTL, deadlines
 //! only ever move later, so nothing else can make it oversleep.
+//!
+//! Except a pause of the whole process. If it wakes more than a heartbeat interval after
+//! the deadline it slept for, the process was frozen (SIGSTOP, a paused VM, swapped
+//! out): every instance's heartbeats in that time went unread, so evicting them now
+//! would empty the registry of live instances. Instead every lease restarts from now,
+//! as etcd extends leases after a leader change, and only instances that stay silent for
+//! a whole TTL after the resume are evicted.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::registry::Registry;
 
+/// The smallest lateness taken for a pause: a busy scheduler is late by milliseconds.
+const MIN_PAUSE: Duration = Duration::from_millis(100);
+
 pub(crate) async fn run(registry: Arc<Registry>, shutdown: CancellationToken) {
     let mut changes = registry.subscribe();
+    let pause = registry.heartbeat_interval().max(MIN_PAUSE);
     loop {
         let next = registry.next_deadline();
         let due = async {
@@ -31,8 +42,21 @@ pub(crate) async fn run(registry: Arc<Registry>, shutdown: CancellationToken) {
                 metrics::gauge!("registry_instances").set(registry.len() as f64);
             }
             () = due => {
+                let now = Instant::now();
+                let late = next.map_or(Duration::ZERO, |planned| now.saturating_duration_since(planned));
+                if late > pause {
+                    let renewed = registry.renew_all(now);
+                    metrics::counter!("registry_pauses_total").increment(1);
+                    warn!(
+                        late = %humantime::format_duration(late),
+                        renewed,
+                        "the registry was paused (a frozen process or machine): renewed every \
+                         lease rather than evict instances whose heartbeats it could not read"
+                    );
+                    continue;
+                }
                 let ttl = humantime::format_duration(registry.ttl()).to_string();
-                let evicted = registry.evict_expired(Instant::now());
+                let evicted = registry.evict_expired(now);
                 metrics::counter!("registry_evictions_total").increment(evicted.len() as u64);
                 for instance in evicted {
                     info!(
@@ -85,6 +109,49 @@ mod tests {
             .heartbeat(&lease.instance_id, Instant::now())
             .is_err());
         assert!(Instant::now() - started <= Duration::from_millis(10));
+
+        shutdown.cancel();
+        sweeper.await.expect("sweeper stops");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_renews_every_lease_and_the_silent_are_evicted_one_ttl_later() {
+        let registry = Arc::new(Registry::new(RegistryConfig::default()).expect("registry"));
+        let shutdown = CancellationToken::new();
+        let sweeper = tokio::spawn(run(Arc::clone(&registry), shutdown.clone()));
+        let ttl = registry.ttl();
+        for port in 1..=3 {
+            registry
+                .register(
+                    "logging",
+                    &format!("127.0.0.1:{port}"),
+                    BTreeMap::new(),
+                    Instant::now(),
+                )
+                .expect("register");
+        }
+        tokio::task::yield_now().await;
+
+        // The sweeper cannot run while the clock jumps: a freeze of ttl + 5 s. Without
+        // the pause check every lease would be over, and all three evicted at once.
+        tokio::time::advance(ttl + Duration::from_secs(5)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(registry.len(), 3, "nobody evicted right after the pause");
+
+        // Nobody heartbeats after the resume: all evicted, within one ttl of it.
+        let resumed = Instant::now();
+        let mut changes = registry.subscribe();
+        changes.borrow_and_update();
+        tokio::time::advance(ttl - Duration::from_millis(10)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(
+            registry.len(),
+            3,
+            "a full ttl after the resume to heartbeat"
+        );
+        changes.changed().await.expect("eviction announced");
+        assert_eq!(registry.len(), 0);
+        assert!(Instant::now() - resumed <= ttl);
 
         shutdown.cancel();
         sweeper.await.expect("sweeper stops");

@@ -223,3 +223,30 @@ async fn with_a_token_file_grpcurl_must_send_the_bearer_token_to_register() {
     assert!(server.terminate().await.success());
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[tokio::test]
+async fn a_frozen_registry_evicts_nobody_when_it_resumes() {
+    // TTL 1 s, heartbeats every 250 ms: a 3 s freeze outlives every lease.
+    let mut system = e2e::System::start(2, &[]).await;
+    system
+        .registry_proc
+        .signal(nix::sys::signal::Signal::SIGSTOP);
+    tokio::time::sleep(Duration::from_secs(3)).await; // the freeze under test, not a settle
+    system
+        .registry_proc
+        .signal(nix::sys::signal::Signal::SIGCONT);
+    let registry = system.registry;
+    eventually(Duration::from_secs(10), "the pause noticed", || async {
+        let (_, _, metrics) = e2e::curl("GET", &format!("http://{registry}/metrics"), &[]);
+        metrics.contains("registry_pauses_total 1")
+    })
+    .await;
+    assert_eq!(system.registered().await.len(), 2);
+    let log = system.registry_proc.output();
+    assert!(!log.contains("evicted"), "{log}");
+    assert!(log.contains("the registry was paused"), "{log}");
+    // The instances heartbeat again; a crash after the resume is still evicted in time.
+    let (dead, _) = system.logging[0];
+    system.logging_proc(dead).kill9().await;
+    system.wait_registered(1).await;
+}
