@@ -46,7 +46,7 @@ async fn runner_starts_everything_serves_the_walkthrough_and_stops_on_ctrl_c() {
         logging_port.to_string(),
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut runner = Proc::start("runner", "runner", &args);
+    let mut runner = Proc::start("runner", "runner", &args).stopped_on_drop_with(Signal::SIGINT);
     eventually(Duration::from_secs(30), "runner ready", || async {
         runner.output().contains("runner: ready")
     })
@@ -100,7 +100,7 @@ async fn runner_fails_loudly_when_a_core_service_cannot_start() {
         free_port().to_string(),
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut runner = Proc::start("runner", "runner", &args);
+    let mut runner = Proc::start("runner", "runner", &args).stopped_on_drop_with(Signal::SIGINT);
     let status = runner.wait_exit(Duration::from_secs(30)).await;
     assert!(!status.success());
     let output = runner.output();
@@ -137,7 +137,7 @@ async fn with_nats_the_terminal_stays_readable_and_a_clean_stop_reads_as_one() {
         logging_port.to_string(),
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut runner = Proc::start("runner", "runner", &args);
+    let mut runner = Proc::start("runner", "runner", &args).stopped_on_drop_with(Signal::SIGINT);
     let end_of_ready = "Ctrl+C stops everything";
     eventually(Duration::from_secs(60), "runner ready", || async {
         runner.output().contains(end_of_ready)

@@ -69,6 +69,9 @@ pub struct Proc {
     pub name: String,
     child: Child,
     log: PathBuf,
+    /// Sent first when the process is dropped still running (see
+    /// [`Proc::stopped_on_drop_with`]); SIGKILL otherwise.
+    drop_signal: Option<Signal>,
 }
 
 impl Proc {
@@ -106,7 +109,17 @@ impl Proc {
             name: name.to_owned(),
             child,
             log,
+            drop_signal: None,
         }
+    }
+
+    /// When dropped still running (a failed test), first send `signal` and wait up to
+    /// 15 s for it to exit, before SIGKILL. For a process with children of its own, like
+    /// the runner: SIGKILL would leave them running, since they live in process groups
+    /// of their own.
+    pub fn stopped_on_drop_with(mut self, signal: Signal) -> Self {
+        self.drop_signal = Some(signal);
+        self
     }
 
     /// Starts one of the workspace's binaries.
@@ -166,6 +179,15 @@ impl Drop for Proc {
         if self.child.try_wait().ok().flatten().is_none() {
             // A stopped process must be continued to die promptly on some kernels.
             let _ = nix::sys::signal::kill(self.pid(), Signal::SIGCONT);
+            if let Some(signal) = self.drop_signal {
+                let _ = nix::sys::signal::kill(self.pid(), signal);
+                let started = Instant::now();
+                while self.child.try_wait().ok().flatten().is_none()
+                    && started.elapsed() < Duration::from_secs(15)
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
             let _ = self.child.kill();
             let _ = self.child.wait();
         }

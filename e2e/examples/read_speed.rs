@@ -1,0 +1,92 @@
+//! The bare baselines of the growth benchmark (`bench/growth`), on the same stream as the
+//! system it measures:
+//!
+//! - a full read by a bare ordered consumer (JetStream's own delivery), and through
+//!   logging's gRPC `Stream`: where a `GET /messages` spends its time;
+//! - page reads done the way the NATS store does them, by a bare client: one stream-info
+//!   request plus 100 pipelined direct gets, 200 times at the middle of the log.
+//!
+//!     read_speed NATS_URLS LOGGING_ADDR
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use futures_util::StreamExt;
+use proto::logging::v1::{logging_client::LoggingClient, StreamRequest};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    anyhow::ensure!(args.len() == 3, "usage: read_speed NATS_URLS LOGGING_ADDR");
+    let servers: Vec<&str> = args[1].split(',').collect();
+    let jetstream = async_nats::jetstream::new(async_nats::connect(servers.as_slice()).await?);
+    let mut stream = jetstream.get_stream("MESSAGES").await?;
+    let last = stream.info().await?.state.last_sequence;
+
+    let started = Instant::now();
+    let mut messages = stream
+        .create_consumer(pull::OrderedConfig {
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await?
+        .messages()
+        .await?;
+    let (mut count, mut bytes) = (0u64, 0usize);
+    while let Some(message) = messages.next().await {
+        let message = message?;
+        count += 1;
+        bytes += message.payload.len();
+        if message.info().map_err(anyhow::Error::msg)?.stream_sequence >= last {
+            break;
+        }
+    }
+    report("ordered consumer", count, bytes, started);
+
+    let started = Instant::now();
+    let channel = rpc::channel(&args[2])?;
+    let mut batches = LoggingClient::new(channel)
+        .stream(StreamRequest { after: 0, until: 0 })
+        .await?
+        .into_inner();
+    let (mut count, mut bytes) = (0u64, 0usize);
+    while let Some(batch) = batches.message().await? {
+        count += batch.messages.len() as u64;
+        bytes += batch.messages.iter().map(|m| m.text.len()).sum::<usize>();
+    }
+    report("logging Stream (gRPC)", count, bytes, started);
+
+    // Pages as the store reads them, without logging and the facade in the way.
+    let middle = last / 2;
+    let mut times = Vec::new();
+    for _ in 0..200 {
+        let started = Instant::now();
+        let state = stream.info().await?.state.clone();
+        let stop = (middle + 100).min(state.last_sequence);
+        let fetched: Vec<_> = futures_util::stream::iter(middle + 1..=stop)
+            .map(|sequence| stream.direct_get(sequence))
+            .buffered(128)
+            .collect()
+            .await;
+        anyhow::ensure!(fetched.iter().all(Result::is_ok), "a direct get failed");
+        times.push(started.elapsed());
+    }
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "bare page of 100 at the middle: p50 {:.2} ms, p99 {:.2} ms",
+        ms(times[times.len() / 2]),
+        ms(times[times.len() * 99 / 100])
+    );
+    Ok(())
+}
+
+fn report(what: &str, count: u64, bytes: usize, started: Instant) {
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "{what}: {count} messages, {:.1} MB of text in {seconds:.2} s: {:.0} messages/s, {:.1} MB/s",
+        bytes as f64 / 1e6,
+        count as f64 / seconds,
+        bytes as f64 / 1e6 / seconds
+    );
+}
