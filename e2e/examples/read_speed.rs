@@ -6,7 +6,9 @@
 //! - page reads done the way the NATS store does them, by a bare client: one stream-info
 //!   request plus 100 pipelined direct gets, 200 times at the middle of the log.
 //!
-//!     read_speed NATS_URLS LOGGING_ADDR
+//!     read_speed NATS_URLS LOGGING_ADDR [PAGE_CONCURRENCY]
+//!
+//! PAGE_CONCURRENCY (default 128, as the store) is how many gets a page keeps in flight.
 
 use std::time::{Duration, Instant};
 
@@ -17,7 +19,11 @@ use proto::logging::v1::{logging_client::LoggingClient, StreamRequest};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    anyhow::ensure!(args.len() == 3, "usage: read_speed NATS_URLS LOGGING_ADDR");
+    anyhow::ensure!(
+        args.len() == 3 || args.len() == 4,
+        "usage: read_speed NATS_URLS LOGGING_ADDR [PAGE_CONCURRENCY]"
+    );
+    let concurrency: usize = args.get(3).map_or(Ok(128), |c| c.parse())?;
     let servers: Vec<&str> = args[1].split(',').collect();
     let jetstream = async_nats::jetstream::new(async_nats::connect(servers.as_slice()).await?);
     let mut stream = jetstream.get_stream("MESSAGES").await?;
@@ -65,7 +71,7 @@ async fn main() -> anyhow::Result<()> {
         let stop = (middle + 100).min(state.last_sequence);
         let fetched: Vec<_> = futures_util::stream::iter(middle + 1..=stop)
             .map(|sequence| stream.direct_get(sequence))
-            .buffered(128)
+            .buffered(concurrency)
             .collect()
             .await;
         anyhow::ensure!(fetched.iter().all(Result::is_ok), "a direct get failed");
