@@ -56,6 +56,7 @@ pub(crate) fn status(error: RegistryError) -> Status {
     match error {
         RegistryError::InvalidService(_)
         | RegistryError::InvalidAddress(_)
+        | RegistryError::UnspecifiedAddress(_)
         | RegistryError::InvalidMetadata(_)
         | RegistryError::EmptyInstanceId => Status::invalid_argument(message),
         RegistryError::UnknownInstance(_) | RegistryError::UnknownSetting(_) => {

@@ -54,6 +54,11 @@ pub(crate) enum RegistryError {
     InvalidService(String),
     #[error("invalid address {0:?}: expected host:port with a port from 1 to 65535")]
     InvalidAddress(String),
+    #[error(
+        "address {0:?} is unspecified (0.0.0.0 or [::]), which nobody can connect to: \
+         register the address others reach the instance at (a service's --advertise)"
+    )]
+    UnspecifiedAddress(String),
     #[error("invalid metadata: {0}")]
     InvalidMetadata(String),
     #[error("invalid instance id: it is empty")]
@@ -515,6 +520,17 @@ pub(crate) fn validate_address(address: &str) -> Result<(), RegistryError> {
     let port_ok = !port.is_empty()
         && port.bytes().all(|b| b.is_ascii_digit())
         && port.parse::<u16>().is_ok_and(|p| p != 0);
+    let unspecified = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(inner) => inner
+            .parse::<std::net::Ipv6Addr>()
+            .is_ok_and(|ip| ip.is_unspecified()),
+        None => host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_unspecified()),
+    };
+    if unspecified {
+        return Err(RegistryError::UnspecifiedAddress(truncate(address)));
+    }
     let host_ok = if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
         inner.parse::<std::net::Ipv6Addr>().is_ok()
     } else {
@@ -683,6 +699,24 @@ mod tests {
             Err(RegistryError::StaticInstance(id.clone()))
         );
         assert_eq!(registry.heartbeat(&id, far), Ok(()));
+    }
+
+    #[test]
+    fn unspecified_addresses_are_refused() {
+        let registry = registry();
+        for address in ["0.0.0.0:50051", "[::]:50051", "[0:0:0:0:0:0:0:0]:50051"] {
+            let refused = registry
+                .register("logging", address, BTreeMap::new(), Instant::now())
+                .expect_err(address);
+            assert!(
+                matches!(refused, RegistryError::UnspecifiedAddress(_)),
+                "{address}: {refused}"
+            );
+            assert!(refused.to_string().contains("--advertise"));
+        }
+        for address in ["127.0.0.1:50051", "[::1]:50051", "logging-1.internal:50051"] {
+            assert!(validate_address(address).is_ok(), "{address}");
+        }
     }
 
     #[test]

@@ -8,7 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use e2e::{curl, curl_post, curl_post_keyed, eventually, get_lab, list_instance, System, TEST_TTL};
+use e2e::{
+    curl, curl_post, curl_post_keyed, eventually, get_lab, list_instance, Proc, System, TEST_TTL,
+};
 use nix::sys::signal::Signal;
 use proto::facade::v1::{facade_client::FacadeClient, PostRequest};
 use tokio::sync::Mutex;
@@ -287,4 +289,51 @@ async fn the_facade_forgets_channels_to_instances_that_left() {
         )
         .await;
     }
+}
+
+#[tokio::test]
+async fn logging_registers_its_advertised_address_and_never_an_unspecified_one() {
+    let mut system = System::start(0, &[]).await;
+    let registry = format!("http://{}", system.registry);
+
+    // Listening on every interface without saying where others reach it is refused
+    // before anything is bound.
+    let mut refused = Proc::start(
+        "logging-unspecified",
+        "logging",
+        &["50099", "--host", "0.0.0.0", "--registry", &registry],
+    );
+    let status = refused.wait_exit(Duration::from_secs(10)).await;
+    assert!(!status.success());
+    assert!(
+        refused.output().contains("--advertise"),
+        "{}",
+        refused.output()
+    );
+
+    // --advertise is what the registry lists, and the facade reaches the instance by it.
+    let port = e2e::free_port();
+    let advertised = format!("localhost:{port}");
+    let proc = Proc::start(
+        "logging-advertised",
+        "logging",
+        &[
+            &port.to_string(),
+            "--advertise",
+            &advertised,
+            "--registry",
+            &registry,
+        ],
+    );
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    e2e::wait_serving(addr).await;
+    system.logging.push((addr, proc));
+    eventually(
+        Duration::from_secs(10),
+        "the advertised address listed",
+        || async { system.registered().await == [advertised.clone()] },
+    )
+    .await;
+    let (status, reply) = curl_post(system.facade, "through localhost");
+    assert_eq!(status, 201, "{reply}");
 }

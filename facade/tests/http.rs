@@ -65,7 +65,7 @@ async fn start(with_logging: bool, budget: &str) -> Stack {
             logging_listener,
             Arc::clone(&store),
             client.clone(),
-            64 * 1024,
+            logging::ServeOptions::default(),
             shutdown.clone(),
         ));
         logging_registered(&client).await;
@@ -296,7 +296,10 @@ async fn get_still_answers_when_the_messages_service_is_down() {
         logging_listener,
         Arc::new(MemoryStore::default()),
         client.clone(),
-        1024,
+        logging::ServeOptions {
+            max_text_bytes: 1024,
+            ..Default::default()
+        },
         shutdown.clone(),
     ));
     logging_registered(&client).await;

@@ -32,9 +32,14 @@ pub struct Config {
     /// Port to listen on, e.g. 50051.
     pub port: u16,
 
-    /// Host to listen on and register with.
+    /// Host to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+
+    /// The address others reach this instance at, registered with the registry
+    /// [default: the address it listens on]. Needed when listening on 0.0.0.0 or [::].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
 
     #[command(flatten)]
     pub registry: RegistryArgs,
@@ -157,6 +162,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let addr: SocketAddr = format!("{}:{}", config.host, config.port)
         .parse()
         .with_context(|| format!("invalid listen address {}:{}", config.host, config.port))?;
+    anyhow::ensure!(
+        config.advertise.is_some() || !addr.ip().is_unspecified(),
+        "logging would listen on {addr}, which is no address others can connect to: pass \
+         --advertise HOST:PORT, the address they should use (this machine's name or IP, and \
+         port {})",
+        config.port
+    );
+    let options = ServeOptions {
+        max_text_bytes: config.max_text_bytes,
+        advertise: config.advertise.clone(),
+    };
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
@@ -171,7 +187,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 max_messages: config.max_messages,
                 max_bytes: config.max_bytes,
             }));
-            serve(listener, store, registry, config.max_text_bytes, shutdown).await
+            serve(listener, store, registry, options, shutdown).await
         }
         StoreChoice::Nats(urls) => {
             let mut nats = NatsConfig::new(urls);
@@ -188,7 +204,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 }
                 Err(error) => return Err(error),
             };
-            serve(listener, store, registry, config.max_text_bytes, shutdown).await
+            serve(listener, store, registry, options, shutdown).await
+        }
+    }
+}
+
+/// How an instance serves, beyond its listener and store.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Longest message text accepted, in bytes.
+    pub max_text_bytes: usize,
+    /// The address registered; the listener's own address when `None`.
+    pub advertise: Option<String>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            max_text_bytes: DEFAULT_MAX_TEXT_BYTES,
+            advertise: None,
         }
     }
 }
@@ -198,10 +232,12 @@ pub async fn serve<S: MessageStore>(
     listener: TcpListener,
     store: Arc<S>,
     registry: RegistryClient,
-    max_text_bytes: usize,
+    options: ServeOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
+    let max_text_bytes = options.max_text_bytes;
+    let advertise = options.advertise.unwrap_or_else(|| addr.to_string());
     let (routes, health) = rpc::routes()?;
     health
         .set_serving::<LoggingServer<LoggingService<S>>>()
@@ -218,13 +254,13 @@ pub async fn serve<S: MessageStore>(
         rpc::http_router().merge(telemetry::metrics_router()),
         server_stop.clone(),
     ));
-    info!(%addr, store = kind, "logging listening");
+    info!(%addr, advertise, store = kind, "logging listening");
 
     // The listener already accepts connections, so it is safe to be found now.
     let registration = Registration::start(
         registry,
         SERVICE,
-        addr.to_string(),
+        advertise.clone(),
         HashMap::from([("store".to_owned(), kind.to_owned())]),
     );
 
