@@ -88,15 +88,25 @@ impl Discovery {
         self.changes.load(Ordering::Acquire)
     }
 
-    /// Every address a list from either source currently holds, for any service.
+    /// Every address calls may still use, for any service: the pushed list where the Watch
+    /// stream is live (what calls then read, whatever an earlier lookup saw), else the
+    /// lists from either source.
     pub fn listed(&self) -> HashSet<String> {
-        let mut listed: HashSet<String> = self
-            .pushed
-            .values()
-            .flat_map(|pushed| pushed.borrow().addresses.as_ref().clone())
-            .collect();
-        for (_, addresses) in self.last_known().values() {
-            listed.extend(addresses.iter().cloned());
+        let known = self.last_known();
+        let mut listed = HashSet::new();
+        for (service, pushed) in &self.pushed {
+            let pushed = pushed.borrow();
+            listed.extend(pushed.addresses.iter().cloned());
+            if !pushed.live {
+                if let Some((_, addresses)) = known.get(service) {
+                    listed.extend(addresses.iter().cloned());
+                }
+            }
+        }
+        for (service, (_, addresses)) in known.iter() {
+            if !self.pushed.contains_key(service) {
+                listed.extend(addresses.iter().cloned());
+            }
         }
         listed
     }

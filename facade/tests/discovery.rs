@@ -112,3 +112,35 @@ async fn per_call_lookups_see_changes_at_once_and_keep_the_last_list_when_the_re
     assert_eq!(discovery.instances("logging").await, ["127.0.0.1:50051"]);
     registration.deregister().await;
 }
+
+#[tokio::test]
+async fn listed_holds_only_what_calls_use_once_the_watch_is_live() {
+    let (addr, stop_registry, registry_task) = registry().await;
+    let client = RegistryClient::new(&addr).expect("client");
+    let first = Registration::start(client.clone(), "logging", "127.0.0.1:50061", HashMap::new());
+    first.registered().await;
+    let shutdown = CancellationToken::new();
+    let discovery = Discovery::new(
+        client.clone(),
+        DiscoveryMode::Watch,
+        &["logging"],
+        &shutdown,
+    );
+    // Before the watch task has even run (one thread: nothing else ran yet), a call falls
+    // back to a lookup, which the discovery remembers as the last known list.
+    assert!(!discovery.listed().contains("127.0.0.1:50062"));
+    assert_eq!(discovery.instances("logging").await, ["127.0.0.1:50061"]);
+
+    // The instance leaves once the watch is live: the old lookup must not keep it listed.
+    let second = Registration::start(client, "logging", "127.0.0.1:50062", HashMap::new());
+    second.registered().await;
+    first.deregister().await;
+    until_listed(&discovery, &["127.0.0.1:50062".to_owned()]).await;
+    let listed: Vec<String> = discovery.listed().into_iter().collect();
+    assert_eq!(listed, ["127.0.0.1:50062"]);
+
+    second.deregister().await;
+    shutdown.cancel();
+    stop_registry.cancel();
+    registry_task.await.expect("join").expect("registry ran");
+}
