@@ -420,3 +420,17 @@ impl Keeper {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::ValueEnum;
+
+    use super::*;
+
+    #[test]
+    fn every_discovery_mode_flag_parses_back_to_its_mode() {
+        for mode in DiscoveryMode::value_variants() {
+            assert_eq!(DiscoveryMode::from_str(mode.as_flag(), false), Ok(*mode));
+        }
+    }
+}

@@ -9,7 +9,6 @@ use rand::Rng;
 
 #[derive(Debug, Clone)]
 pub struct Backoff {
-    base: Duration,
     cap: Duration,
     step: Duration,
 }
@@ -17,7 +16,6 @@ pub struct Backoff {
 impl Backoff {
     pub fn new(base: Duration, cap: Duration) -> Self {
         Self {
-            base,
             cap,
             step: base.min(cap),
         }
@@ -29,11 +27,6 @@ impl Backoff {
         self.step = (self.step * 2).min(self.cap);
         let half = step / 2;
         half + rand::rng().random_range(Duration::ZERO..=step - half)
-    }
-
-    /// Back to the first step, after a success.
-    pub fn reset(&mut self) {
-        self.step = self.base.min(self.cap);
     }
 }
 
@@ -55,7 +48,5 @@ mod tests {
             );
             step = (step * 2).min(cap);
         }
-        backoff.reset();
-        assert!(backoff.next_delay() <= base);
     }
 }

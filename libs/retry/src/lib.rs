@@ -42,12 +42,6 @@ pub enum RetryError<E> {
     Exhausted { attempts: u32, last: E },
 }
 
-impl<E> RetryError<E> {
-    pub fn is_cancelled(&self) -> bool {
-        matches!(self, Self::Cancelled)
-    }
-}
-
 /// How to retry one operation; see the crate docs.
 #[derive(Debug, Clone)]
 pub struct Retry {
