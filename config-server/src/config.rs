@@ -46,6 +46,13 @@ pub struct Config {
     #[arg(long = "static", value_name = "SERVICE=ADDR", value_parser = parse_pair)]
     pub static_entries: Vec<(String, String)>,
 
+    /// Every replica of this registry, this one included: HOST:PORT (repeatable, or
+    /// comma-separated). Each is listed as the service `config-server`, so clients find
+    /// every replica from any one, and the status page shows whether each answers.
+    /// Replicas share nothing: instances register with each of them.
+    #[arg(long = "replica", value_name = "HOST:PORT", value_delimiter = ',')]
+    pub replicas: Vec<String>,
+
     /// A setting services can read with GetSetting: KEY=VALUE (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_pair)]
     pub settings: Vec<(String, String)>,
@@ -161,6 +168,18 @@ impl Config {
             .flat_map(|(service, addrs)| addrs.into_iter().map(move |a| (service.clone(), a)))
             .collect();
         static_entries.extend(self.static_entries.iter().cloned());
+        if !self.replicas.is_empty() {
+            let mut replicas = self.replicas.clone();
+            let this = self.addr.to_string();
+            if !self.addr.ip().is_unspecified() && !replicas.contains(&this) {
+                replicas.insert(0, this);
+            }
+            static_entries.extend(
+                replicas
+                    .into_iter()
+                    .map(|r| (registry_client::REGISTRY_SERVICE.to_owned(), r)),
+            );
+        }
         let mut settings = file.settings;
         settings.extend(self.settings.iter().cloned());
         Ok(RegistryConfig {
@@ -221,6 +240,28 @@ mod tests {
         );
         assert_eq!(registry.settings["logging.store"], "nats://127.0.0.1:4222");
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn replicas_are_listed_as_the_config_server_service_this_one_included() {
+        let config = Config::parse_from([
+            "config-server",
+            "--addr",
+            "127.0.0.1:50150",
+            "--replica",
+            "127.0.0.1:50050,127.0.0.1:50250",
+        ]);
+        let registry = config.registry_config().expect("valid");
+        let listed: Vec<&str> = registry
+            .static_entries
+            .iter()
+            .filter(|(service, _)| service == "config-server")
+            .map(|(_, address)| address.as_str())
+            .collect();
+        assert_eq!(
+            listed,
+            ["127.0.0.1:50150", "127.0.0.1:50050", "127.0.0.1:50250"]
+        );
     }
 
     #[test]

@@ -58,7 +58,8 @@ pub(crate) fn status(error: RegistryError) -> Status {
         | RegistryError::InvalidAddress(_)
         | RegistryError::UnspecifiedAddress(_)
         | RegistryError::InvalidMetadata(_)
-        | RegistryError::EmptyInstanceId => Status::invalid_argument(message),
+        | RegistryError::EmptyInstanceId
+        | RegistryError::InvalidInstanceId(_) => Status::invalid_argument(message),
         RegistryError::UnknownInstance(_) | RegistryError::UnknownSetting(_) => {
             Status::not_found(message)
         }
@@ -114,13 +115,15 @@ impl pb::registry_server::Registry for RegistryService {
             service,
             address,
             metadata,
+            instance_id,
         } = request.into_inner();
         let metadata: BTreeMap<String, String> = metadata.into_iter().collect();
+        let chosen = Some(instance_id.as_str()).filter(|id| !id.is_empty());
         let (lease, replaced) = self
             .registry
-            .register(&service, &address, metadata, Instant::now())
+            .register(&service, &address, metadata, chosen, Instant::now())
             .map_err(status)?;
-        if let Some(old) = replaced {
+        if let Some(old) = replaced.filter(|old| old.id != lease.instance_id) {
             info!(service, address, instance_id = %old.id, "replaced by a new registration");
         }
         metrics::counter!("registry_registrations_total").increment(1);

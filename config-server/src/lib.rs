@@ -12,11 +12,13 @@
 //! - `sweeper`: evicts expired leases, sleeping until the next deadline.
 //! - `grpc_api`: `registry.v1.Registry` over the core.
 //! - `status_page`: the live HTML page and `/v1/services`.
+//! - `peers`: the other replicas (`--replica`), health-checked for the status page.
 //! - `auth`: the bearer-token check; `config`: flags and the TOML file.
 
 mod auth;
 mod config;
 mod grpc_api;
+mod peers;
 mod registry;
 mod status_page;
 mod sweeper;
@@ -68,6 +70,13 @@ pub async fn serve_with_auth(
         .map(|(service, address)| format!("{service}={address}"))
         .collect::<Vec<_>>()
         .join(", ");
+    let replicas: Vec<String> = config
+        .static_entries
+        .iter()
+        .filter(|(service, _)| service == registry_client::REGISTRY_SERVICE)
+        .map(|(_, address)| address.clone())
+        .collect();
+    let peers = peers::Peers::new(&replicas, &addr.to_string());
     let registry = Arc::new(Registry::new(config).context("invalid static entry")?);
     info!(
         %addr,
@@ -79,12 +88,13 @@ pub async fn serve_with_auth(
     );
 
     let sweeper = tokio::spawn(sweeper::run(Arc::clone(&registry), shutdown.clone()));
+    let probe = tokio::spawn(peers.clone().probe(shutdown.clone()));
     let (routes, health) = rpc::routes()?;
     health
         .set_serving::<RegistryServer<RegistryService>>()
         .await;
-    let http =
-        status_page::router(Arc::clone(&registry), auth.clone()).merge(telemetry::metrics_router());
+    let http = status_page::router(Arc::clone(&registry), peers, auth.clone())
+        .merge(telemetry::metrics_router());
     let routes = routes.add_service(RegistryServer::new(RegistryService::new(
         registry,
         shutdown.clone(),
@@ -92,6 +102,7 @@ pub async fn serve_with_auth(
     )));
     rpc::serve(listener, routes, http, shutdown).await?;
     sweeper.await?;
+    probe.await?;
     info!("config server stopped");
     Ok(())
 }

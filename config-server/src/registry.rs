@@ -44,6 +44,8 @@ pub(crate) const MAX_METADATA_ENTRIES: usize = 32;
 pub(crate) const MAX_METADATA_KEY: usize = 128;
 /// Longest metadata value, in bytes.
 pub(crate) const MAX_METADATA_VALUE: usize = 1024;
+/// Longest instance id an instance may choose, in bytes.
+pub(crate) const MAX_INSTANCE_ID: usize = 128;
 /// Longest host part of an address, in bytes (the DNS limit).
 const MAX_HOST: usize = 253;
 
@@ -63,6 +65,8 @@ pub(crate) enum RegistryError {
     InvalidMetadata(String),
     #[error("invalid instance id: it is empty")]
     EmptyInstanceId,
+    #[error("invalid instance id {0:?}: use 1-{MAX_INSTANCE_ID} characters from [A-Za-z0-9._:-], not starting with \"static-\"")]
+    InvalidInstanceId(String),
     #[error("unknown instance id {0:?}: not registered, or evicted after missing heartbeats")]
     UnknownInstance(String),
     #[error("instance {0:?} is a static entry from configuration and cannot be deregistered")]
@@ -295,27 +299,38 @@ impl Registry {
         self.changes.subscribe()
     }
 
-    /// Registers an instance; an address already live for the service is replaced.
+    /// Registers an instance under `id` (the instance's own choice, so it is the same on
+    /// every replica) or, when `id` is `None`, under a new uuid. An address already live
+    /// for the service is replaced, and so is an instance registering its id again.
     pub(crate) fn register(
         &self,
         service: &str,
         address: &str,
         metadata: BTreeMap<String, String>,
+        id: Option<&str>,
         now: Instant,
     ) -> Result<(Lease, Option<Instance>), RegistryError> {
         validate_service(service)?;
         validate_address(address)?;
         validate_metadata(&metadata)?;
+        if let Some(id) = id {
+            validate_instance_id(id)?;
+        }
 
         let mut state = self.lock();
-        let replaced_id = state.services.get(service).and_then(|entry| {
+        let same_address = state.services.get(service).and_then(|entry| {
             entry
                 .instances
                 .values()
                 .find(|instance| !instance.is_static && instance.address == address)
                 .map(|instance| instance.id.clone())
         });
-        let replaced = replaced_id.and_then(|id| state.remove(&id));
+        let same_id = id.filter(|id| state.index.contains_key(*id));
+        let mut replaced = same_address.and_then(|old| state.remove(&old));
+        if let Some(same_id) = same_id {
+            // Its own earlier registration (a retry whose reply was lost, or a move).
+            replaced = state.remove(same_id).or(replaced);
+        }
         if replaced.is_none() {
             let limits = &self.config.limits;
             if state.dynamic >= limits.max_instances {
@@ -335,7 +350,7 @@ impl Registry {
             }
         }
 
-        let id = uuid::Uuid::new_v4().to_string();
+        let id = id.map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
         let wall = SystemTime::now();
         state.insert(
             Instance {
@@ -513,6 +528,21 @@ pub(crate) fn validate_service(service: &str) -> Result<(), RegistryError> {
     }
 }
 
+/// An id an instance chose: short, printable, and never one of the static entries' ids.
+pub(crate) fn validate_instance_id(id: &str) -> Result<(), RegistryError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_INSTANCE_ID
+        && !id.starts_with("static-")
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(RegistryError::InvalidInstanceId(truncate(id)))
+    }
+}
+
 /// Accepts `host:port` and `[ipv6]:port`, where host is a name or an IP address.
 pub(crate) fn validate_address(address: &str) -> Result<(), RegistryError> {
     let invalid = || RegistryError::InvalidAddress(truncate(address));
@@ -603,7 +633,7 @@ mod tests {
 
     fn register(registry: &Registry, service: &str, address: &str, now: Instant) -> String {
         registry
-            .register(service, address, BTreeMap::new(), now)
+            .register(service, address, BTreeMap::new(), None, now)
             .expect("register")
             .0
             .instance_id
@@ -671,7 +701,7 @@ mod tests {
         let t0 = Instant::now();
         let old = register(&registry, "logging", "127.0.0.1:50051", t0);
         let (lease, replaced) = registry
-            .register("logging", "127.0.0.1:50051", BTreeMap::new(), t0)
+            .register("logging", "127.0.0.1:50051", BTreeMap::new(), None, t0)
             .expect("register");
         assert_eq!(replaced.map(|instance| instance.id), Some(old.clone()));
         let snapshot = registry.lookup("logging").expect("lookup");
@@ -680,6 +710,50 @@ mod tests {
         assert!(registry.heartbeat(&old, t0).is_err(), "old id is gone");
         // The old lease no longer evicts anything early or twice.
         assert_eq!(registry.evict_expired(t0 + TTL).len(), 1);
+    }
+
+    #[test]
+    fn an_instance_keeps_the_id_it_chose_and_registering_it_again_replaces_it() {
+        let registry = registry();
+        let t0 = Instant::now();
+        let chosen = "logging-7f3a";
+        let register_as = |address: &str, at: Instant| {
+            registry
+                .register("logging", address, BTreeMap::new(), Some(chosen), at)
+                .expect("register")
+                .0
+        };
+        assert_eq!(register_as("127.0.0.1:50051", t0).instance_id, chosen);
+        // Again (a retry whose reply was lost), later, from another address: one entry.
+        let t1 = t0 + Duration::from_secs(2);
+        register_as("127.0.0.1:50052", t1);
+        assert_eq!(addresses(&registry, "logging"), ["127.0.0.1:50052"]);
+        assert!(
+            registry.evict_expired(t0 + TTL).is_empty(),
+            "the new lease counts"
+        );
+        registry
+            .heartbeat(chosen, t1)
+            .expect("heartbeat by the chosen id");
+        assert_eq!(registry.len(), 1);
+    }
+
+    #[test]
+    fn chosen_ids_must_be_printable_short_and_not_a_static_entrys() {
+        let registry = registry_with(
+            vec![("messages".into(), "127.0.0.1:50060".into())],
+            Limits::default(),
+        );
+        let t0 = Instant::now();
+        for bad in ["static-messages-0", "a b", "x\u{0}", &"i".repeat(129)] {
+            let result =
+                registry.register("logging", "127.0.0.1:1", BTreeMap::new(), Some(bad), t0);
+            assert!(
+                matches!(result, Err(RegistryError::InvalidInstanceId(_))),
+                "{bad:?}: {result:?}"
+            );
+        }
+        assert_eq!(addresses(&registry, "messages"), ["127.0.0.1:50060"]);
     }
 
     #[test]
@@ -706,7 +780,7 @@ mod tests {
         let registry = registry();
         for address in ["0.0.0.0:50051", "[::]:50051", "[0:0:0:0:0:0:0:0]:50051"] {
             let refused = registry
-                .register("logging", address, BTreeMap::new(), Instant::now())
+                .register("logging", address, BTreeMap::new(), None, Instant::now())
                 .expect_err(address);
             assert!(
                 matches!(refused, RegistryError::UnspecifiedAddress(_)),
@@ -804,14 +878,14 @@ mod tests {
         register(&registry, "a", "h:1", t0);
         register(&registry, "a", "h:2", t0);
         assert!(matches!(
-            registry.register("a", "h:3", BTreeMap::new(), t0),
+            registry.register("a", "h:3", BTreeMap::new(), None, t0),
             Err(RegistryError::ServiceFull { limit: 2, .. })
         ));
         // Replacing a live address is not growth.
         register(&registry, "a", "h:2", t0);
         register(&registry, "b", "h:1", t0);
         assert!(matches!(
-            registry.register("c", "h:1", BTreeMap::new(), t0),
+            registry.register("c", "h:1", BTreeMap::new(), None, t0),
             Err(RegistryError::RegistryFull { limit: 3 })
         ));
     }

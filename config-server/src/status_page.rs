@@ -1,6 +1,7 @@
 //! The HTTP side of the config server, on the gRPC port: a live status page at `/`
 //! (plain HTML, CSS and JS compiled into the binary; it polls `/v1/services` every
-//! second) and `/v1/services`, every service with its instances as JSON.
+//! second) and `/v1/services`, every service with its instances as JSON, and the
+//! registry's replicas with whether each answers.
 
 use std::{
     sync::Arc,
@@ -19,6 +20,7 @@ use serde_json::json;
 use crate::{
     auth::{Access, Auth},
     grpc_api::instance_to_proto,
+    peers::Peers,
     registry::Registry,
 };
 
@@ -28,14 +30,19 @@ const PAGE: &str = include_str!("status_page.html");
 #[derive(Clone)]
 struct StatusPage {
     registry: Arc<Registry>,
+    peers: Peers,
     auth: Option<Auth>,
 }
 
-pub(crate) fn router(registry: Arc<Registry>, auth: Option<Auth>) -> Router {
+pub(crate) fn router(registry: Arc<Registry>, peers: Peers, auth: Option<Auth>) -> Router {
     rpc::http_router()
         .route("/", get(|| async { Html(PAGE) }))
         .route("/v1/services", get(services))
-        .with_state(StatusPage { registry, auth })
+        .with_state(StatusPage {
+            registry,
+            peers,
+            auth,
+        })
 }
 
 async fn services(State(page): State<StatusPage>, headers: HeaderMap) -> Response {
@@ -88,6 +95,7 @@ async fn services(State(page): State<StatusPage>, headers: HeaderMap) -> Respons
         "heartbeat_interval_ms": page.registry.heartbeat_interval().as_millis(),
         "ttl_ms": page.registry.ttl().as_millis(),
         "services": services,
+        "replicas": page.peers.list(),
     }))
     .into_response()
 }

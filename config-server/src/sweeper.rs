@@ -91,6 +91,7 @@ mod tests {
                 "logging",
                 "127.0.0.1:50051",
                 BTreeMap::new(),
+                None,
                 Instant::now(),
             )
             .expect("register");
@@ -126,6 +127,7 @@ mod tests {
                     "logging",
                     &format!("127.0.0.1:{port}"),
                     BTreeMap::new(),
+                    None,
                     Instant::now(),
                 )
                 .expect("register");

@@ -9,7 +9,7 @@ use std::{
 
 use testkit::eventually;
 
-use ::registry_client::{Registration, RegistrationState, RegistryClient};
+use ::registry_client::{Registration, RegistryClient};
 use config_server::{Limits, RegistryConfig};
 use proto::registry::v1::{self as pb, registry_client};
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -69,6 +69,7 @@ fn register_request(service: &str, address: &str) -> pb::RegisterRequest {
         service: service.into(),
         address: address.into(),
         metadata: HashMap::new(),
+        instance_id: String::new(),
     }
 }
 
@@ -281,19 +282,18 @@ async fn registration_heartbeats_re_registers_after_a_restart_and_deregisters_on
     let server = Server::start_on(listener, short_ttl());
     let again = eventually(Duration::from_secs(5), "re-registration", || {
         let registry = registry.clone();
+        let first_id = first_id.clone();
         async move {
-            registry
-                .lookup("logging")
-                .await
-                .is_ok_and(|snapshot| snapshot.instances.len() == 1)
+            registry.lookup("logging").await.is_ok_and(|snapshot| {
+                snapshot.instances.len() == 1 && snapshot.instances[0].instance_id == first_id
+            })
         }
     })
     .await;
-    let second_id = match &*registration.state().borrow() {
-        RegistrationState::Registered(id) => id.clone(),
-        RegistrationState::Pending => panic!("not registered"),
-    };
-    assert_ne!(first_id, second_id, "a new lease after the restart");
+    // The instance chose its id, so it is the same after the restart (and on every
+    // replica).
+    assert_eq!(registration.id(), first_id);
+    assert_eq!(registration.holders(), [addr.to_string()].into());
     // Back within about one heartbeat interval (plus reconnect slack).
     assert!(
         restarted_at.elapsed() < HEARTBEAT * 10,
@@ -328,7 +328,7 @@ async fn a_registration_keeps_trying_while_the_registry_is_down() {
     // Nobody listens yet: it must not claim to be registered (it keeps retrying).
     let early = tokio::time::timeout(Duration::from_millis(300), registration.registered()).await;
     assert!(early.is_err(), "registered with no registry: {early:?}");
-    assert_eq!(*registration.state().borrow(), RegistrationState::Pending);
+    assert!(registration.holders().is_empty());
 
     let server = Server::start_on(TcpListener::bind(addr).await.expect("bind"), short_ttl());
     tokio::time::timeout(Duration::from_secs(5), registration.registered())

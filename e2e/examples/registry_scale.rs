@@ -90,6 +90,7 @@ async fn run(instances: usize) -> anyhow::Result<String> {
                 service: format!("sim-{}", i % 10),
                 address: format!("10.{}.{}.{}:{}", (i >> 16) & 255, (i >> 8) & 255, i & 255, 1000 + i % 50000),
                 metadata: HashMap::new(),
+                instance_id: String::new(),
             };
             let Ok(reply) = client.register(request).await else { return };
             registered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -164,6 +165,7 @@ async fn run(instances: usize) -> anyhow::Result<String> {
                 service: "probe".into(),
                 address: format!("127.0.0.1:{}", 2000 + i),
                 metadata: HashMap::new(),
+                instance_id: String::new(),
             })
             .await?
             .into_inner()

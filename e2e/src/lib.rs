@@ -12,10 +12,13 @@ pub mod load;
 /// The system's binaries on free ports, started in order and waited on.
 pub struct System {
     registry_args: Vec<String>,
+    /// The first registry replica (the only one unless started with replicas).
     pub registry: SocketAddr,
     pub messages: SocketAddr,
     pub facade: SocketAddr,
     pub registry_proc: Proc,
+    /// The other registry replicas, with the flags each was started with.
+    pub replicas: Vec<(SocketAddr, Proc, Vec<String>)>,
     pub messages_proc: Proc,
     pub facade_proc: Proc,
     pub logging: Vec<(SocketAddr, Proc)>,
@@ -34,33 +37,75 @@ impl System {
 
     /// The same, with the registry's `logging.store` setting set to `store`.
     pub async fn start_with_store(logging: usize, facade_args: &[&str], store: &str) -> Self {
-        let registry = free_addr();
+        Self::start_replicated(1, logging, facade_args, store).await
+    }
+
+    /// `replicas` registry replicas (listing each other with `--replica`), then the rest
+    /// as [`start_with_store`](Self::start_with_store); every service is given every
+    /// replica.
+    pub async fn start_replicated(
+        replicas: usize,
+        logging: usize,
+        facade_args: &[&str],
+        store: &str,
+    ) -> Self {
+        let addrs: Vec<SocketAddr> = (0..replicas.max(1)).map(|_| free_addr()).collect();
         let messages = free_addr();
         let facade = free_addr();
-        let registry_args: Vec<String> = vec![
-            "--addr".into(),
-            registry.to_string(),
-            "--static".into(),
-            format!("messages={messages}"),
-            "--set".into(),
-            format!("logging.store={store}"),
-            "--heartbeat-interval".into(),
-            TEST_HEARTBEAT.into(),
-            "--ttl".into(),
-            "1s".into(),
-        ];
+        let listed = addrs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let replica_args = |addr: SocketAddr| {
+            let mut args: Vec<String> = vec![
+                "--addr".into(),
+                addr.to_string(),
+                "--static".into(),
+                format!("messages={messages}"),
+                "--set".into(),
+                format!("logging.store={store}"),
+                "--heartbeat-interval".into(),
+                TEST_HEARTBEAT.into(),
+                "--ttl".into(),
+                "1s".into(),
+            ];
+            if replicas > 1 {
+                args.extend(["--replica".into(), listed.clone()]);
+            }
+            args
+        };
+        let registry = addrs[0];
+        let registry_args = replica_args(registry);
         let registry_proc = Proc::start("config-server", "config-server", &as_strs(&registry_args));
+        let mut others = Vec::new();
+        for (i, addr) in addrs.iter().enumerate().skip(1) {
+            let args = replica_args(*addr);
+            let proc = Proc::start(
+                &format!("config-server-{i}"),
+                "config-server",
+                &as_strs(&args),
+            );
+            others.push((*addr, proc, args));
+        }
         let messages_proc = Proc::start("messages", "messages", &["--addr", &messages.to_string()]);
+        let urls = addrs
+            .iter()
+            .map(|addr| format!("http://{addr}"))
+            .collect::<Vec<_>>()
+            .join(",");
         let mut args = vec![
             "--addr".to_owned(),
             facade.to_string(),
             "--registry".to_owned(),
-            format!("http://{registry}"),
+            urls,
         ];
         args.extend(facade_args.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let facade_proc = Proc::start("facade", "facade", &args);
-        wait_serving(registry).await;
+        for addr in &addrs {
+            wait_serving(*addr).await;
+        }
         wait_serving(messages).await;
         wait_serving(facade).await;
         let mut system = Self {
@@ -69,6 +114,7 @@ impl System {
             messages,
             facade,
             registry_proc,
+            replicas: others,
             messages_proc,
             facade_proc,
             logging: Vec::new(),
@@ -78,6 +124,44 @@ impl System {
         }
         system.wait_registered(logging).await;
         system
+    }
+
+    /// Every registry replica's address, the first one first.
+    pub fn replica_addrs(&self) -> Vec<SocketAddr> {
+        std::iter::once(self.registry)
+            .chain(self.replicas.iter().map(|(addr, _, _)| *addr))
+            .collect()
+    }
+
+    /// `http://a,http://b,...`: what services are given as `--registry`.
+    pub fn registry_urls(&self) -> String {
+        self.replica_addrs()
+            .iter()
+            .map(|addr| format!("http://{addr}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The process of replica `i` (0 is the first).
+    pub fn replica_proc(&mut self, i: usize) -> &mut Proc {
+        match i {
+            0 => &mut self.registry_proc,
+            i => &mut self.replicas[i - 1].1,
+        }
+    }
+
+    /// Starts replica `i` again, same port and flags, and waits until SERVING.
+    pub async fn restart_replica(&mut self, i: usize) {
+        if i == 0 {
+            return self.start_registry().await;
+        }
+        let (addr, proc, args) = &mut self.replicas[i - 1];
+        *proc = Proc::start(
+            &format!("config-server-{i}"),
+            "config-server",
+            &as_strs(args),
+        );
+        wait_serving(*addr).await;
     }
 
     /// SIGTERM to the config server (it must exit cleanly).
@@ -105,7 +189,7 @@ impl System {
     pub async fn add_logging_with(&mut self, flags: &[&str]) -> SocketAddr {
         let addr = free_addr();
         let port = addr.port().to_string();
-        let registry = format!("http://{}", self.registry);
+        let registry = self.registry_urls();
         let mut args = vec![port.as_str(), "--registry", registry.as_str()];
         args.extend_from_slice(flags);
         let proc = Proc::start(&format!("logging-{}", addr.port()), "logging", &args);
@@ -114,17 +198,9 @@ impl System {
         addr
     }
 
-    /// Addresses the registry lists for `logging`.
+    /// Addresses the (first) registry lists for `logging`.
     pub async fn registered(&self) -> Vec<String> {
-        let client = registry_client::RegistryClient::new(&self.registry.to_string())
-            .expect("registry client");
-        let mut addresses: Vec<String> = client
-            .lookup("logging")
-            .await
-            .map(|reply| reply.instances.into_iter().map(|i| i.address).collect())
-            .unwrap_or_default();
-        addresses.sort();
-        addresses
+        registered_on(self.registry).await.unwrap_or_default()
     }
 
     pub async fn wait_registered(&self, count: usize) -> Duration {
@@ -144,6 +220,17 @@ impl System {
             .expect("known logging instance")
             .1
     }
+}
+
+/// Addresses one registry replica lists for `logging`, sorted; the error when it does
+/// not answer.
+pub async fn registered_on(replica: SocketAddr) -> Result<Vec<String>, tonic::Status> {
+    let client = registry_client::RegistryClient::new(&replica.to_string())
+        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+    let reply = client.lookup("logging").await?;
+    let mut addresses: Vec<String> = reply.instances.into_iter().map(|i| i.address).collect();
+    addresses.sort();
+    Ok(addresses)
 }
 
 fn as_strs(args: &[String]) -> Vec<&str> {

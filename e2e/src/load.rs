@@ -132,9 +132,10 @@ pub struct Progress {
 /// Most retries of one message before it counts as failed.
 const MAX_RETRIES: usize = 30;
 
-/// Runs `clients` closed-loop clients against `facade` until `stop` is cancelled.
+/// Runs `clients` closed-loop clients until `stop` is cancelled, client `i` against
+/// `facades[i % facades.len()]`.
 pub async fn post_load(
-    facade: SocketAddr,
+    facades: Vec<SocketAddr>,
     clients: usize,
     progress: Arc<Progress>,
     stop: CancellationToken,
@@ -145,6 +146,7 @@ pub async fn post_load(
         let report = Arc::clone(&report);
         let progress = Arc::clone(&progress);
         let stop = stop.clone();
+        let facade = facades[client % facades.len()];
         tasks.push(tokio::spawn(async move {
             let mut http = HttpClient::new(facade);
             let mut i = 0;
@@ -205,6 +207,39 @@ pub async fn post_load(
     }
     let mut report = lock(&report);
     std::mem::take(&mut *report)
+}
+
+/// What reading the log back found, against what a load saw acknowledged.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Audit {
+    /// Acknowledged (id, msg) pairs not stored.
+    pub lost: usize,
+    /// Texts or ids stored more than once.
+    pub duplicated: usize,
+}
+
+pub fn audit(acked: &[(String, String)], stored: &[(String, String)]) -> Audit {
+    use std::collections::{HashMap, HashSet};
+    let kept: HashSet<(&str, &str)> = stored
+        .iter()
+        .map(|(i, m)| (i.as_str(), m.as_str()))
+        .collect();
+    let lost = acked
+        .iter()
+        .filter(|(id, msg)| !kept.contains(&(id.as_str(), msg.as_str())))
+        .count();
+    let mut texts: HashMap<&str, usize> = HashMap::new();
+    let mut ids: HashMap<&str, usize> = HashMap::new();
+    for (id, msg) in stored {
+        *texts.entry(msg.as_str()).or_default() += 1;
+        *ids.entry(id.as_str()).or_default() += 1;
+    }
+    let duplicated = texts
+        .values()
+        .chain(ids.values())
+        .filter(|&&n| n > 1)
+        .count();
+    Audit { lost, duplicated }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -154,6 +154,7 @@ async fn hostile_input_is_refused_clearly_and_nothing_dies_or_is_lost() {
         metadata: (0..10_000)
             .map(|i| (format!("k{i}"), "v".repeat(10)))
             .collect(),
+        instance_id: String::new(),
     };
     let status = registry
         .register(huge_metadata)
@@ -291,6 +292,7 @@ async fn thousands_of_registrations_hit_the_cap_with_resource_exhausted() {
                     service: "crowd".into(),
                     address: format!("127.0.0.1:{port}"),
                     metadata: HashMap::new(),
+                    instance_id: String::new(),
                 };
                 let code = match client.register(request).await {
                     Ok(_) => Code::Ok,

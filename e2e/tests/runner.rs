@@ -191,3 +191,109 @@ async fn with_nats_the_terminal_stays_readable_and_a_clean_stop_reads_as_one() {
     assert!(!output.contains("exit status"), "{output}");
     std::fs::remove_dir_all(&data_dir).ok();
 }
+
+/// The pid of the process whose command line holds every one of `words`.
+fn pid_of(words: &[&str]) -> Option<i32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args: Vec<String> = cmdline
+                .split(|&b| b == 0)
+                .map(|arg| String::from_utf8_lossy(arg).into_owned())
+                .collect();
+            words
+                .iter()
+                .all(|word| {
+                    args.iter()
+                        .any(|arg| arg == word || arg.ends_with(&format!("/{word}")))
+                })
+                .then_some(pid)
+        })
+}
+
+#[tokio::test]
+async fn runner_starts_registry_replicas_and_a_bare_logging_finds_them_with_the_first_down() {
+    // Replicas go on --registry-port, +100 and +200: find a port with both free.
+    let registry_port = loop {
+        let port = free_port();
+        let free = |p: Option<u16>| {
+            p.is_some_and(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        };
+        if free(port.checked_add(100)) && free(port.checked_add(200)) {
+            break port;
+        }
+    };
+    let replicas: Vec<String> = (0..3)
+        .map(|i| format!("127.0.0.1:{}", registry_port + 100 * i))
+        .collect();
+    let facade_port = free_port();
+    let args: Vec<String> = vec![
+        "--store".into(),
+        "memory".into(),
+        "--registries".into(),
+        "3".into(),
+        "--registry-port".into(),
+        registry_port.to_string(),
+        "--messages-port".into(),
+        free_port().to_string(),
+        "--facade-port".into(),
+        facade_port.to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut runner = Proc::start("runner", "runner", &args).stopped_on_drop_with(Signal::SIGINT);
+    eventually(Duration::from_secs(30), "runner ready", || async {
+        runner.output().contains("runner: ready")
+    })
+    .await;
+    let replica_file = runner.cwd().join(registry_client::DEFAULT_REPLICAS_FILE);
+    let listed = std::fs::read_to_string(&replica_file).expect("replica file");
+    assert_eq!(listed.lines().collect::<Vec<_>>(), replicas);
+
+    // kill -9 the first replica: the runner says which, and keeps the rest running.
+    let first = pid_of(&["config-server", &replicas[0]]).expect("first replica's pid");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first), Signal::SIGKILL).expect("kill");
+    let died = format!("config-server-{registry_port} exited unexpectedly");
+    eventually(
+        Duration::from_secs(10),
+        "the runner reports the replica",
+        || async { runner.output().contains(&died) },
+    )
+    .await;
+
+    // A bare `logging PORT` beside the runner finds the other replicas from its files.
+    let logging = free_port();
+    let _logging = Proc::spawn_in(
+        Some(runner.cwd()),
+        "logging-bare",
+        &e2e::bin("logging"),
+        &[&logging.to_string()],
+    );
+    let address = format!("127.0.0.1:{logging}");
+    for replica in &replicas[1..] {
+        let replica: std::net::SocketAddr = replica.parse().expect("addr");
+        eventually(
+            Duration::from_secs(15),
+            "the bare instance registered",
+            || async {
+                e2e::registered_on(replica)
+                    .await
+                    .is_ok_and(|listed| listed.contains(&address))
+            },
+        )
+        .await;
+    }
+    let facade = std::net::SocketAddr::from(([127, 0, 0, 1], facade_port));
+    let (status, reply) = curl_post(facade, "with a replica down");
+    assert_eq!(status, 201, "{reply}");
+
+    runner.signal(Signal::SIGINT);
+    let status = runner.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.success(), "{status}");
+    assert!(
+        !replica_file.exists(),
+        "the replica file is removed on exit"
+    );
+}

@@ -89,6 +89,8 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let registry = config.registry.client()?.with_deadline(LOOKUP_DEADLINE);
+    let replicas = registry.replica_addresses();
+    let _follow = registry.follow_replicas(&shutdown);
     let failover = Failover::new(
         Policy {
             attempt_deadline: config.attempt_deadline,
@@ -108,7 +110,7 @@ pub async fn serve(
     let (routes, health) = rpc::routes()?;
     health.set_serving::<FacadeServer<FacadeService>>().await;
     let routes = routes.add_service(FacadeServer::new(FacadeService::new(Arc::clone(&facade))));
-    info!(%addr, registry = config.registry.url, discovery = ?config.discovery,
+    info!(%addr, registry = ?replicas, discovery = ?config.discovery,
           "facade listening (HTTP and gRPC)");
     rpc::serve(listener, routes, http_api::router(facade), shutdown).await?;
     info!("facade stopped");

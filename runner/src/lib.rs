@@ -21,7 +21,7 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use local_nats::Node;
 use nix::sys::signal::Signal;
-use registry_client::{token::DEFAULT_TOKEN_FILE, DiscoveryMode};
+use registry_client::{token::DEFAULT_TOKEN_FILE, DiscoveryMode, DEFAULT_REPLICAS_FILE};
 use retry::{Retry, RetryError};
 use tokio_util::sync::CancellationToken;
 
@@ -61,6 +61,13 @@ pub struct Config {
     #[arg(long, default_value_t = 0)]
     pub logging: u16,
 
+    /// Registry replicas to start: the first on --registry-port, the others 100 ports
+    /// apart (50150, 50250, ...). Every service registers with all of them, and lookups
+    /// move to another when one dies.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=9))]
+    pub registries: u16,
+
+    /// Port of the first registry replica.
     #[arg(long, default_value_t = 50050)]
     pub registry_port: u16,
     #[arg(long, default_value_t = 50060)]
@@ -81,6 +88,11 @@ pub struct Config {
     #[arg(long, default_value = DEFAULT_TOKEN_FILE)]
     pub token_file: PathBuf,
 
+    /// Where the registry replicas of this run are listed, one a line (removed on exit),
+    /// so services started by hand find every replica, even with the first one down.
+    #[arg(long, default_value = DEFAULT_REPLICAS_FILE)]
+    pub replicas_file: PathBuf,
+
     /// Where the NATS cluster keeps its data and its nodes' logs; the data survives
     /// restarts of the runner.
     #[arg(long, default_value = "data/nats")]
@@ -97,6 +109,9 @@ struct Plan {
     /// In start order.
     services: Vec<Service>,
     token_file: PathBuf,
+    /// The registry replicas (`host:port`) and the file that lists them.
+    replicas: Vec<String>,
+    replicas_file: PathBuf,
     facade: String,
 }
 
@@ -132,8 +147,20 @@ impl Plan {
             StorePlan::Nats { urls, .. } => urls.clone(),
         };
         let token = config.token_file.display().to_string();
-        let registry = format!("127.0.0.1:{}", config.registry_port);
-        let registry_url = format!("http://{registry}");
+        let replicas: Vec<String> = (0..config.registries)
+            .map(|i| {
+                let port = config
+                    .registry_port
+                    .checked_add(100 * i)
+                    .context("registry ports run past 65535")?;
+                Ok(format!("127.0.0.1:{port}"))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let registry_urls = replicas
+            .iter()
+            .map(|replica| format!("http://{replica}"))
+            .collect::<Vec<_>>()
+            .join(",");
         let messages = format!("127.0.0.1:{}", config.messages_port);
         let facade = format!("127.0.0.1:{}", config.facade_port);
         let service = |name: &str, binary: &str, args: Vec<String>, addr: &str| Service {
@@ -142,22 +169,28 @@ impl Plan {
             args,
             addr: addr.to_owned(),
         };
-        let mut services = vec![
-            service(
-                "config-server",
-                "config-server",
-                strings(&[
-                    "--addr",
-                    &registry,
-                    "--static",
-                    &format!("messages={messages}"),
-                    "--set",
-                    &format!("logging.store={store_setting}"),
-                    "--token-file",
-                    &token,
-                ]),
-                &registry,
-            ),
+        let mut services = Vec::new();
+        for replica in &replicas {
+            let mut args = strings(&[
+                "--addr",
+                replica,
+                "--static",
+                &format!("messages={messages}"),
+                "--set",
+                &format!("logging.store={store_setting}"),
+                "--token-file",
+                &token,
+            ]);
+            let name = if replicas.len() == 1 {
+                "config-server".to_owned()
+            } else {
+                args.extend(strings(&["--replica", &replicas.join(",")]));
+                let port = replica.rsplit(':').next().unwrap_or_default();
+                format!("config-server-{port}")
+            };
+            services.push(service(&name, "config-server", args, replica));
+        }
+        services.extend([
             service(
                 "messages",
                 "messages",
@@ -171,7 +204,7 @@ impl Plan {
                     "--addr",
                     &facade,
                     "--registry",
-                    &registry_url,
+                    &registry_urls,
                     "--discovery",
                     config.discovery.as_flag(),
                     "--registry-token-file",
@@ -179,7 +212,7 @@ impl Plan {
                 ]),
                 &facade,
             ),
-        ];
+        ]);
         for port in consecutive(config.logging_port, config.logging)? {
             services.push(service(
                 &format!("logging-{port}"),
@@ -187,7 +220,7 @@ impl Plan {
                 strings(&[
                     &port.to_string(),
                     "--registry",
-                    &registry_url,
+                    &registry_urls,
                     "--registry-token-file",
                     &token,
                 ]),
@@ -198,6 +231,8 @@ impl Plan {
             store,
             services,
             token_file: config.token_file.clone(),
+            replicas,
+            replicas_file: config.replicas_file.clone(),
             facade,
         })
     }
@@ -224,6 +259,13 @@ impl Plan {
         println!(
             "Try:\n  curl -s -X POST http://{facade}/messages -H 'content-type: application/json' -d '{{\"msg\":\"hello\"}}'\n  curl -s http://{facade}/messages\nMore logging instances: target/release/logging PORT. Ctrl+C stops everything."
         );
+        if self.replicas.len() > 1 {
+            println!(
+                "Registry replicas: {} (listed in {}); any one may die.",
+                self.replicas.join(" "),
+                self.replicas_file.display()
+            );
+        }
     }
 }
 
@@ -262,7 +304,8 @@ impl StorePlan {
 struct Running {
     supervisor: Supervisor,
     children: Vec<Child>,
-    token_file: Option<TokenFile>,
+    /// This run's token and replica files, removed when it ends.
+    run_files: Vec<RunFile>,
 }
 
 impl Running {
@@ -270,7 +313,7 @@ impl Running {
         Self {
             supervisor: Supervisor::new(),
             children: Vec::new(),
-            token_file: None,
+            run_files: Vec::new(),
         }
     }
 
@@ -278,10 +321,14 @@ impl Running {
     /// it answers. Stops at the first failure, or when `shutdown` fires.
     async fn start(&mut self, plan: &Plan, shutdown: &CancellationToken) -> anyhow::Result<()> {
         self.start_store(&plan.store, shutdown).await?;
-        self.token_file = Some(TokenFile::write(&plan.token_file)?);
+        self.run_files.push(RunFile::token(&plan.token_file)?);
+        let listed = plan.replicas.join("\n") + "\n";
+        self.run_files
+            .push(RunFile::write(&plan.replicas_file, &listed, 0o644)?);
         println!(
-            "runner: registry token for this run in {}",
-            plan.token_file.display()
+            "runner: registry token for this run in {}, replicas listed in {}",
+            plan.token_file.display(),
+            plan.replicas_file.display()
         );
         for service in &plan.services {
             self.start_service(service, shutdown).await?;
@@ -412,12 +459,12 @@ impl Running {
         }
     }
 
-    /// The one stop path: every child in reverse start order, then the token file.
+    /// The one stop path: every child in reverse start order, then this run's files.
     async fn stop(mut self) {
         for child in self.children.drain(..).rev() {
             child.stop().await;
         }
-        drop(self.token_file.take());
+        self.run_files.clear();
     }
 }
 
@@ -447,33 +494,39 @@ fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|arg| (*arg).to_owned()).collect()
 }
 
-/// The registry token of this run, removed when the runner ends, however it ends.
-struct TokenFile(PathBuf);
+/// A file of this run (the registry token, the replica list), removed when the runner
+/// ends, however it ends.
+struct RunFile(PathBuf);
 
-impl TokenFile {
-    /// Writes a fresh random token to `path` (readable by the owner only).
-    fn write(path: &Path) -> anyhow::Result<Self> {
+impl RunFile {
+    /// A fresh random registry token at `path`, readable by the owner only.
+    fn token(path: &Path) -> anyhow::Result<Self> {
+        let token: String = (0..32)
+            .map(|_| format!("{:02x}", rand::random::<u8>()))
+            .collect();
+        Self::write(path, &format!("{token}\n"), 0o600)
+            .with_context(|| format!("cannot write the registry token to {}", path.display()))
+    }
+
+    fn write(path: &Path, text: &str, mode: u32) -> anyhow::Result<Self> {
         use std::{io::Write, os::unix::fs::OpenOptionsExt};
         if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        let token: String = (0..32)
-            .map(|_| format!("{:02x}", rand::random::<u8>()))
-            .collect();
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
-            .mode(0o600)
+            .mode(mode)
             .open(path)
-            .with_context(|| format!("cannot write the registry token to {}", path.display()))?;
-        writeln!(file, "{token}")?;
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        file.write_all(text.as_bytes())?;
         Ok(Self(path.to_path_buf()))
     }
 }
 
-impl Drop for TokenFile {
+impl Drop for RunFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }

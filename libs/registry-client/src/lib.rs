@@ -1,36 +1,37 @@
 //! The client side of the registry, written once and used by every service.
 //!
 //! - [`RegistryClient`]: `lookup`, `get_setting` and `watch`, each call with a deadline,
-//!   over one lazily connected channel that reconnects by itself.
-//! - [`Registration`]: registers an instance, heartbeats at the pace the server sets,
-//!   registers again at once when the server answers `NOT_FOUND` (it restarted or evicted
-//!   us), keeps trying with capped jittered backoff while the server is unreachable, and
-//!   deregisters on shutdown with a short deadline. The service keeps serving throughout:
-//!   an unreachable registry only means others cannot find it for a while.
+//!   over lazily connected channels to every registry replica it knows; a replica that
+//!   does not answer is passed over within the call (see [`replicas`]).
+//! - [`Registration`]: registers an instance with every replica under an id it chose,
+//!   and keeps it registered (see [`registration`]).
 //! - [`RegistryArgs`] and [`DiscoveryMode`]: the flags every service shares.
-//! - [`token`]: the bearer-token file the runner writes and both sides read.
+//! - [`token`]: the bearer-token file the runner writes and both sides read; [`replicas`]
+//!   has the replica file it writes next to it.
 //!
 //! The registry server itself is the `config-server` crate; no service depends on it.
 
+pub mod registration;
+pub mod replicas;
 pub mod token;
 
-use std::{collections::HashMap, path::PathBuf, time::Duration};
+use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 
-use proto::registry::v1::{self as pb, registry_client};
-use tokio::{sync::watch, task::JoinHandle};
+use proto::registry::v1 as pb;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::{
     metadata::{Ascii, MetadataValue},
-    transport::Channel,
     Code, Status, Streaming,
 };
-use tracing::{info, warn};
 
-use retry::Retry;
+pub use registration::Registration;
+use replicas::Replicas;
+pub use replicas::{DEFAULT_REPLICAS_FILE, REGISTRY_SERVICE};
 
-/// Deadline of one registry call.
+/// Deadline of one registry call (shared among the replicas it may try).
 pub const CALL_DEADLINE: Duration = Duration::from_millis(1000);
 /// Deadline of the goodbye call on shutdown: short, so shutdown is never held up.
 pub const DEREGISTER_DEADLINE: Duration = Duration::from_millis(500);
@@ -56,19 +57,30 @@ impl DiscoveryMode {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RegistryClient {
-    inner: registry_client::RegistryClient<Channel>,
+    replicas: Arc<Replicas>,
     deadline: Duration,
     token: Option<MetadataValue<Ascii>>,
+}
+
+impl std::fmt::Debug for RegistryClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryClient")
+            .field("replicas", &self.replicas.addresses())
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How a service reaches the registry; flattened into each service's command line.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RegistryArgs {
-    /// The config server.
-    #[arg(long = "registry", default_value = DEFAULT_REGISTRY)]
-    pub url: String,
+    /// The config server's replicas, as many as you know; the others are learned from
+    /// any one that answers [default: those in data/registry.replicas if it exists,
+    /// else http://127.0.0.1:50050].
+    #[arg(long = "registry", value_name = "URL[,URL...]", value_delimiter = ',')]
+    pub urls: Vec<String>,
 
     /// File holding the registry's bearer token [default: data/registry.token, if it
     /// exists].
@@ -77,18 +89,31 @@ pub struct RegistryArgs {
 }
 
 impl RegistryArgs {
-    /// The registry at `url`, with no token file given.
+    /// The registry at `url` (or `URL,URL,...`), with no token file given.
     pub fn url(url: &str) -> Self {
         Self {
-            url: url.to_owned(),
+            urls: url.split(',').map(str::to_owned).collect(),
             token_file: None,
         }
     }
 
-    /// A client for this registry, carrying the token if there is one.
+    /// The replicas to start from: those given, else the runner's replica file, else
+    /// the default address.
+    pub fn seeds(&self) -> anyhow::Result<Vec<String>> {
+        if !self.urls.is_empty() {
+            return Ok(self.urls.clone());
+        }
+        match replicas::default_replicas_file() {
+            Some(path) => replicas::read_replicas_file(&path),
+            None => Ok(vec![DEFAULT_REGISTRY.to_owned()]),
+        }
+    }
+
+    /// A client for these replicas, carrying the token if there is one.
     pub fn client(&self) -> anyhow::Result<RegistryClient> {
-        let client = RegistryClient::new(&self.url)
-            .with_context(|| format!("invalid registry address {}", self.url))?;
+        let seeds = self.seeds()?;
+        let client = RegistryClient::with_replicas(&seeds)
+            .with_context(|| format!("invalid registry address in {}", seeds.join(",")))?;
         match token::token_file(self.token_file.as_ref()) {
             Some(path) => client.with_token(&token::read_token(&path)?),
             None => Ok(client),
@@ -97,20 +122,89 @@ impl RegistryArgs {
 }
 
 impl RegistryClient {
-    /// A client for the registry at `url` (`http://host:port` or `host:port`). Connects on
-    /// first use, so it can be made before the registry is up.
+    /// A client for the registry at `url` (`http://host:port` or `host:port`; several
+    /// replicas separated by commas). Connects on first use, so it can be made before
+    /// the registry is up.
     pub fn new(url: &str) -> Result<Self, tonic::transport::Error> {
+        let urls: Vec<String> = url.split(',').map(str::to_owned).collect();
+        Self::with_replicas(&urls)
+    }
+
+    /// A client that starts from these replicas.
+    pub fn with_replicas(urls: &[String]) -> Result<Self, tonic::transport::Error> {
         Ok(Self {
-            inner: registry_client::RegistryClient::new(rpc::channel(url)?),
+            replicas: Arc::new(Replicas::new(urls)?),
             deadline: CALL_DEADLINE,
             token: None,
         })
+    }
+
+    /// A client for one replica only, with this client's token and deadline.
+    pub(crate) fn for_replica(&self, address: &str) -> Self {
+        let only = self
+            .replicas
+            .known()
+            .iter()
+            .find(|r| r.address == address)
+            .map(|r| Replicas::of(r.clone()));
+        let replicas = match only {
+            Some(only) => only,
+            None => Replicas::new(&[address.to_owned()]).unwrap_or_else(|_| Replicas::none()),
+        };
+        Self {
+            replicas: Arc::new(replicas),
+            deadline: self.deadline,
+            token: self.token.clone(),
+        }
     }
 
     /// The same client, sending `authorization: Bearer <token>` with every call.
     pub fn with_token(mut self, token: &str) -> anyhow::Result<Self> {
         self.token = Some(token::bearer(token)?);
         Ok(self)
+    }
+
+    /// The same client with another deadline for lookups and settings (default 1 s).
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// The replicas known now, as `host:port`.
+    pub fn replica_addresses(&self) -> Vec<String> {
+        self.replicas.addresses()
+    }
+
+    /// Asks any replica for the list of replicas and adds the new ones.
+    pub async fn refresh_replicas(&self) -> Result<(), Status> {
+        let listed = self.lookup(REGISTRY_SERVICE).await?;
+        let addresses = listed.instances.into_iter().map(|i| i.address).collect();
+        self.replicas.learn(addresses).map_err(|e| {
+            Status::invalid_argument(format!("a listed replica has a bad address: {e}"))
+        })?;
+        Ok(())
+    }
+
+    /// Refreshes the list of replicas every few seconds until `shutdown`, so lookups can
+    /// move to replicas that were not among the seeds.
+    pub fn follow_replicas(&self, shutdown: &CancellationToken) -> JoinHandle<()> {
+        let client = self.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(replicas::REFRESH);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = every.tick() => {}
+                }
+                if let Err(status) = client.refresh_replicas().await {
+                    tracing::debug!(
+                        error = status.message(),
+                        "could not ask for the registry replicas"
+                    );
+                }
+            }
+        })
     }
 
     fn request<T>(&self, message: T, deadline: Option<Duration>) -> tonic::Request<T> {
@@ -122,42 +216,35 @@ impl RegistryClient {
         request
     }
 
-    /// The same client with another deadline for lookups and settings (default 1 s).
-    pub fn with_deadline(mut self, deadline: Duration) -> Self {
-        self.deadline = deadline;
-        self
-    }
-
     /// Live instances of `service`, static entries included.
     pub async fn lookup(&self, service: &str) -> Result<pb::LookupResponse, Status> {
-        let mut client = self.inner.clone();
-        let deadline = self.deadline;
-        let request = self.request(
-            pb::LookupRequest {
-                service: service.to_owned(),
-            },
-            Some(deadline),
-        );
-        rpc::call(deadline, async move {
-            Ok(client.lookup(request).await?.into_inner())
-        })
-        .await
+        self.replicas
+            .call(self.deadline, |mut client, share| {
+                let request = self.request(
+                    pb::LookupRequest {
+                        service: service.to_owned(),
+                    },
+                    Some(share),
+                );
+                async move { Ok(client.lookup(request).await?.into_inner()) }
+            })
+            .await
     }
 
     /// The setting `key`, or `None` when the registry has no such setting.
     pub async fn get_setting(&self, key: &str) -> Result<Option<String>, Status> {
-        let mut client = self.inner.clone();
-        let deadline = self.deadline;
-        let request = self.request(
-            pb::GetSettingRequest {
-                key: key.to_owned(),
-            },
-            Some(deadline),
-        );
-        let result = rpc::call(deadline, async move {
-            Ok(client.get_setting(request).await?.into_inner())
-        })
-        .await;
+        let result = self
+            .replicas
+            .call(self.deadline, |mut client, share| {
+                let request = self.request(
+                    pb::GetSettingRequest {
+                        key: key.to_owned(),
+                    },
+                    Some(share),
+                );
+                async move { Ok(client.get_setting(request).await?.into_inner()) }
+            })
+            .await;
         match result {
             Ok(reply) => Ok(Some(reply.value)),
             Err(status) if status.code() == Code::NotFound => Ok(None),
@@ -165,259 +252,82 @@ impl RegistryClient {
         }
     }
 
-    /// A stream of snapshots of `service`: the current one first, then one per change.
-    /// Only opening the stream has a deadline; the stream itself lives until either side
-    /// ends it.
+    /// A stream of snapshots of `service` from one replica: the current one first, then
+    /// one per change. Only opening the stream has a deadline; the stream lives until
+    /// either side ends it, or the replica stops answering pings.
     pub async fn watch(&self, service: &str) -> Result<Streaming<pb::LookupResponse>, Status> {
-        let mut client = self.inner.clone();
-        let request = self.request(
-            pb::WatchRequest {
-                service: service.to_owned(),
-            },
-            None,
-        );
-        rpc::call(CALL_DEADLINE, async move {
-            Ok(client.watch(request).await?.into_inner())
-        })
-        .await
+        self.replicas
+            .call(CALL_DEADLINE, |mut client, _| {
+                let request = self.request(
+                    pb::WatchRequest {
+                        service: service.to_owned(),
+                    },
+                    None,
+                );
+                async move { Ok(client.watch(request).await?.into_inner()) }
+            })
+            .await
     }
 
-    async fn register(
+    pub(crate) async fn register(
         &self,
         service: &str,
         address: &str,
         metadata: &HashMap<String, String>,
+        instance_id: &str,
     ) -> Result<pb::RegisterResponse, Status> {
-        let mut client = self.inner.clone();
-        let request = self.request(
-            pb::RegisterRequest {
-                service: service.to_owned(),
-                address: address.to_owned(),
-                metadata: metadata.clone(),
-            },
-            Some(CALL_DEADLINE),
-        );
-        rpc::call(CALL_DEADLINE, async move {
-            Ok(client.register(request).await?.into_inner())
-        })
-        .await
-    }
-
-    async fn heartbeat(&self, instance_id: &str, deadline: Duration) -> Result<(), Status> {
-        let mut client = self.inner.clone();
-        let request = self.request(
-            pb::HeartbeatRequest {
-                instance_id: instance_id.to_owned(),
-            },
-            Some(deadline),
-        );
-        rpc::call(deadline, async move {
-            client.heartbeat(request).await?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn deregister(&self, instance_id: &str) -> Result<(), Status> {
-        let mut client = self.inner.clone();
-        let request = self.request(
-            pb::DeregisterRequest {
-                instance_id: instance_id.to_owned(),
-            },
-            Some(DEREGISTER_DEADLINE),
-        );
-        rpc::call(DEREGISTER_DEADLINE, async move {
-            client.deregister(request).await?;
-            Ok(())
-        })
-        .await
-    }
-}
-
-/// Where a [`Registration`] stands; watch it with [`Registration::state`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RegistrationState {
-    /// Not (or no longer) known to the registry; trying.
-    Pending,
-    /// Registered under this instance id.
-    Registered(String),
-}
-
-/// One instance's presence in the registry, kept up by a background task.
-pub struct Registration {
-    stop: CancellationToken,
-    task: JoinHandle<()>,
-    state: watch::Receiver<RegistrationState>,
-}
-
-/// First retry delay while the registry is unreachable.
-const RETRY_BASE: Duration = Duration::from_millis(100);
-/// Longest retry delay while registering.
-const RETRY_CAP: Duration = Duration::from_secs(1);
-
-impl Registration {
-    /// Starts registering `service` at `address` and keeping it registered.
-    pub fn start(
-        client: RegistryClient,
-        service: impl Into<String>,
-        address: impl Into<String>,
-        metadata: HashMap<String, String>,
-    ) -> Self {
-        let stop = CancellationToken::new();
-        let (state_tx, state) = watch::channel(RegistrationState::Pending);
-        let keeper = Keeper {
-            client,
-            service: service.into(),
-            address: address.into(),
-            metadata,
-            state: state_tx,
-        };
-        let task = tokio::spawn(keeper.run(stop.clone()));
-        Self { stop, task, state }
-    }
-
-    /// Follows the registration's state (for readiness checks and tests).
-    pub fn state(&self) -> watch::Receiver<RegistrationState> {
-        self.state.clone()
-    }
-
-    /// Waits until the registry has accepted this instance; returns its id.
-    pub async fn registered(&self) -> String {
-        let mut state = self.state.clone();
-        loop {
-            if let RegistrationState::Registered(id) = &*state.borrow_and_update() {
-                return id.clone();
-            }
-            if state.changed().await.is_err() {
-                // The keeper ended without registering; nothing will change any more.
-                std::future::pending::<()>().await;
-            }
-        }
-    }
-
-    /// Stops heartbeating and deregisters (with a short deadline), so the instance leaves
-    /// the registry at once instead of after its TTL.
-    pub async fn deregister(self) {
-        self.stop.cancel();
-        if let Err(error) = self.task.await {
-            warn!(%error, "registration task failed");
-        }
-    }
-}
-
-struct Keeper {
-    client: RegistryClient,
-    service: String,
-    address: String,
-    metadata: HashMap<String, String>,
-    state: watch::Sender<RegistrationState>,
-}
-
-/// How a registered instance's heartbeats ended.
-enum Heartbeats {
-    /// The registry no longer knows the instance: register again.
-    Forgotten,
-    /// Shutdown.
-    Stopped,
-}
-
-impl Keeper {
-    /// Register (retrying until accepted), heartbeat until the registry forgets us,
-    /// again; on `stop`, deregister.
-    async fn run(self, stop: CancellationToken) {
-        let register = Retry::new(
-            format!("registering {} at {}", self.service, self.address),
-            &stop,
-        )
-        .backoff(RETRY_BASE, RETRY_CAP);
-        loop {
-            let lease = register
-                .run(
-                    || async {
-                        self.client
-                            .register(&self.service, &self.address, &self.metadata)
-                            .await
-                            .map_err(rpc::CallError)
+        self.replicas
+            .call(CALL_DEADLINE, |mut client, share| {
+                let request = self.request(
+                    pb::RegisterRequest {
+                        service: service.to_owned(),
+                        address: address.to_owned(),
+                        metadata: metadata.clone(),
+                        instance_id: instance_id.to_owned(),
                     },
-                    |_| false, // a refusal (full, bad name) may be lifted later: keep asking
-                )
-                .await;
-            let Ok(lease) = lease else { break }; // only cancellation ends the retry
-            let interval = Duration::from_millis(lease.heartbeat_interval_ms.max(1));
-            info!(
-                service = self.service,
-                address = self.address,
-                instance_id = lease.instance_id,
-                heartbeat_interval = %humantime::format_duration(interval),
-                ttl = %humantime::format_duration(Duration::from_millis(lease.ttl_ms)),
-                "registered with the registry"
-            );
-            self.state
-                .send_replace(RegistrationState::Registered(lease.instance_id.clone()));
-            match self.heartbeat(&lease.instance_id, interval, &stop).await {
-                Heartbeats::Forgotten => {
-                    self.state.send_replace(RegistrationState::Pending);
-                }
-                Heartbeats::Stopped => {
-                    self.deregister(&lease.instance_id).await;
-                    break;
-                }
-            }
-        }
-        self.state.send_replace(RegistrationState::Pending);
+                    Some(share),
+                );
+                async move { Ok(client.register(request).await?.into_inner()) }
+            })
+            .await
     }
 
-    /// Heartbeats every `interval` until the registry forgets `id` or `stop` fires. While
-    /// the registry is unreachable it keeps the server's pace: a heartbeat per interval is
-    /// already gentle, and it brings us back within one interval of the registry's return.
-    async fn heartbeat(
+    pub(crate) async fn heartbeat(
         &self,
-        id: &str,
-        interval: Duration,
-        stop: &CancellationToken,
-    ) -> Heartbeats {
-        let mut unreachable = false;
-        loop {
-            let result = tokio::select! {
-                () = stop.cancelled() => return Heartbeats::Stopped,
-                result = async {
-                    tokio::time::sleep(interval).await;
-                    self.client.heartbeat(id, interval).await
-                } => result,
-            };
-            match result {
-                Ok(()) if unreachable => {
-                    info!(
-                        service = self.service,
-                        instance_id = id,
-                        "registry reachable again"
-                    );
-                    unreachable = false;
+        instance_id: &str,
+        deadline: Duration,
+    ) -> Result<(), Status> {
+        self.replicas
+            .call(deadline, |mut client, share| {
+                let request = self.request(
+                    pb::HeartbeatRequest {
+                        instance_id: instance_id.to_owned(),
+                    },
+                    Some(share),
+                );
+                async move {
+                    client.heartbeat(request).await?;
+                    Ok(())
                 }
-                Ok(()) => {}
-                Err(status) if status.code() == Code::NotFound => {
-                    info!(service = self.service, instance_id = id,
-                          "registry does not know this instance (restarted or evicted it); registering again");
-                    return Heartbeats::Forgotten;
-                }
-                Err(status) => {
-                    if !unreachable {
-                        warn!(service = self.service, error = %status.message(),
-                              "heartbeat failed; still serving, will keep trying");
-                        unreachable = true;
-                    }
-                }
-            }
-        }
+            })
+            .await
     }
 
-    async fn deregister(&self, id: &str) {
-        match self.client.deregister(id).await {
-            Ok(()) => info!(service = self.service, instance_id = id, "deregistered"),
-            Err(status) => warn!(service = self.service, instance_id = id,
-                                 error = %status.message(),
-                                 "could not deregister; the registry will evict this instance after its ttl"),
-        }
+    pub(crate) async fn deregister(&self, instance_id: &str) -> Result<(), Status> {
+        self.replicas
+            .call(DEREGISTER_DEADLINE, |mut client, share| {
+                let request = self.request(
+                    pb::DeregisterRequest {
+                        instance_id: instance_id.to_owned(),
+                    },
+                    Some(share),
+                );
+                async move {
+                    client.deregister(request).await?;
+                    Ok(())
+                }
+            })
+            .await
     }
 }
 

@@ -130,6 +130,12 @@ pub async fn is_serving(address: &str, service: &str) -> bool {
 /// A lazily connected channel to `host:port` (or a full `http://` URL). Cheap to clone;
 /// it reconnects by itself after the peer comes back.
 pub fn channel(address: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(endpoint(address)?.connect_lazy())
+}
+
+/// The endpoint [`channel`] connects to, for callers that tune it further (the registry
+/// client pings more often, to notice a frozen replica).
+pub fn endpoint(address: &str) -> Result<Endpoint, tonic::transport::Error> {
     let uri = if address.contains("://") {
         address.to_owned()
     } else {
@@ -139,8 +145,7 @@ pub fn channel(address: &str) -> Result<Channel, tonic::transport::Error> {
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect_lazy())
+        .keep_alive_timeout(Duration::from_secs(5)))
 }
 
 /// A request carrying `deadline` in its `grpc-timeout` header.

@@ -69,6 +69,7 @@ pub struct Proc {
     pub name: String,
     child: Child,
     log: PathBuf,
+    cwd: PathBuf,
     /// Sent first when the process is dropped still running (see
     /// [`Proc::stopped_on_drop_with`]); SIGKILL otherwise.
     drop_signal: Option<Signal>,
@@ -76,6 +77,12 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, program: &Path, args: &[&str]) -> Self {
+        Self::spawn_in(None, name, program, args)
+    }
+
+    /// [`spawn`](Self::spawn) in the working directory `cwd` (another process's
+    /// [`cwd`](Self::cwd), to find the files it wrote), or in an empty one of its own.
+    pub fn spawn_in(cwd: Option<&Path>, name: &str, program: &Path, args: &[&str]) -> Self {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let log = std::env::temp_dir().join(format!(
             "e2e-{}-{}-{}.log",
@@ -87,7 +94,7 @@ impl Proc {
         let err = out.try_clone().expect("log file");
         // An empty working directory of its own: files a service looks for by default
         // (config-server.toml, data/registry.token) never leak between tests.
-        let cwd = log.with_extension("cwd");
+        let cwd = cwd.map_or_else(|| log.with_extension("cwd"), Path::to_path_buf);
         std::fs::create_dir_all(&cwd).expect("working directory");
         let mut command = Command::new(program);
         // The services' own default log filter, as a user sees it, unless E2E_RUST_LOG
@@ -109,8 +116,14 @@ impl Proc {
             name: name.to_owned(),
             child,
             log,
+            cwd,
             drop_signal: None,
         }
+    }
+
+    /// The process's working directory.
+    pub fn cwd(&self) -> &Path {
+        &self.cwd
     }
 
     /// When dropped still running (a failed test), first send `signal` and wait up to
