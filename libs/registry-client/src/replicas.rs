@@ -36,7 +36,7 @@ pub const REFRESH: Duration = Duration::from_secs(5);
 /// HTTP/2 pings on registry connections: a replica that stops answering them (frozen,
 /// or its host gone) has its connection closed, which ends a Watch on it, within about
 /// twice this.
-const KEEPALIVE: Duration = Duration::from_millis(400);
+const KEEPALIVE: Duration = Duration::from_millis(250);
 
 pub(crate) type Client = registry_client::RegistryClient<Channel>;
 
