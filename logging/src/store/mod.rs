@@ -15,6 +15,7 @@
 
 pub mod memory;
 pub mod nats;
+pub mod recent;
 
 use std::future::Future;
 
@@ -22,6 +23,7 @@ use tokio::sync::mpsc;
 
 pub use memory::{MemoryLimits, MemoryStore};
 pub use nats::{NatsConfig, NatsStore, Retention};
+pub use recent::CacheLimits;
 
 /// Most messages per batch of a [`MessageStore::stream`].
 pub const STREAM_BATCH: usize = 512;
@@ -201,7 +203,7 @@ pub(crate) mod contract {
     }
 
     /// Every message, read page by page.
-    async fn paged<S: MessageStore>(store: &S, limit: usize) -> Vec<Stored> {
+    pub(crate) async fn paged<S: MessageStore>(store: &S, limit: usize) -> Vec<Stored> {
         let mut all = Vec::new();
         let mut after = 0;
         loop {

@@ -21,6 +21,11 @@
 //!   every write acknowledged before the read is in it (read-your-writes, through any
 //!   instance). A full read is one ordered consumer from the start position, forwarded in
 //!   batches through a channel of two, so memory stays bounded whatever the log's size.
+//! - **The newest messages in a bounded cache** ([`Recent`], `--cache-messages`,
+//!   `--cache-bytes`), filled by following the stream with an ordered consumer. Reads
+//!   that start inside it (the latest page, a full read of a small log) take what it
+//!   holds and fetch only the rest; the end of every read still comes from the stream's
+//!   own state, so a read sees every acknowledged write.
 //! - **Unavailable, never hung.** Every call to the cluster has a deadline; a store that
 //!   lost quorum or connection answers [`StoreError::Unavailable`] promptly.
 
@@ -46,8 +51,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{
-    fill, Appended, Batches, Message, MessageStore, Page, StoreError, Stored, MAX_PAGE,
-    STREAM_BATCH,
+    fill,
+    recent::{CacheLimits, Recent},
+    Appended, Batches, Message, MessageStore, Page, StoreError, Stored, MAX_PAGE, STREAM_BATCH,
 };
 
 pub const STREAM: &str = "MESSAGES";
@@ -91,6 +97,8 @@ pub struct NatsConfig {
     pub timeout: Duration,
     /// Limits given to the stream when this instance creates it.
     pub retention: Retention,
+    /// Size of the cache of the newest messages.
+    pub cache: CacheLimits,
 }
 
 impl NatsConfig {
@@ -104,6 +112,7 @@ impl NatsConfig {
             // UNAVAILABLE before the caller gives up on this instance.
             timeout: Duration::from_millis(900),
             retention: Retention::default(),
+            cache: CacheLimits::default(),
         }
     }
 }
@@ -115,6 +124,15 @@ pub struct NatsStore {
     log: String,
     /// Whether the stream answers direct gets (any replica, not only the leader).
     direct: bool,
+    recent: Arc<Recent>,
+    /// Stops the task that follows the stream for `recent`.
+    follower: CancellationToken,
+}
+
+impl Drop for NatsStore {
+    fn drop(&mut self) {
+        self.follower.cancel();
+    }
 }
 
 fn unavailable(what: &str, error: impl std::fmt::Display) -> StoreError {
@@ -276,12 +294,30 @@ impl NatsStore {
         // A stream deleted and created again is another log: positions start over.
         let created = info.created.unix_timestamp_nanos();
         let direct = info.config.allow_direct;
+        let recent = Arc::new(Recent::new(config.cache));
+        let follower = CancellationToken::new();
+        if recent.enabled() {
+            // Warm with the newest messages, then follow the stream from there.
+            let keep = config.cache.max_messages as u64;
+            let from = (info.state.last_sequence + 1)
+                .saturating_sub(keep)
+                .max(info.state.first_sequence)
+                .max(1);
+            recent.restart_at(from);
+            tokio::spawn(follow(
+                stream.clone(),
+                Arc::clone(&recent),
+                follower.clone(),
+            ));
+        }
         Ok(Self {
             jetstream,
             stream,
             timeout: config.timeout,
             log: format!("nats:{STREAM}:{created}"),
             direct,
+            recent,
+            follower,
         })
     }
 
@@ -293,6 +329,11 @@ impl NatsStore {
             .await
             .map_err(|e| unavailable("stream info", e))?;
         Ok((info.state.first_sequence, info.state.last_sequence))
+    }
+
+    /// Messages `start..=stop`: what the cache holds, the rest from the stream.
+    async fn fetch(&self, start: u64, stop: u64) -> Result<Vec<Stored>, StoreError> {
+        fetch(&self.recent, &self.stream, self.direct, start, stop).await
     }
 
     /// The text stored for `id`, if its subject holds a message.
@@ -381,7 +422,7 @@ impl MessageStore for NatsStore {
             let limit = limit.clamp(1, MAX_PAGE) as u64;
             let stop = (start + limit - 1).min(last);
             // Messages removed by a retention limit since the bounds were read are skipped.
-            let messages = get_range(&self.stream, self.direct, start, stop).await?;
+            let messages = self.fetch(start, stop).await?;
             let (messages, cut) = fill(&mut messages.into_iter().peekable(), MAX_PAGE);
             Ok(Page {
                 messages,
@@ -402,7 +443,8 @@ impl MessageStore for NatsStore {
             if until == 0 || start > until {
                 return Ok(None);
             }
-            if until - start < DIRECT_READ_MAX {
+            let cached = self.recent.take(start, start, 1).is_some();
+            if cached || until - start < DIRECT_READ_MAX {
                 return Ok(Some((until, Reader::Direct(start))));
             }
             let messages = self
@@ -427,6 +469,7 @@ impl MessageStore for NatsStore {
         match reader {
             Reader::Direct(start) => {
                 tokio::spawn(direct_batches(
+                    Arc::clone(&self.recent),
                     self.stream.clone(),
                     self.direct,
                     start,
@@ -450,15 +493,35 @@ impl MessageStore for NatsStore {
     }
 }
 
-/// How a full read gets its messages: direct gets for a short one, an ordered consumer
-/// for a long one.
+/// How a full read gets its messages: from the cache and direct gets for a short one or
+/// one that starts in the cache, an ordered consumer for a long one.
 enum Reader {
     Direct(u64),
     Consumer(Box<pull::Ordered>),
 }
 
-/// Sends messages `start..=until` in batches, read with pipelined gets.
+/// Messages `start..=stop`: what `recent` holds, the rest with pipelined gets.
+async fn fetch(
+    recent: &Recent,
+    stream: &stream::Stream,
+    direct: bool,
+    start: u64,
+    stop: u64,
+) -> Result<Vec<Stored>, StoreError> {
+    let count = usize::try_from(stop + 1 - start).unwrap_or(usize::MAX);
+    match recent.take(start, stop, count) {
+        Some((messages, answered)) if answered >= stop => Ok(messages),
+        Some((mut messages, answered)) => {
+            messages.extend(get_range(stream, direct, answered + 1, stop).await?);
+            Ok(messages)
+        }
+        None => get_range(stream, direct, start, stop).await,
+    }
+}
+
+/// Sends messages `start..=until` in batches, from the cache and pipelined gets.
 async fn direct_batches(
+    recent: Arc<Recent>,
     stream: stream::Stream,
     direct: bool,
     start: u64,
@@ -468,7 +531,7 @@ async fn direct_batches(
     let mut from = start;
     while from <= until {
         let to = (from + STREAM_BATCH as u64 - 1).min(until);
-        let messages = match get_range(&stream, direct, from, to).await {
+        let messages = match fetch(&recent, &stream, direct, from, to).await {
             Ok(messages) => messages,
             Err(error) => {
                 let _ = sender.send(Err(error)).await;
@@ -483,6 +546,57 @@ async fn direct_batches(
             }
         }
         from = to + 1;
+    }
+}
+
+/// Keeps `recent` filled with the stream's newest messages until `stop`: an ordered
+/// consumer from the next position it needs, made again (with backoff) whenever it
+/// fails, so a cluster that comes back is followed again.
+async fn follow(stream: stream::Stream, recent: Arc<Recent>, stop: CancellationToken) {
+    let consumer = Retry::new("store: following the stream for the cache", &stop)
+        .backoff(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        let opened = consumer
+            .run(
+                || async {
+                    let start_sequence = recent.next_position();
+                    stream
+                        .create_consumer(pull::OrderedConfig {
+                            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence },
+                            ..Default::default()
+                        })
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .messages()
+                        .await
+                        .map_err(|e| e.to_string())
+                },
+                |_| false,
+            )
+            .await;
+        let Ok(mut messages) = opened else { return }; // stopped
+        loop {
+            let next = tokio::select! {
+                () = stop.cancelled() => return,
+                next = messages.next() => next,
+            };
+            let message = match next {
+                Some(Ok(message)) => message,
+                Some(Err(error)) => {
+                    debug!(%error, "store: the cache's consumer failed; following again");
+                    break;
+                }
+                None => break,
+            };
+            if let Ok(info) = message.info() {
+                recent.push(stored(
+                    info.stream_sequence,
+                    &message.subject,
+                    message.headers.as_ref(),
+                    &message.payload,
+                ));
+            }
+        }
     }
 }
 
@@ -590,12 +704,75 @@ mod tests {
         contract::pages_walk_the_same_log_as_the_stream(&store).await;
     }
 
+    /// A store on `nats` with a cache of `max_messages`.
+    async fn store_with_cache(nats: &Nats, max_messages: usize) -> NatsStore {
+        let mut config = NatsConfig::new(vec![nats.urls()]);
+        config.cache = CacheLimits {
+            max_messages,
+            ..CacheLimits::default()
+        };
+        NatsStore::connect(config, &CancellationToken::new())
+            .await
+            .expect("connect")
+    }
+
+    async fn append_numbered(store: &NatsStore, range: std::ops::Range<usize>) {
+        for i in range {
+            let message = Message {
+                id: format!("n-{i}"),
+                text: format!("text {i}"),
+            };
+            store.append(message).await.expect("append");
+        }
+    }
+
+    /// Whatever the cache holds (nothing, the newest part, everything), reads and pages
+    /// give the same log, and a message written through another store is in the next
+    /// read at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_agree_whatever_the_cache_holds() {
+        let nats = Nats::single().await;
+        let uncached = store_with_cache(&nats, 0).await;
+        append_numbered(&uncached, 0..700).await;
+        let all = contract::streamed(&uncached).await;
+        assert_eq!(all.len(), 700);
+        for size in [100, 10_000] {
+            let cached = store_with_cache(&nats, size).await;
+            let held = size.min(700);
+            eventually("the cache filled", || cached.recent.size().0 == held).await;
+            assert_eq!(contract::streamed(&cached).await, all, "cache of {size}");
+            assert_eq!(contract::paged(&cached, 64).await, all, "cache of {size}");
+            let tail = cached.stream(650, None).await.expect("stream");
+            assert_eq!(tail.until, 700);
+            let last = cached.read(690, 100).await.expect("read");
+            assert_eq!(last.messages, all[690..]);
+        }
+        // Read-your-writes through a cached store, whatever its follower has seen yet.
+        let cached = store_with_cache(&nats, 10_000).await;
+        for i in 700..720 {
+            append_numbered(&uncached, i..i + 1).await;
+            let page = cached.read(i as u64, 10).await.expect("read");
+            assert_eq!(page.messages.len(), 1, "message {i} read at once");
+            assert_eq!(page.messages[0].id, format!("n-{i}"));
+        }
+    }
+
+    async fn eventually(what: &str, check: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{what}: not within 5 s");
+    }
+
     /// A long read goes through an ordered consumer, a short one through direct gets:
     /// both give the same messages, in order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn long_and_short_reads_agree() {
-        let (_nats, store) = store().await;
-        let store = Arc::new(store);
+        let nats = Nats::single().await;
+        let store = Arc::new(store_with_cache(&nats, 0).await);
         let total = DIRECT_READ_MAX as usize + 744;
         let mut writers = Vec::new();
         for writer in 0..8 {
