@@ -8,7 +8,8 @@
 //!    lookup through another; and for a Watch, from SIGSTOP of its replica to the next
 //!    snapshot from another (the HTTP/2 pings notice the frozen one).
 //!
-//! `cargo run --release -p e2e --example registry_replicas -- 10000 5` (bench/run does).
+//! `cargo run --release -p e2e --example registry_replicas -- 3000,10000 5` (bench/run
+//! does): the sizes to load, then the failover runs.
 
 use std::{
     collections::HashMap,
@@ -275,30 +276,37 @@ fn spread(mut runs: Vec<Duration>) -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let instances: usize = args.next().map_or(Ok(10_000), |a| a.parse())?;
+    let sizes: Vec<usize> = args
+        .next()
+        .unwrap_or_else(|| "10000".into())
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
     let runs: usize = args.next().map_or(Ok(5), |a| a.parse())?;
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
 
-    println!("Registry replicas, {instances} simulated instances heartbeating at 1 Hz each server (load generator on the same {cores}-core machine):");
+    println!("Registry replicas: simulated instances heartbeating each server at 1 Hz (the load generator shares the {cores}-core machine, so read the heartbeats each server answered, and CPU per heartbeat):");
     println!();
-    println!("| servers | heartbeats answered a second, each | CPU of one core, each | CPU per 10k heartbeats/s, each | RSS MiB, each | CPU per heartbeat vs one server alone |");
-    println!("|---|---|---|---|---|---|");
-    let alone = load(instances, 1).await?;
-    let per_call = |f: &Figures| f.cpu / f.rate.max(1.0);
-    let alone_per_call = per_call(&alone[0]);
-    for (count, figures) in [(1, alone), (3, load(instances, 3).await?)] {
-        let each = |text: &dyn Fn(&Figures) -> String| {
-            figures.iter().map(text).collect::<Vec<_>>().join(", ")
-        };
-        let mean = figures.iter().map(per_call).sum::<f64>() / figures.len() as f64;
-        println!(
-            "| {count} | {} | {} | {} | {} | {:.2}x |",
-            each(&|f| format!("{:.0}", f.rate)),
-            each(&|f| format!("{:.1}%", f.cpu * 100.0)),
-            each(&|f| format!("{:.1}%", per_call(f) * 10_000.0 * 100.0)),
-            each(&|f| format!("{:.1}", f.rss)),
-            mean / alone_per_call
-        );
+    println!("| instances | servers | heartbeats answered a second, each | CPU of one core, each | CPU per 10k heartbeats/s, each | RSS MiB, each | CPU per heartbeat vs one server alone |");
+    println!("|---|---|---|---|---|---|---|");
+    for instances in sizes {
+        let alone = load(instances, 1).await?;
+        let per_call = |f: &Figures| f.cpu / f.rate.max(1.0);
+        let alone_per_call = per_call(&alone[0]);
+        for (count, figures) in [(1, alone), (3, load(instances, 3).await?)] {
+            let each = |text: &dyn Fn(&Figures) -> String| {
+                figures.iter().map(text).collect::<Vec<_>>().join(", ")
+            };
+            let mean = figures.iter().map(per_call).sum::<f64>() / figures.len() as f64;
+            println!(
+                "| {instances} | {count} | {} | {} | {} | {} | {:.2}x |",
+                each(&|f| format!("{:.0}", f.rate)),
+                each(&|f| format!("{:.1}%", f.cpu * 100.0)),
+                each(&|f| format!("{:.1}%", per_call(f) * 10_000.0 * 100.0)),
+                each(&|f| format!("{:.1}", f.rss)),
+                mean / alone_per_call
+            );
+        }
     }
     println!();
     println!("Failover over {runs} runs (min / median / max ms), three replicas, the client asking the faulted one first:");

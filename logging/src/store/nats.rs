@@ -21,11 +21,11 @@
 //!   every write acknowledged before the read is in it (read-your-writes, through any
 //!   instance). A full read is one ordered consumer from the start position, forwarded in
 //!   batches through a channel of two, so memory stays bounded whatever the log's size.
-//! - **The newest messages in a bounded cache** ([`Recent`], `--cache-messages`,
-//!   `--cache-bytes`), filled by following the stream with an ordered consumer. Reads
-//!   that start inside it (the latest page, a full read of a small log) take what it
-//!   holds and fetch only the rest; the end of every read still comes from the stream's
-//!   own state, so a read sees every acknowledged write.
+//! - **The newest messages read, in a bounded cache** ([`Recent`], `--cache-messages`,
+//!   `--cache-bytes`): reads record what they fetched, and a read that starts inside it
+//!   (the latest page again, a full read of a small log again) takes what it holds and
+//!   fetches only the rest. The end of every read still comes from the stream's own
+//!   state, so a read sees every acknowledged write; writes add nothing to it.
 //! - **Unavailable, never hung.** Every call to the cluster has a deadline; a store that
 //!   lost quorum or connection answers [`StoreError::Unavailable`] promptly.
 
@@ -125,14 +125,6 @@ pub struct NatsStore {
     /// Whether the stream answers direct gets (any replica, not only the leader).
     direct: bool,
     recent: Arc<Recent>,
-    /// Stops the task that follows the stream for `recent`.
-    follower: CancellationToken,
-}
-
-impl Drop for NatsStore {
-    fn drop(&mut self) {
-        self.follower.cancel();
-    }
 }
 
 fn unavailable(what: &str, error: impl std::fmt::Display) -> StoreError {
@@ -294,30 +286,13 @@ impl NatsStore {
         // A stream deleted and created again is another log: positions start over.
         let created = info.created.unix_timestamp_nanos();
         let direct = info.config.allow_direct;
-        let recent = Arc::new(Recent::new(config.cache));
-        let follower = CancellationToken::new();
-        if recent.enabled() {
-            // Warm with the newest messages, then follow the stream from there.
-            let keep = config.cache.max_messages as u64;
-            let from = (info.state.last_sequence + 1)
-                .saturating_sub(keep)
-                .max(info.state.first_sequence)
-                .max(1);
-            recent.restart_at(from);
-            tokio::spawn(follow(
-                stream.clone(),
-                Arc::clone(&recent),
-                follower.clone(),
-            ));
-        }
         Ok(Self {
             jetstream,
             stream,
             timeout: config.timeout,
             log: format!("nats:{STREAM}:{created}"),
             direct,
-            recent,
-            follower,
+            recent: Arc::new(Recent::new(config.cache)),
         })
     }
 
@@ -460,7 +435,7 @@ impl MessageStore for NatsStore {
                 .messages()
                 .await
                 .map_err(|e| unavailable("read", e))?;
-            Ok(Some((until, Reader::Consumer(Box::new(messages)))))
+            Ok(Some((until, Reader::Consumer(start, Box::new(messages)))))
         };
         let Some((until, reader)) = self.with_deadline("read", start).await? else {
             return Ok(Batches::empty(until.unwrap_or(0)));
@@ -477,8 +452,10 @@ impl MessageStore for NatsStore {
                     sender,
                 ));
             }
-            Reader::Consumer(messages) => {
-                tokio::spawn(forward(messages.ready_chunks(STREAM_BATCH), until, sender));
+            Reader::Consumer(start, messages) => {
+                let chunks = messages.ready_chunks(STREAM_BATCH);
+                let recent = Arc::clone(&self.recent);
+                tokio::spawn(forward(chunks, start, until, recent, sender));
             }
         }
         Ok(Batches { until, receiver })
@@ -497,7 +474,7 @@ impl MessageStore for NatsStore {
 /// one that starts in the cache, an ordered consumer for a long one.
 enum Reader {
     Direct(u64),
-    Consumer(Box<pull::Ordered>),
+    Consumer(u64, Box<pull::Ordered>),
 }
 
 /// Messages `start..=stop`: what `recent` holds, the rest with pipelined gets.
@@ -509,14 +486,15 @@ async fn fetch(
     stop: u64,
 ) -> Result<Vec<Stored>, StoreError> {
     let count = usize::try_from(stop + 1 - start).unwrap_or(usize::MAX);
-    match recent.take(start, stop, count) {
-        Some((messages, answered)) if answered >= stop => Ok(messages),
-        Some((mut messages, answered)) => {
-            messages.extend(get_range(stream, direct, answered + 1, stop).await?);
-            Ok(messages)
-        }
-        None => get_range(stream, direct, start, stop).await,
+    let (mut messages, answered) = recent
+        .take(start, stop, count)
+        .unwrap_or((Vec::new(), start - 1));
+    if answered < stop {
+        let rest = get_range(stream, direct, answered + 1, stop).await?;
+        recent.record(answered + 1, stop, &rest);
+        messages.extend(rest);
     }
+    Ok(messages)
 }
 
 /// Sends messages `start..=until` in batches, from the cache and pipelined gets.
@@ -549,67 +527,21 @@ async fn direct_batches(
     }
 }
 
-/// Keeps `recent` filled with the stream's newest messages until `stop`: an ordered
-/// consumer from the next position it needs, made again (with backoff) whenever it
-/// fails, so a cluster that comes back is followed again.
-async fn follow(stream: stream::Stream, recent: Arc<Recent>, stop: CancellationToken) {
-    let consumer = Retry::new("store: following the stream for the cache", &stop)
-        .backoff(Duration::from_millis(200), Duration::from_secs(5));
-    loop {
-        let opened = consumer
-            .run(
-                || async {
-                    let start_sequence = recent.next_position();
-                    stream
-                        .create_consumer(pull::OrderedConfig {
-                            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence },
-                            ..Default::default()
-                        })
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .messages()
-                        .await
-                        .map_err(|e| e.to_string())
-                },
-                |_| false,
-            )
-            .await;
-        let Ok(mut messages) = opened else { return }; // stopped
-        loop {
-            let next = tokio::select! {
-                () = stop.cancelled() => return,
-                next = messages.next() => next,
-            };
-            let message = match next {
-                Some(Ok(message)) => message,
-                Some(Err(error)) => {
-                    debug!(%error, "store: the cache's consumer failed; following again");
-                    break;
-                }
-                None => break,
-            };
-            if let Ok(info) = message.info() {
-                recent.push(stored(
-                    info.stream_sequence,
-                    &message.subject,
-                    message.headers.as_ref(),
-                    &message.payload,
-                ));
-            }
-        }
-    }
-}
-
-/// Forwards an ordered consumer's messages in batches until position `until`, or until
-/// the reader goes away, or the consumer stalls or fails (sent as the last item).
+/// Forwards an ordered consumer's messages (from position `start`) in batches until
+/// position `until`, or until the reader goes away, or the consumer stalls or fails
+/// (sent as the last item). The chunks within the cache's size of `until` are recorded
+/// in it.
 async fn forward<S, E>(
     mut chunks: S,
+    start: u64,
     until: u64,
+    recent: Arc<Recent>,
     sender: mpsc::Sender<Result<Vec<Stored>, StoreError>>,
 ) where
     S: futures_util::Stream<Item = Vec<Result<jetstream::Message, E>>> + Unpin,
     E: std::fmt::Display,
 {
+    let mut next = start;
     loop {
         let chunk = match tokio::time::timeout(STREAM_STALL, chunks.next()).await {
             Ok(Some(chunk)) => chunk,
@@ -647,6 +579,13 @@ async fn forward<S, E>(
             ));
         }
         let done = messages.last().is_some_and(|m| m.position >= until);
+        let chunk_start = next;
+        if let Some(last) = messages.last() {
+            next = last.position + 1;
+            if until - last.position < recent.max_messages() as u64 {
+                recent.record(chunk_start, last.position, &messages);
+            }
+        }
         // A chunk of big texts goes out as several batches under the byte cap.
         let mut rest = messages.into_iter().peekable();
         while rest.peek().is_some() {
@@ -738,8 +677,10 @@ mod tests {
         assert_eq!(all.len(), 700);
         for size in [100, 10_000] {
             let cached = store_with_cache(&nats, size).await;
-            let held = size.min(700);
-            eventually("the cache filled", || cached.recent.size().0 == held).await;
+            assert_eq!(cached.recent.size().0, 0, "writes and start-up add nothing");
+            // The first read fills the cache with the newest messages, the second uses it.
+            assert_eq!(contract::streamed(&cached).await, all, "cache of {size}");
+            assert_eq!(cached.recent.size().0, size.min(700), "cache of {size}");
             assert_eq!(contract::streamed(&cached).await, all, "cache of {size}");
             assert_eq!(contract::paged(&cached, 64).await, all, "cache of {size}");
             let tail = cached.stream(650, None).await.expect("stream");
@@ -747,7 +688,7 @@ mod tests {
             let last = cached.read(690, 100).await.expect("read");
             assert_eq!(last.messages, all[690..]);
         }
-        // Read-your-writes through a cached store, whatever its follower has seen yet.
+        // Read-your-writes through a cached store: what it lacks comes from the stream.
         let cached = store_with_cache(&nats, 10_000).await;
         for i in 700..720 {
             append_numbered(&uncached, i..i + 1).await;
@@ -755,16 +696,6 @@ mod tests {
             assert_eq!(page.messages.len(), 1, "message {i} read at once");
             assert_eq!(page.messages[0].id, format!("n-{i}"));
         }
-    }
-
-    async fn eventually(what: &str, check: impl Fn() -> bool) {
-        for _ in 0..500 {
-            if check() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("{what}: not within 5 s");
     }
 
     /// A long read goes through an ordered consumer, a short one through direct gets:

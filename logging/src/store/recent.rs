@@ -1,13 +1,17 @@
-//! The newest messages of the stream, in memory, for the reads most clients make: the
-//! end of the log (the latest page, a lab GET of a small log).
+//! The newest messages this instance has read from the stream, in memory, for the reads
+//! most clients make again and again: the end of the log (the latest page, a lab GET of
+//! a small log).
 //!
-//! Bounded by a count and by bytes of text (flags), whatever the log's size. The cache
-//! covers a range of positions `from..=through`: every message the stream holds in that
-//! range is in it, in order. It is filled by following the stream (see
-//! `nats::follow`), never by the instance's own writes, so it holds what every instance
-//! wrote. A read asks it first and fetches from the stream whatever it does not cover:
-//! older positions, and the newest ones it has not received yet (read-your-writes stays:
-//! the end of a read comes from the stream's own state, not from the cache).
+//! A read-through cache, bounded by a count and by bytes of text (flags) whatever the
+//! log's size. It covers a range of positions `from..=through`: every message the stream
+//! holds in that range is in it, in order. Reads record what they fetched; a range that
+//! continues the cache extends it (dropping the oldest past the limits), one that starts
+//! after it replaces it, an older one leaves it alone. Nothing is added on the write
+//! path, so a write costs the cluster nothing more.
+//!
+//! Messages never change once stored, so what the cache holds is never stale; what it
+//! lacks (positions after `through`) a read fetches from the stream, whose own state
+//! says where the log ends. So a read still sees every acknowledged write.
 
 use std::{collections::VecDeque, sync::RwLock};
 
@@ -39,19 +43,15 @@ pub struct Recent {
 struct Inner {
     messages: VecDeque<Stored>,
     bytes: usize,
-    /// The covered range, `from..=through`; empty (nothing covered) while `from > through`.
-    from: u64,
-    through: u64,
+    /// The covered range `(from, through)`, if any.
+    range: Option<(u64, u64)>,
 }
 
 impl Recent {
     pub fn new(limits: CacheLimits) -> Self {
         Self {
             limits,
-            inner: RwLock::new(Inner {
-                from: 1,
-                ..Inner::default()
-            }),
+            inner: RwLock::new(Inner::default()),
         }
     }
 
@@ -59,55 +59,60 @@ impl Recent {
         self.limits.max_messages > 0 && self.limits.max_bytes > 0
     }
 
-    /// Starts covering from `position` on (dropping anything held): the follower
-    /// (re)starts reading the stream there.
-    pub fn restart_at(&self, position: u64) {
-        let mut inner = self.write();
-        *inner = Inner {
-            from: position,
-            through: position.saturating_sub(1),
-            ..Inner::default()
-        };
+    pub fn max_messages(&self) -> usize {
+        self.limits.max_messages
     }
 
-    /// The next position the follower should deliver.
-    pub fn next_position(&self) -> u64 {
-        self.read().through + 1
-    }
-
-    /// Adds the stream's next message (`position` after every one before it), then drops
-    /// the oldest while over either limit.
-    pub fn push(&self, message: Stored) {
-        if !self.enabled() {
+    /// Records that `messages` are all the stream holds in `start..=end`.
+    pub fn record(&self, start: u64, end: u64, messages: &[Stored]) {
+        if !self.enabled() || end < start {
             return;
         }
         let mut inner = self.write();
-        if message.position <= inner.through {
-            return; // already held (a redelivery)
+        let through = match inner.range {
+            Some((_, through)) if end <= through => return, // nothing newer
+            Some((from, through)) if start <= through + 1 => {
+                inner.range = Some((from, end));
+                through
+            }
+            _ => {
+                // Empty, or a range after a gap: start over from it.
+                inner.messages.clear();
+                inner.bytes = 0;
+                inner.range = Some((start, end));
+                start - 1
+            }
+        };
+        for message in messages.iter().filter(|m| m.position > through) {
+            inner.bytes += message.text.len();
+            inner.messages.push_back(message.clone());
         }
-        inner.through = message.position;
-        inner.bytes += message.text.len();
-        inner.messages.push_back(message);
         while inner.messages.len() > self.limits.max_messages
             || (inner.bytes > self.limits.max_bytes && !inner.messages.is_empty())
         {
             if let Some(old) = inner.messages.pop_front() {
                 inner.bytes -= old.text.len();
-                inner.from = old.position + 1;
+                inner.range = inner.range.map(|(_, through)| (old.position + 1, through));
+            }
+        }
+        if let Some((from, through)) = inner.range {
+            if from > through {
+                inner.range = None; // one message over the byte limit: nothing kept
             }
         }
     }
 
-    /// Messages from `start` up to `stop`, at most `max`, when the cache covers `start`:
-    /// the messages, and the last position they answer for (every message of the stream
-    /// from `start` through it is among them). `None` when `start` is older than the
-    /// cache. A `start` past what the cache received answers `start - 1`: nothing yet.
+    /// Messages from `start` up to `stop`, at most `max`, when the cache covers `start`
+    /// (or `start` is the next position after it): the messages, and the last position
+    /// they answer for (every message of the stream from `start` through it is among
+    /// them; `start - 1` when none). `None` when the cache does not reach `start`.
     pub fn take(&self, start: u64, stop: u64, max: usize) -> Option<(Vec<Stored>, u64)> {
         if !self.enabled() {
             return None;
         }
         let inner = self.read();
-        if start < inner.from || inner.from > inner.through + 1 {
+        let (from, through) = inner.range?;
+        if start < from || start > through + 1 {
             return None;
         }
         let first = inner.messages.partition_point(|m| m.position < start);
@@ -121,7 +126,7 @@ impl Recent {
         let answered = if taken.len() == max {
             taken.last().map_or(start - 1, |m| m.position)
         } else {
-            stop.min(inner.through).max(start - 1)
+            stop.min(through).max(start - 1)
         };
         Some((taken, answered))
     }
@@ -153,29 +158,50 @@ mod tests {
         }
     }
 
+    fn range(positions: impl IntoIterator<Item = u64>, text: &str) -> Vec<Stored> {
+        positions.into_iter().map(|p| stored(p, text)).collect()
+    }
+
     fn positions(messages: &[Stored]) -> Vec<u64> {
         messages.iter().map(|m| m.position).collect()
     }
 
     #[test]
-    fn it_covers_from_where_it_started_and_answers_only_for_what_it_holds() {
+    fn it_answers_for_what_reads_recorded_and_no_further() {
         let recent = Recent::new(CacheLimits::default());
-        recent.restart_at(5);
+        assert_eq!(recent.take(1, 10, 100), None, "empty");
+        // 5..=10 read from the stream; 7 is a gap in the stream itself.
+        recent.record(5, 10, &range([5, 6, 8, 9, 10], "x"));
         assert_eq!(recent.take(4, 10, 100), None, "older than the cache");
-        let (none, answered) = recent.take(5, 10, 100).expect("covered");
-        assert!(none.is_empty());
-        assert_eq!(answered, 4, "nothing received yet");
-        for position in [5, 6, 8] {
-            recent.push(stored(position, "x")); // 7 is a gap in the stream itself
-        }
-        let (taken, answered) = recent.take(5, 10, 100).expect("covered");
-        assert_eq!(positions(&taken), [5, 6, 8]);
-        assert_eq!(answered, 8, "the rest (9, 10) must come from the stream");
+        let (taken, answered) = recent.take(5, 20, 100).expect("covered");
+        assert_eq!(positions(&taken), [5, 6, 8, 9, 10]);
+        assert_eq!(answered, 10, "11.. must come from the stream");
         let (taken, answered) = recent.take(6, 7, 100).expect("covered");
         assert_eq!((positions(&taken), answered), (vec![6], 7));
         let (taken, answered) = recent.take(5, 10, 2).expect("covered");
         assert_eq!((positions(&taken), answered), (vec![5, 6], 6), "cut at max");
-        assert_eq!(recent.next_position(), 9);
+        let (taken, answered) = recent.take(11, 20, 100).expect("the next position");
+        assert_eq!((taken.len(), answered), (0, 10), "nothing yet");
+        assert_eq!(recent.take(12, 20, 100), None, "past the next position");
+    }
+
+    #[test]
+    fn a_read_that_continues_it_extends_it_a_later_one_replaces_it_an_older_one_does_not() {
+        let recent = Recent::new(CacheLimits::default());
+        recent.record(1, 10, &range(1..=10, "x"));
+        recent.record(8, 15, &range(8..=15, "x")); // overlaps and continues
+        assert_eq!(
+            positions(&recent.take(1, 99, 99).expect("covered").0),
+            (1..=15).collect::<Vec<_>>()
+        );
+        recent.record(2, 5, &range(2..=5, "x")); // older: nothing new
+        assert_eq!(recent.size().0, 15);
+        recent.record(30, 31, &range(30..=31, "x")); // after a gap: starts over
+        assert_eq!(recent.take(1, 99, 99), None);
+        assert_eq!(
+            positions(&recent.take(30, 99, 99).expect("covered").0),
+            [30, 31]
+        );
     }
 
     #[test]
@@ -184,33 +210,29 @@ mod tests {
             max_messages: 3,
             max_bytes: 10,
         });
-        recent.restart_at(1);
-        for position in 1..=5 {
-            recent.push(stored(position, "ab"));
-        }
+        recent.record(1, 5, &range(1..=5, "ab"));
         assert_eq!(recent.size(), (3, 6));
         assert_eq!(recent.take(2, 5, 100), None);
-        let (taken, _) = recent.take(3, 5, 100).expect("covered");
-        assert_eq!(positions(&taken), [3, 4, 5]);
-        recent.push(stored(6, "123456789")); // 15 bytes: 3, 4 and 5 must go
+        assert_eq!(
+            positions(&recent.take(3, 5, 100).expect("covered").0),
+            [3, 4, 5]
+        );
+        recent.record(6, 6, &[stored(6, "123456789")]); // 15 bytes: 3, 4 and 5 go
         assert_eq!(recent.size(), (1, 9));
         assert_eq!(recent.take(5, 6, 100), None);
-        assert_eq!(
-            recent.take(6, 6, 100).map(|(m, a)| (positions(&m), a)),
-            Some((vec![6], 6))
-        );
-        recent.push(stored(6, "again")); // a redelivery changes nothing
-        assert_eq!(recent.size(), (1, 9));
+        assert_eq!(positions(&recent.take(6, 6, 100).expect("covered").0), [6]);
+        recent.record(7, 7, &[stored(7, "x".repeat(11).as_str())]); // alone over the limit
+        assert_eq!(recent.size(), (0, 0));
+        assert_eq!(recent.take(7, 7, 100), None);
     }
 
     #[test]
-    fn a_disabled_cache_covers_nothing_it_is_given() {
+    fn a_disabled_cache_keeps_nothing() {
         let recent = Recent::new(CacheLimits {
             max_messages: 0,
             max_bytes: 0,
         });
-        recent.restart_at(1);
-        recent.push(stored(1, "x"));
+        recent.record(1, 1, &[stored(1, "x")]);
         assert_eq!(recent.size(), (0, 0));
         assert_eq!(recent.take(1, 1, 10), None);
     }
