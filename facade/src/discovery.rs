@@ -6,6 +6,8 @@
 //!   task reconnects with backoff.
 //! - `per-call` (DESIGN.md's original spec): a registry Lookup before every call, with
 //!   the last list seen kept as a fallback for when the registry cannot be reached.
+//!   Concurrent calls share lookups, each taking an answer from a lookup that began after
+//!   it arrived ([`crate::coalesce`]).
 //!
 //! [`Discovery::changes`] counts list changes and [`Discovery::listed`] names every
 //! address still listed, so the facade's channel pool can forget the others.
@@ -19,6 +21,9 @@ use std::{
 };
 
 use registry_client::RegistryClient;
+use tonic::Status;
+
+use crate::coalesce::Coalesced;
 use retry::Retry;
 use tokio::{sync::watch, task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
@@ -43,6 +48,8 @@ pub struct Discovery {
     last_known: Mutex<Known>,
     registry_down: AtomicBool,
     pushed: HashMap<String, watch::Receiver<Pushed>>,
+    /// Per service: lookups shared by the calls that want them at once.
+    lookups: HashMap<String, Coalesced<Result<Vec<String>, Status>>>,
     watchers: Vec<JoinHandle<()>>,
     /// Bumped whenever a list from either source differs from the one before.
     changes: Arc<AtomicU64>,
@@ -73,11 +80,16 @@ impl Discovery {
                 )));
             }
         }
+        let lookups = services
+            .iter()
+            .map(|service| ((*service).to_owned(), Coalesced::new()))
+            .collect();
         Self {
             registry,
             last_known: Mutex::new(HashMap::new()),
             registry_down: AtomicBool::new(false),
             pushed,
+            lookups,
             watchers,
             changes,
         }
@@ -143,10 +155,17 @@ impl Discovery {
     /// A registry lookup; when the registry is unreachable, the last list it gave (said
     /// once in the log per outage).
     async fn lookup(&self, service: &str) -> Vec<String> {
-        match self.registry.lookup(service).await {
-            Ok(reply) => {
-                let addresses: Vec<String> =
-                    reply.instances.into_iter().map(|i| i.address).collect();
+        let ask = || async {
+            let reply = self.registry.lookup(service).await?;
+            Ok(reply.instances.into_iter().map(|i| i.address).collect())
+        };
+        let answer = match self.lookups.get(service) {
+            Some(shared) => shared.get(ask).await,
+            None => ask().await,
+        };
+        match answer {
+            Ok(addresses) => {
+                let addresses: Vec<String> = addresses;
                 if self.registry_down.swap(false, Ordering::Relaxed) {
                     info!("registry reachable again; using fresh lookups");
                 }

@@ -9,6 +9,7 @@
 //! [`message_path`] is what both APIs do; [`http_api`] and [`grpc_api`] are the two ways
 //! to ask for it.
 
+mod coalesce;
 pub mod discovery;
 pub mod failover;
 pub mod grpc_api;
