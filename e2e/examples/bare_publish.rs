@@ -3,7 +3,12 @@
 //! runner's cluster), a `Nats-Msg-Id` per message, IN_FLIGHT publishers each waiting for
 //! its ack, for SECONDS. Prints `rate p50_ms p99_ms`.
 //!
-//!     bare_publish NATS_URLS IN_FLIGHT SECONDS
+//! With `per-id`, each message goes as the NATS store sends it: its own subject
+//! (`<stream>.<id>`) and `Nats-Expected-Last-Subject-Sequence: 0` (stored only if the
+//! subject holds nothing: exactly once for good), which is JetStream's cost of that
+//! guarantee.
+//!
+//!     bare_publish NATS_URLS IN_FLIGHT SECONDS [per-id]
 
 use std::time::{Duration, Instant};
 
@@ -13,9 +18,10 @@ use async_nats::jetstream::{self, message::PublishMessage, stream};
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     anyhow::ensure!(
-        args.len() == 4,
-        "usage: bare_publish NATS_URLS IN_FLIGHT SECONDS"
+        args.len() == 4 || (args.len() == 5 && args[4] == "per-id"),
+        "usage: bare_publish NATS_URLS IN_FLIGHT SECONDS [per-id]"
     );
+    let per_id = args.len() == 5;
     let servers: Vec<&str> = args[1].split(',').collect();
     let in_flight: usize = args[2].parse()?;
     let seconds: f64 = args[3].parse()?;
@@ -41,11 +47,18 @@ async fn main() -> anyhow::Result<()> {
             let mut n = 0u64;
             while Instant::now() < until {
                 let started = Instant::now();
-                let message = PublishMessage::build()
-                    .message_id(format!("{publisher}-{n}"))
+                let id = format!("{publisher}-{n}");
+                let mut message = PublishMessage::build()
+                    .message_id(&id)
                     .payload("hello from the bare publisher".into());
+                let subject = if per_id {
+                    message = message.expected_last_subject_sequence(0);
+                    format!("{subject}-{id}")
+                } else {
+                    subject.clone()
+                };
                 jetstream
-                    .send_publish(subject.clone(), message)
+                    .send_publish(subject, message)
                     .await?
                     .await?;
                 latencies.push(started.elapsed());
