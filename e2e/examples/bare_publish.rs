@@ -57,10 +57,7 @@ async fn main() -> anyhow::Result<()> {
                 } else {
                     subject.clone()
                 };
-                jetstream
-                    .send_publish(subject, message)
-                    .await?
-                    .await?;
+                jetstream.send_publish(subject, message).await?.await?;
                 latencies.push(started.elapsed());
                 n += 1;
             }
