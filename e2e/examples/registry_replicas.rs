@@ -22,7 +22,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use e2e::Proc;
+use e2e::{
+    procfs::{cpu_seconds, rss_mib},
+    Proc,
+};
 use nix::sys::signal::Signal;
 use proto::registry::v1::{
     registry_client::RegistryClient as RawClient, DeregisterRequest, HeartbeatRequest,
@@ -35,37 +38,6 @@ use tonic::transport::Channel;
 /// Channels to each server the simulated instances share.
 const CHANNELS: usize = 8;
 const MEASURE: Duration = Duration::from_secs(8);
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let ticks: f64 = std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|out| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
-        .unwrap_or(100.0);
-    (field(11) + field(12)) as f64 / ticks
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
 
 /// `count` release config servers listing each other as replicas.
 async fn start_replicas(count: usize) -> anyhow::Result<Vec<(SocketAddr, Proc, Vec<String>)>> {

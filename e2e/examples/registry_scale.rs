@@ -10,6 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use e2e::procfs::{cpu_seconds, rss_mib};
 use proto::registry::v1::{
     registry_client::RegistryClient, DeregisterRequest, HeartbeatRequest, LookupRequest,
     RegisterRequest, WatchRequest,
@@ -19,32 +20,6 @@ use tonic::transport::Channel;
 /// Channels the simulated instances share (HTTP/2 multiplexes their calls).
 const CHANNELS: usize = 8;
 const MEASURE: Duration = Duration::from_secs(5);
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the ")" that ends the command name: utime is the 12th, stime 13th.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    field(11) + field(12)
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -114,13 +89,7 @@ async fn run(instances: usize) -> anyhow::Result<String> {
     }
     // Let the heartbeats reach their steady pace, then measure.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let ticks_per_second: f64 = std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|out| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
-        .unwrap_or(100.0);
-    let before = cpu_ticks(server_pid);
+    let before = cpu_seconds(server_pid);
     let started = Instant::now();
 
     // Lookup latency under load: a small service and one with instances/10 entries.
@@ -144,9 +113,7 @@ async fn run(instances: usize) -> anyhow::Result<String> {
         big.push(t.elapsed());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let cpu = (cpu_ticks(server_pid) - before) as f64
-        / ticks_per_second
-        / started.elapsed().as_secs_f64();
+    let cpu = (cpu_seconds(server_pid) - before) / started.elapsed().as_secs_f64();
     let rss = rss_mib(server_pid);
 
     // A change reaching a watcher: register and deregister a probe, 20 times each.

@@ -9,6 +9,49 @@ pub use testkit::{nats::Nats, *};
 
 pub mod load;
 
+/// What a process has used, from `/proc` (for the benchmarks in `examples/`).
+pub mod procfs {
+    /// CPU time (user + system) `pid` has used so far, in seconds.
+    pub fn cpu_seconds(pid: u32) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the ")" that ends the command name: utime is the 12th, stime 13th.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let field = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        (field(11) + field(12)) as f64 / ticks_per_second()
+    }
+
+    fn ticks_per_second() -> f64 {
+        static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+        *TICKS.get_or_init(|| {
+            std::process::Command::new("getconf")
+                .arg("CLK_TCK")
+                .output()
+                .ok()
+                .and_then(|out| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
+                .unwrap_or(100.0)
+        })
+    }
+
+    /// Resident memory of `pid`, in MiB (0 when it is gone).
+    pub fn rss_mib(pid: u32) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+}
+
 /// The system's binaries on free ports, started in order and waited on.
 pub struct System {
     registry_args: Vec<String>,
