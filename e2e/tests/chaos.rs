@@ -306,7 +306,7 @@ async fn chaos_with_registry_replicas_fails_nothing_loses_nothing_and_evicts_onl
     let frozen = replicas[1];
     system.replica_proc(1).signal(Signal::SIGSTOP);
     log.push(("SIGSTOP replica for 5 s".into(), frozen.to_string()));
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await; // the freeze under test, not a settle
     system.replica_proc(1).signal(Signal::SIGCONT);
     let resumed = Instant::now();
     let mut fewest = usize::MAX;
