@@ -157,7 +157,11 @@ impl Discovery {
     async fn lookup(&self, service: &str) -> Vec<String> {
         let ask = || async {
             let reply = self.registry.lookup(service).await?;
-            Ok(reply.instances.into_iter().map(|i| i.address).collect())
+            Ok(reply
+                .instances
+                .into_iter()
+                .map(|i| i.address)
+                .collect::<Vec<String>>())
         };
         let answer = match self.lookups.get(service) {
             Some(shared) => shared.get(ask).await,
@@ -165,7 +169,6 @@ impl Discovery {
         };
         match answer {
             Ok(addresses) => {
-                let addresses: Vec<String> = addresses;
                 if self.registry_down.swap(false, Ordering::Relaxed) {
                     info!("registry reachable again; using fresh lookups");
                 }

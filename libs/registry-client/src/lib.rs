@@ -139,23 +139,21 @@ impl RegistryClient {
         })
     }
 
-    /// A client for one replica only, with this client's token and deadline.
-    pub(crate) fn for_replica(&self, address: &str) -> Self {
-        let only = self
-            .replicas
+    /// Every known replica with a client for it alone (sharing its channel, this
+    /// client's token and deadline).
+    pub(crate) fn per_replica(&self) -> Vec<(String, Self)> {
+        self.replicas
             .known()
             .iter()
-            .find(|r| r.address == address)
-            .map(|r| Replicas::of(r.clone()));
-        let replicas = match only {
-            Some(only) => only,
-            None => Replicas::new(&[address.to_owned()]).unwrap_or_else(|_| Replicas::none()),
-        };
-        Self {
-            replicas: Arc::new(replicas),
-            deadline: self.deadline,
-            token: self.token.clone(),
-        }
+            .map(|replica| {
+                let only = Self {
+                    replicas: Arc::new(Replicas::of(replica.clone())),
+                    deadline: self.deadline,
+                    token: self.token.clone(),
+                };
+                (replica.address.clone(), only)
+            })
+            .collect()
     }
 
     /// The same client, sending `authorization: Bearer <token>` with every call.

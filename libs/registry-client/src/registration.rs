@@ -123,9 +123,9 @@ async fn supervise(
                 "could not ask for the registry replicas"
             );
         }
-        let known = client.replica_addresses();
+        let known = client.per_replica();
         keepers.retain(|address, (stop, _)| {
-            let keep = known.contains(address);
+            let keep = known.iter().any(|(known, _)| known == address);
             if !keep {
                 info!(
                     replica = address,
@@ -135,12 +135,12 @@ async fn supervise(
             }
             keep
         });
-        for address in known {
+        for (address, only) in known {
             if keepers.contains_key(&address) {
                 continue;
             }
             let keeper = Keeper {
-                client: client.for_replica(&address),
+                client: only,
                 replica: address.clone(),
                 instance: Arc::clone(&instance),
                 holders: Arc::clone(&holders),

@@ -112,15 +112,6 @@ impl Replicas {
         }
     }
 
-    /// No replica at all: every call is UNAVAILABLE.
-    pub(crate) fn none() -> Self {
-        Self {
-            seeds: Vec::new(),
-            known: RwLock::new(Arc::new(Vec::new())),
-            preferred: AtomicUsize::new(0),
-        }
-    }
-
     pub(crate) fn known(&self) -> Arc<Vec<Replica>> {
         Arc::clone(&self.known.read().unwrap_or_else(|p| p.into_inner()))
     }

@@ -418,7 +418,7 @@ impl MessageStore for NatsStore {
             if until == 0 || start > until {
                 return Ok(None);
             }
-            let cached = self.recent.take(start, start, 1).is_some();
+            let cached = self.recent.covers(start);
             if cached || until - start < DIRECT_READ_MAX {
                 return Ok(Some((until, Reader::Direct(start))));
             }

@@ -107,11 +107,8 @@ impl Recent {
     /// they answer for (every message of the stream from `start` through it is among
     /// them; `start - 1` when none). `None` when the cache does not reach `start`.
     pub fn take(&self, start: u64, stop: u64, max: usize) -> Option<(Vec<Stored>, u64)> {
-        if !self.enabled() {
-            return None;
-        }
         let inner = self.read();
-        let (from, through) = inner.range?;
+        let (from, through) = inner.range?; // none while disabled: `record` keeps nothing
         if start < from || start > through + 1 {
             return None;
         }
@@ -129,6 +126,13 @@ impl Recent {
             stop.min(through).max(start - 1)
         };
         Some((taken, answered))
+    }
+
+    /// Whether a read starting at `start` begins inside the cache (or right after it).
+    pub fn covers(&self, start: u64) -> bool {
+        self.read()
+            .range
+            .is_some_and(|(from, through)| from <= start && start <= through + 1)
     }
 
     /// How many messages and bytes of text it holds.
@@ -183,6 +187,7 @@ mod tests {
         let (taken, answered) = recent.take(11, 20, 100).expect("the next position");
         assert_eq!((taken.len(), answered), (0, 10), "nothing yet");
         assert_eq!(recent.take(12, 20, 100), None, "past the next position");
+        assert!(recent.covers(5) && recent.covers(11) && !recent.covers(4) && !recent.covers(12));
     }
 
     #[test]
