@@ -3,8 +3,10 @@
 //!
 //! - a full read by a bare ordered consumer (JetStream's own delivery), and through
 //!   logging's gRPC `Stream`: where a `GET /messages` spends its time;
-//! - page reads done the way the NATS store does them, by a bare client: one stream-info
-//!   request plus 100 pipelined direct gets, 200 times at the middle of the log.
+//! - page reads by a bare client, 200 times at the middle of the log: one stream-info
+//!   request plus 100 pipelined direct gets (how the store reads messages no block holds
+//!   yet), and one stream-info request plus one direct get of a block (how it reads the
+//!   rest), each time another block of those within 100,000 positions of the middle.
 //!
 //!     read_speed NATS_URLS LOGGING_ADDR [PAGE_CONCURRENCY]
 //!
@@ -14,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use futures_util::StreamExt;
-use proto::logging::v1::{logging_client::LoggingClient, StreamRequest};
+use proto::logging::v1::{logging_client::LoggingClient, ReadRequest, StreamRequest};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -77,14 +79,52 @@ async fn main() -> anyhow::Result<()> {
         anyhow::ensure!(fetched.iter().all(Result::is_ok), "a direct get failed");
         times.push(started.elapsed());
     }
+    print_percentiles("bare page of 100 at the middle", times);
+
+    let blocks = jetstream.get_stream("MESSAGES_BLOCKS").await?;
+    let built = blocks.get_info().await?.state.last_sequence;
+    if built > 0 {
+        let around = (middle / 1000).min(built - 1);
+        let span = 100.min(built);
+        let first = around.saturating_sub(span / 2).min(built - span);
+        let mut times = Vec::new();
+        for i in 0..200u64 {
+            // Blocks in a scattered order (a stride coprime to most spans), not one again.
+            let block = first + (i * 37) % span;
+            let started = Instant::now();
+            stream.info().await?;
+            blocks.direct_get(block + 1).await?;
+            times.push(started.elapsed());
+        }
+        print_percentiles("bare block page at the middle", times);
+    }
+
+    // The same pages through logging's gRPC `Read`, without the facade in the way.
+    let mut client = LoggingClient::new(rpc::channel(&args[2])?);
+    let span = 100_000.min(last / 2).max(1);
+    let mut times = Vec::new();
+    for i in 0..200u64 {
+        let after = middle.saturating_sub(span / 2) + (i * 7919) % span;
+        let started = Instant::now();
+        let page = client
+            .read(ReadRequest { after, limit: 100 })
+            .await?
+            .into_inner();
+        anyhow::ensure!(!page.messages.is_empty(), "an empty page after {after}");
+        times.push(started.elapsed());
+    }
+    print_percentiles("logging Read page at the middle", times);
+    Ok(())
+}
+
+fn print_percentiles(what: &str, mut times: Vec<Duration>) {
     times.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
-        "bare page of 100 at the middle: p50 {:.2} ms, p99 {:.2} ms",
+        "{what}: p50 {:.2} ms, p99 {:.2} ms",
         ms(times[times.len() / 2]),
         ms(times[times.len() * 99 / 100])
     );
-    Ok(())
 }
 
 fn report(what: &str, count: u64, bytes: usize, started: Instant) {

@@ -4,7 +4,9 @@
 //!
 //! writes messages FROM..TO (ids `seed-N`, texts of TEXT_BYTES, default 64) into the
 //! `MESSAGES` stream exactly as the store does, then prints
-//! `seeded=N seconds=S rate=R stored=M last=L`, M and L read back from the stream.
+//! `seeded=N seconds=S rate=R stored=M last=L blocks=B`, M and L read back from the
+//! stream, B the blocks built so far (`MESSAGES_BLOCKS`, which the logging instances
+//! build from it).
 
 use std::time::Instant;
 
@@ -31,8 +33,12 @@ async fn main() -> anyhow::Result<()> {
     let jetstream = async_nats::jetstream::new(async_nats::connect(servers.as_slice()).await?);
     let mut stream = jetstream.get_stream("MESSAGES").await?;
     let state = stream.info().await?.state.clone();
+    let blocks = match jetstream.get_stream("MESSAGES_BLOCKS").await {
+        Ok(mut blocks) => blocks.info().await?.state.last_sequence,
+        Err(_) => 0,
+    };
     println!(
-        "seeded={seeded} seconds={seconds:.1} rate={:.0} stored={} last={}",
+        "seeded={seeded} seconds={seconds:.1} rate={:.0} stored={} last={} blocks={blocks}",
         seeded as f64 / seconds.max(1e-9),
         state.messages,
         state.last_sequence

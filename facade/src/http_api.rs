@@ -172,17 +172,18 @@ async fn lab_chunk(
     state: Option<LabState>,
 ) -> Option<(Result<Bytes, std::io::Error>, Option<LabState>)> {
     let (mut read, first, messages) = state?;
-    let mut chunk = String::new();
+    let mut chunk = Vec::new();
     if first {
-        chunk.push_str(r#"{"logs":["#);
+        chunk.extend_from_slice(br#"{"logs":["#);
     }
     match read.next().await {
         Ok(Some(texts)) => {
+            chunk.reserve(texts.iter().map(|text| text.len() + 3).sum());
             for (i, text) in texts.iter().enumerate() {
                 if !first || i > 0 {
-                    chunk.push(',');
+                    chunk.push(b',');
                 }
-                chunk.push_str(&json!(text).to_string());
+                json_string(&mut chunk, text);
             }
             Some((Ok(Bytes::from(chunk)), Some((read, false, messages))))
         }
@@ -191,17 +192,22 @@ async fn lab_chunk(
                 text: None,
                 warnings: vec!["messages service unavailable".to_owned()],
             });
-            chunk.push_str(r#"],"message":"#);
-            chunk.push_str(&json!(text).to_string());
+            chunk.extend_from_slice(br#"],"message":"#);
+            chunk.extend_from_slice(json!(text).to_string().as_bytes());
             if !warnings.is_empty() {
-                chunk.push_str(r#","warnings":"#);
-                chunk.push_str(&json!(warnings).to_string());
+                chunk.extend_from_slice(br#","warnings":"#);
+                chunk.extend_from_slice(json!(warnings).to_string().as_bytes());
             }
-            chunk.push('}');
+            chunk.push(b'}');
             Some((Ok(Bytes::from(chunk)), None))
         }
         Err(error) => Some((Err(std::io::Error::other(error.to_string())), None)),
     }
+}
+
+/// Appends `text` as a JSON string, written straight into `out`.
+fn json_string(out: &mut Vec<u8>, text: &str) {
+    serde_json::to_writer(out, text).expect("a string always serializes");
 }
 
 #[derive(Debug, Deserialize)]

@@ -20,7 +20,8 @@ use tracing::{info, warn};
 
 use service::{LoggingServer, LoggingService, DEFAULT_MAX_TEXT_BYTES};
 use store::{
-    CacheLimits, MemoryLimits, MemoryStore, MessageStore, NatsConfig, NatsStore, Retention,
+    nats::DEFAULT_CACHE_BLOCKS, CacheLimits, MemoryLimits, MemoryStore, MessageStore, NatsConfig,
+    NatsStore, Retention,
 };
 
 /// The name instances register under.
@@ -85,6 +86,11 @@ pub struct Config {
     /// NATS store: most bytes of message text in that cache.
     #[arg(long, default_value_t = CacheLimits::default().max_bytes)]
     pub cache_bytes: usize,
+
+    /// NATS store: how many blocks of 1000 messages that pages read to keep in memory,
+    /// so a client walking the log page by page reads each from the cluster once (0: none).
+    #[arg(long, default_value_t = DEFAULT_CACHE_BLOCKS)]
+    pub cache_blocks: usize,
 
     #[command(flatten)]
     pub log: telemetry::LogArgs,
@@ -211,6 +217,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 max_messages: config.cache_messages,
                 max_bytes: config.cache_bytes,
             };
+            nats.cache_blocks = config.cache_blocks;
             let store = match NatsStore::connect(nats, &shutdown).await {
                 Ok(store) => Arc::new(store),
                 Err(_) if shutdown.is_cancelled() => {

@@ -13,6 +13,7 @@
 //! - A backend that cannot reach its data answers [`StoreError::Unavailable`] promptly,
 //!   so callers can fail over instead of hanging.
 
+pub mod blocks;
 pub mod memory;
 pub mod nats;
 pub mod recent;

@@ -15,17 +15,22 @@
 //!   on a quorum). With retention limits, an id is kept as long as its message is.
 //! - **Throughput from concurrency.** Every request publishes and awaits its own ack;
 //!   there is no lock around the store, so concurrent requests pipeline on the connection.
-//! - **Reads from the stream, not from a copy.** Nothing of the log is kept in this
-//!   process. A page is one stream-info request (for the end of the log) plus the page's
-//!   sequences fetched from the stream leader, pipelined: the same cost at any depth, and
-//!   every write acknowledged before the read is in it (read-your-writes, through any
-//!   instance). A full read is one ordered consumer from the start position, forwarded in
-//!   batches through a channel of two, so memory stays bounded whatever the log's size.
+//! - **Reads from blocks, not from a copy.** Nothing of the log is kept in this process.
+//!   The log is also stored in blocks of a thousand messages ([`super::blocks`]), which
+//!   the instances build as it grows: a page inside built blocks is one get of its
+//!   block (none when a page read it lately), a full read fetches blocks a few at a time.
+//!   What no block holds yet (the newest messages) is read message by message: a page
+//!   asks the stream where the log ends (one stream-info request), then fetches its
+//!   sequences with pipelined direct gets; a full read takes them through an ordered
+//!   consumer when they are many. Either way every write acknowledged before the read
+//!   is in it (read-your-writes, through any instance), a page costs the same at any
+//!   depth, and a full read goes through a channel of two batches, so memory stays
+//!   bounded whatever the log's size.
 //! - **The newest messages read, in a bounded cache** ([`Recent`], `--cache-messages`,
-//!   `--cache-bytes`): reads record what they fetched, and a read that starts inside it
-//!   (the latest page again, a full read of a small log again) takes what it holds and
-//!   fetches only the rest. The end of every read still comes from the stream's own
-//!   state, so a read sees every acknowledged write; writes add nothing to it.
+//!   `--cache-bytes`): reads near the end record what they fetched, and a read that
+//!   starts inside it (the latest page again, a full read of a small log again) takes
+//!   what it holds and fetches only the rest. The end of every read still comes from the
+//!   stream's own state, so a read sees every acknowledged write; writes add nothing to it.
 //! - **Unavailable, never hung.** Every call to the cluster has a deadline; a store that
 //!   lost quorum or connection answers [`StoreError::Unavailable`] promptly.
 
@@ -41,16 +46,17 @@ use async_nats::jetstream::{
     self,
     consumer::{pull, DeliverPolicy},
     context::PublishErrorKind,
-    message::PublishMessage,
+    message::{PublishMessage, StreamMessage},
     stream::{self, DirectGetErrorKind, LastRawMessageErrorKind, StorageType},
 };
 use futures_util::StreamExt;
 use retry::Retry;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info, warn};
 
 use super::{
+    blocks::{self, block_of, range_of, Blocks, Keep, BLOCK},
     fill,
     recent::{CacheLimits, Recent},
     Appended, Batches, Message, MessageStore, Page, StoreError, Stored, MAX_PAGE, STREAM_BATCH,
@@ -62,11 +68,15 @@ const SUBJECT_PREFIX: &str = "messages.";
 const READ_CONCURRENCY: usize = 128;
 /// How long a full read may wait for its next batch before it is called stalled.
 const STREAM_STALL: Duration = Duration::from_secs(5);
-/// Reads of at most this many messages use pipelined direct gets, like pages: an ordered
+/// A full read fetches at most this many messages after the built blocks with pipelined
+/// direct gets, like pages, and more through an ordered consumer: an ordered
 /// consumer costs a round through the cluster's meta leader to create (about 15 ms on
 /// R3), while direct gets cost about 0.03-0.04 ms a message (1000 measured 42 ms, against
 /// the consumer's 15), so the break-even is a few hundred.
 const DIRECT_READ_MAX: u64 = 256;
+
+/// Blocks kept in memory for pages, unless told otherwise.
+pub const DEFAULT_CACHE_BLOCKS: usize = 32;
 
 /// How much of the log the stream keeps. Everything, by default; a limit makes the
 /// stream drop its oldest messages (and with them their ids: see the module docs).
@@ -99,6 +109,11 @@ pub struct NatsConfig {
     pub retention: Retention,
     /// Size of the cache of the newest messages.
     pub cache: CacheLimits,
+    /// How many blocks pages keep in memory (see [`super::blocks`]).
+    pub cache_blocks: usize,
+    /// Whether this instance builds blocks (see [`super::blocks`]). Reads use the blocks
+    /// there are either way; only tests turn it off, to read a log without them.
+    pub build_blocks: bool,
 }
 
 impl NatsConfig {
@@ -113,6 +128,8 @@ impl NatsConfig {
             timeout: Duration::from_millis(900),
             retention: Retention::default(),
             cache: CacheLimits::default(),
+            cache_blocks: DEFAULT_CACHE_BLOCKS,
+            build_blocks: true,
         }
     }
 }
@@ -122,12 +139,29 @@ pub struct NatsStore {
     stream: stream::Stream,
     timeout: Duration,
     log: String,
-    /// Whether the stream answers direct gets (any replica, not only the leader).
-    direct: bool,
-    recent: Arc<Recent>,
+    source: Source,
+    /// Told when an append stored the last position of a block, so it is built now.
+    completed: mpsc::Sender<()>,
+    /// Stops the task that builds blocks when the store goes.
+    _building: DropGuard,
 }
 
-fn unavailable(what: &str, error: impl std::fmt::Display) -> StoreError {
+/// Where reads come from: the cache of the newest messages, the blocks, and the messages
+/// stream itself for what neither holds.
+#[derive(Clone)]
+struct Source {
+    messages: stream::Stream,
+    /// Whether the messages stream answers direct gets (any replica, not only the leader).
+    direct: bool,
+    blocks: Blocks,
+    recent: Arc<Recent>,
+    timeout: Duration,
+    /// Whether the stream keeps everything (no retention limit), so a built block's
+    /// messages are all still in the log and a page inside blocks needs no stream info.
+    keeps_everything: bool,
+}
+
+pub(super) fn unavailable(what: &str, error: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("{what}: {error}"))
 }
 
@@ -144,43 +178,42 @@ pub fn subject_for(id: &str) -> String {
     }
 }
 
-/// The message at `sequence`, or `None` when it is gone (removed by retention). A direct
-/// get (when the stream allows them) is answered by any replica, off the JetStream API
-/// queue; one that has not applied `sequence` yet answers "not found", and then the
-/// leader is asked, so a read still sees every acknowledged write.
-async fn get(
+/// The message at `sequence` of `stream`, or `None` when it is gone (removed by
+/// retention) or not there yet. A direct get (when the stream allows them) is answered by
+/// any replica, off the JetStream API queue; one that has not applied `sequence` yet
+/// answers "not found", and then the leader is asked, so a read still sees every
+/// acknowledged write.
+pub(super) async fn get_raw(
     stream: &stream::Stream,
     direct: bool,
     sequence: u64,
-) -> Result<Option<Stored>, StoreError> {
+) -> Result<Option<StreamMessage>, StoreError> {
     if direct {
         match stream.direct_get(sequence).await {
-            Ok(m) => {
-                return Ok(Some(stored(
-                    m.sequence,
-                    &m.subject,
-                    Some(&m.headers),
-                    &m.payload,
-                )))
-            }
+            Ok(message) => return Ok(Some(message)),
             Err(e) if e.kind() == DirectGetErrorKind::NotFound => {}
             Err(e) => debug!(error = %e, sequence, "store: direct get failed; asking the leader"),
         }
     }
     match stream.get_raw_message(sequence).await {
-        Ok(m) => Ok(Some(stored(
-            m.sequence,
-            &m.subject,
-            Some(&m.headers),
-            &m.payload,
-        ))),
+        Ok(message) => Ok(Some(message)),
         Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
         Err(e) => Err(unavailable("read", e)),
     }
 }
 
+/// The stored message at `sequence`, or `None` when it is gone.
+async fn get(
+    stream: &stream::Stream,
+    direct: bool,
+    sequence: u64,
+) -> Result<Option<Stored>, StoreError> {
+    let message = get_raw(stream, direct, sequence).await?;
+    Ok(message.map(|m| stored(m.sequence, &m.subject, Some(&m.headers), &m.payload)))
+}
+
 /// Messages `from..=to` with pipelined gets, in order; those gone are skipped.
-async fn get_range(
+pub(super) async fn get_range(
     stream: &stream::Stream,
     direct: bool,
     from: u64,
@@ -285,14 +318,46 @@ impl NatsStore {
         info!(stream = STREAM, replicas = config.replicas, urls = ?config.urls, "store: using JetStream");
         // A stream deleted and created again is another log: positions start over.
         let created = info.created.unix_timestamp_nanos();
+        let log = format!("nats:{STREAM}:{created}");
         let direct = info.config.allow_direct;
+        let messages_config = info.config.clone();
+        let blocks = Retry::new(format!("store: opening stream {}", blocks::STREAM), cancel)
+            .backoff(Duration::from_millis(200), Duration::from_secs(2))
+            .run(
+                || Blocks::open(&jetstream, &messages_config, &log, config.cache_blocks),
+                |_| false,
+            )
+            .await?;
+        let (completed, completions) = mpsc::channel(1);
+        let building = CancellationToken::new();
+        if config.build_blocks {
+            tokio::spawn(blocks::keep_up(
+                blocks.clone(),
+                stream.clone(),
+                direct,
+                completions,
+                building.clone(),
+            ));
+        }
+        let keeps_everything = messages_config.max_age.is_zero()
+            && messages_config.max_bytes < 0
+            && messages_config.max_messages < 0;
+        let source = Source {
+            messages: stream.clone(),
+            direct,
+            blocks,
+            recent: Arc::new(Recent::new(config.cache)),
+            timeout: config.timeout,
+            keeps_everything,
+        };
         Ok(Self {
             jetstream,
             stream,
             timeout: config.timeout,
-            log: format!("nats:{STREAM}:{created}"),
-            direct,
-            recent: Arc::new(Recent::new(config.cache)),
+            log,
+            source,
+            completed,
+            _building: building.drop_guard(),
         })
     }
 
@@ -304,11 +369,6 @@ impl NatsStore {
             .await
             .map_err(|e| unavailable("stream info", e))?;
         Ok((info.state.first_sequence, info.state.last_sequence))
-    }
-
-    /// Messages `start..=stop`: what the cache holds, the rest from the stream.
-    async fn fetch(&self, start: u64, stop: u64) -> Result<Vec<Stored>, StoreError> {
-        fetch(&self.recent, &self.stream, self.direct, start, stop).await
     }
 
     /// The text stored for `id`, if its subject holds a message.
@@ -369,7 +429,13 @@ impl MessageStore for NatsStore {
                 .await
                 .map_err(|e| unavailable("publish", e))?;
             let repeat = match ack.await {
-                Ok(ack) => ack.duplicate,
+                Ok(ack) => {
+                    if !ack.duplicate && ack.sequence % BLOCK == 0 {
+                        // A block is complete: build it now (or soon, if busy).
+                        let _ = self.completed.try_send(());
+                    }
+                    ack.duplicate
+                }
                 Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => true,
                 Err(error) => return Err(unavailable("no acknowledgement from JetStream", error)),
             };
@@ -386,6 +452,9 @@ impl MessageStore for NatsStore {
 
     async fn read(&self, after: u64, limit: usize) -> Result<Page, StoreError> {
         let read = async {
+            if let Some(page) = self.source.page_in_blocks(after, limit).await? {
+                return Ok(page);
+            }
             let (first, last) = self.bounds().await?;
             if after > last {
                 return Err(StoreError::PastTheEnd { after, last });
@@ -397,7 +466,7 @@ impl MessageStore for NatsStore {
             let limit = limit.clamp(1, MAX_PAGE) as u64;
             let stop = (start + limit - 1).min(last);
             // Messages removed by a retention limit since the bounds were read are skipped.
-            let messages = self.fetch(start, stop).await?;
+            let messages = self.source.fetch(start, stop, last, Keep::Yes).await?;
             let (messages, cut) = fill(&mut messages.into_iter().peekable(), MAX_PAGE);
             Ok(Page {
                 messages,
@@ -408,7 +477,7 @@ impl MessageStore for NatsStore {
     }
 
     async fn stream(&self, after: u64, until: Option<u64>) -> Result<Batches, StoreError> {
-        let start = async {
+        let plan = async {
             let (first, last) = self.bounds().await?;
             if after > last {
                 return Err(StoreError::PastTheEnd { after, last });
@@ -418,46 +487,28 @@ impl MessageStore for NatsStore {
             if until == 0 || start > until {
                 return Ok(None);
             }
-            let cached = self.recent.covers(start);
-            if cached || until - start < DIRECT_READ_MAX {
-                return Ok(Some((until, Reader::Direct(start))));
-            }
-            let messages = self
-                .stream
-                .create_consumer(pull::OrderedConfig {
-                    deliver_policy: DeliverPolicy::ByStartSequence {
-                        start_sequence: start,
-                    },
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| unavailable("read", e))?
-                .messages()
-                .await
-                .map_err(|e| unavailable("read", e))?;
-            Ok(Some((until, Reader::Consumer(start, Box::new(messages)))))
+            // Blocks hold positions up to `built · BLOCK`; after them, a long stretch
+            // the cache does not hold goes through an ordered consumer.
+            // Without the blocks stream (deleted by hand) the read goes on without blocks.
+            let built = self.source.blocks.built().await.unwrap_or(0);
+            let tail = (built * BLOCK + 1).max(start);
+            let consumer = tail <= until
+                && until - tail >= DIRECT_READ_MAX
+                && !self.source.recent.covers(tail);
+            let plan = Plan {
+                start,
+                until,
+                last,
+                consumer_from: consumer.then_some(tail),
+            };
+            Ok(Some(plan))
         };
-        let Some((until, reader)) = self.with_deadline("read", start).await? else {
+        let Some(plan) = self.with_deadline("read", plan).await? else {
             return Ok(Batches::empty(until.unwrap_or(0)));
         };
         let (sender, receiver) = mpsc::channel(2);
-        match reader {
-            Reader::Direct(start) => {
-                tokio::spawn(direct_batches(
-                    Arc::clone(&self.recent),
-                    self.stream.clone(),
-                    self.direct,
-                    start,
-                    until,
-                    sender,
-                ));
-            }
-            Reader::Consumer(start, messages) => {
-                let chunks = messages.ready_chunks(STREAM_BATCH);
-                let recent = Arc::clone(&self.recent);
-                tokio::spawn(forward(chunks, start, until, recent, sender));
-            }
-        }
+        let until = plan.until;
+        tokio::spawn(self.source.clone().send(plan, sender));
         Ok(Batches { until, receiver })
     }
 
@@ -470,60 +521,163 @@ impl MessageStore for NatsStore {
     }
 }
 
-/// How a full read gets its messages: from the cache and direct gets for a short one or
-/// one that starts in the cache, an ordered consumer for a long one.
-enum Reader {
-    Direct(u64),
-    Consumer(u64, Box<pull::Ordered>),
-}
-
-/// Messages `start..=stop`: what `recent` holds, the rest with pipelined gets.
-async fn fetch(
-    recent: &Recent,
-    stream: &stream::Stream,
-    direct: bool,
-    start: u64,
-    stop: u64,
-) -> Result<Vec<Stored>, StoreError> {
-    let count = usize::try_from(stop + 1 - start).unwrap_or(usize::MAX);
-    let (mut messages, answered) = recent
-        .take(start, stop, count)
-        .unwrap_or((Vec::new(), start - 1));
-    if answered < stop {
-        let rest = get_range(stream, direct, answered + 1, stop).await?;
-        recent.record(answered + 1, stop, &rest);
-        messages.extend(rest);
-    }
-    Ok(messages)
-}
-
-/// Sends messages `start..=until` in batches, from the cache and pipelined gets.
-async fn direct_batches(
-    recent: Arc<Recent>,
-    stream: stream::Stream,
-    direct: bool,
+/// What a full read sends: positions `start..=until` of a log that ended at `last` when
+/// the read began; from `consumer_from` on (if set) through an ordered consumer, before
+/// it through the cache, blocks and gets.
+struct Plan {
     start: u64,
     until: u64,
-    sender: mpsc::Sender<Result<Vec<Stored>, StoreError>>,
-) {
+    last: u64,
+    consumer_from: Option<u64>,
+}
+
+/// Blocks (or the stretches of them that a range covers) fetched at once by a full read.
+const BLOCKS_IN_FLIGHT: usize = 4;
+
+/// `start..=stop` cut where blocks begin: each piece lies within one block.
+fn block_pieces(start: u64, stop: u64) -> impl Iterator<Item = (u64, u64)> {
     let mut from = start;
-    while from <= until {
-        let to = (from + STREAM_BATCH as u64 - 1).min(until);
-        let messages = match fetch(&recent, &stream, direct, from, to).await {
-            Ok(messages) => messages,
-            Err(error) => {
+    std::iter::from_fn(move || {
+        if from > stop {
+            return None;
+        }
+        let to = range_of(block_of(from)).1.min(stop);
+        let piece = (from, to);
+        from = to + 1;
+        Some(piece)
+    })
+}
+
+impl Source {
+    /// The page after `after` when built blocks hold all of it and a message after it,
+    /// read from them alone: no stream-info request, and none at all for blocks kept in
+    /// memory. `None` when the stream must be asked: a stream with retention limits (its
+    /// start moves), a page reaching past the built blocks or to the end of its last block.
+    async fn page_in_blocks(&self, after: u64, limit: usize) -> Result<Option<Page>, StoreError> {
+        if !self.keeps_everything {
+            return Ok(None);
+        }
+        let start = after + 1;
+        let stop = after + limit.clamp(1, MAX_PAGE) as u64;
+        let mut messages = Vec::new();
+        let mut more = false;
+        for (from, to) in block_pieces(start, stop) {
+            let Some(block) = self.blocks.get(block_of(from), Keep::Yes).await else {
+                return Ok(None);
+            };
+            more = block.last().is_some_and(|m| m.position > stop);
+            messages.extend(
+                block
+                    .into_iter()
+                    .filter(|m| (from..=to).contains(&m.position)),
+            );
+        }
+        if !more {
+            return Ok(None); // whether anything follows is the stream's to say
+        }
+        let (messages, _) = fill(&mut messages.into_iter().peekable(), MAX_PAGE);
+        Ok(Some(Page {
+            messages,
+            more: true,
+        }))
+    }
+
+    /// Messages `start..=stop` of a log that ends at `last`: what the cache holds, then
+    /// each block's stretch from the block when it is built, else with pipelined gets.
+    /// What was fetched near the end of the log is recorded in the cache.
+    async fn fetch(
+        &self,
+        start: u64,
+        stop: u64,
+        last: u64,
+        keep: Keep,
+    ) -> Result<Vec<Stored>, StoreError> {
+        let count = usize::try_from(stop + 1 - start).unwrap_or(usize::MAX);
+        let (mut messages, answered) = self
+            .recent
+            .take(start, stop, count)
+            .unwrap_or((Vec::new(), start - 1));
+        if answered == stop {
+            return Ok(messages);
+        }
+        let mut rest = Vec::new();
+        for (from, to) in block_pieces(answered + 1, stop) {
+            let n = block_of(from);
+            let block = if range_of(n).1 <= last {
+                self.blocks.get(n, keep).await
+            } else {
+                None // not complete, so not built
+            };
+            match block {
+                Some(block) => rest.extend(
+                    block
+                        .into_iter()
+                        .filter(|m| (from..=to).contains(&m.position)),
+                ),
+                None => rest.extend(get_range(&self.messages, self.direct, from, to).await?),
+            }
+        }
+        if last - stop < self.recent.max_messages() as u64 {
+            self.recent.record(answered + 1, stop, &rest);
+        }
+        messages.extend(rest);
+        Ok(messages)
+    }
+
+    /// Sends what `plan` says, in batches, until the reader goes away or a read fails
+    /// (sent as the last item).
+    async fn send(self, plan: Plan, sender: mpsc::Sender<Result<Vec<Stored>, StoreError>>) {
+        let direct_until = plan.consumer_from.map_or(plan.until, |from| from - 1);
+        let mut fetched = futures_util::stream::iter(block_pieces(plan.start, direct_until))
+            .map(|(from, to)| self.fetch(from, to, plan.last, Keep::No))
+            .buffered(BLOCKS_IN_FLIGHT);
+        while let Some(messages) = fetched.next().await {
+            let messages = match messages {
+                Ok(messages) => messages,
+                Err(error) => {
+                    let _ = sender.send(Err(error)).await;
+                    return;
+                }
+            };
+            let mut rest = messages.into_iter().peekable();
+            while rest.peek().is_some() {
+                let (batch, _) = fill(&mut rest, STREAM_BATCH);
+                if sender.send(Ok(batch)).await.is_err() {
+                    return; // the reader went away
+                }
+            }
+        }
+        drop(fetched);
+        let Some(from) = plan.consumer_from else {
+            return;
+        };
+        let consumer = async {
+            self.messages
+                .create_consumer(pull::OrderedConfig {
+                    deliver_policy: DeliverPolicy::ByStartSequence {
+                        start_sequence: from,
+                    },
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| unavailable("read", e))?
+                .messages()
+                .await
+                .map_err(|e| unavailable("read", e))
+        };
+        let messages = match tokio::time::timeout(self.timeout, consumer).await {
+            Ok(Ok(messages)) => messages,
+            Ok(Err(error)) => {
                 let _ = sender.send(Err(error)).await;
                 return;
             }
-        };
-        let mut rest = messages.into_iter().peekable();
-        while rest.peek().is_some() {
-            let (batch, _) = fill(&mut rest, STREAM_BATCH);
-            if sender.send(Ok(batch)).await.is_err() {
-                return; // the reader went away
+            Err(_) => {
+                let _ = sender.send(Err(unavailable("read", "timed out"))).await;
+                return;
             }
-        }
-        from = to + 1;
+        };
+        let chunks = messages.ready_chunks(STREAM_BATCH);
+        forward(chunks, from, plan.until, self.recent, sender).await;
     }
 }
 
@@ -677,10 +831,18 @@ mod tests {
         assert_eq!(all.len(), 700);
         for size in [100, 10_000] {
             let cached = store_with_cache(&nats, size).await;
-            assert_eq!(cached.recent.size().0, 0, "writes and start-up add nothing");
+            assert_eq!(
+                cached.source.recent.size().0,
+                0,
+                "writes and start-up add nothing"
+            );
             // The first read fills the cache with the newest messages, the second uses it.
             assert_eq!(contract::streamed(&cached).await, all, "cache of {size}");
-            assert_eq!(cached.recent.size().0, size.min(700), "cache of {size}");
+            assert_eq!(
+                cached.source.recent.size().0,
+                size.min(700),
+                "cache of {size}"
+            );
             assert_eq!(contract::streamed(&cached).await, all, "cache of {size}");
             assert_eq!(contract::paged(&cached, 64).await, all, "cache of {size}");
             let tail = cached.stream(650, None).await.expect("stream");
@@ -698,18 +860,28 @@ mod tests {
         }
     }
 
-    /// A long read goes through an ordered consumer, a short one through direct gets:
-    /// both give the same messages, in order.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn long_and_short_reads_agree() {
-        let nats = Nats::single().await;
-        let store = Arc::new(store_with_cache(&nats, 0).await);
-        let total = DIRECT_READ_MAX as usize + 744;
+    /// A store on `nats` that builds no blocks (`build_blocks: false`) and caches nothing,
+    /// so each test decides when blocks are built.
+    async fn store_without_building(nats: &Nats) -> NatsStore {
+        let mut config = NatsConfig::new(vec![nats.urls()]);
+        config.cache = CacheLimits {
+            max_messages: 0,
+            ..CacheLimits::default()
+        };
+        config.build_blocks = false;
+        NatsStore::connect(config, &CancellationToken::new())
+            .await
+            .expect("connect")
+    }
+
+    /// Appends messages `range` with 8 writers at once.
+    async fn append_concurrently(store: &Arc<NatsStore>, range: std::ops::Range<usize>) {
         let mut writers = Vec::new();
         for writer in 0..8 {
-            let store = Arc::clone(&store);
+            let store = Arc::clone(store);
+            let range = range.clone();
             writers.push(tokio::spawn(async move {
-                for i in (writer..total).step_by(8) {
+                for i in range.skip(writer).step_by(8) {
                     let message = Message {
                         id: format!("n-{i}"),
                         text: format!("text {i}"),
@@ -721,23 +893,239 @@ mod tests {
         for writer in writers {
             writer.await.expect("writer");
         }
-        let read = |after: u64| {
+    }
+
+    /// Everything after `after`, as a full read sends it.
+    async fn read_from(store: &NatsStore, after: u64) -> Vec<Stored> {
+        let mut batches = store.stream(after, None).await.expect("stream");
+        let mut all = Vec::new();
+        while let Some(batch) = batches.receiver.recv().await {
+            all.extend(batch.expect("batch"));
+        }
+        all
+    }
+
+    /// Reads give the same log whichever way they go: with no blocks (an ordered
+    /// consumer for a long read, gets for a short one), with blocks for the first part
+    /// and a consumer or gets for the rest, and pages that cross a block's edge.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_agree_with_and_without_blocks() {
+        let nats = Nats::single().await;
+        let store = Arc::new(store_without_building(&nats).await);
+        let total = 2 * BLOCK as usize + 600;
+        append_concurrently(&store, 0..total).await;
+        // The truth: every position read with a get of its own.
+        let truth = get_range(&store.stream, store.source.direct, 1, total as u64)
+            .await
+            .expect("gets");
+        assert_eq!(truth.len(), total);
+        assert!(truth.windows(2).all(|w| w[0].position + 1 == w[1].position));
+
+        assert_eq!(store.source.blocks.built().await.expect("built"), 0);
+        assert_eq!(read_from(&store, 0).await, truth, "no blocks: a consumer");
+        let from = (total - 200) as u64;
+        assert_eq!(read_from(&store, from).await, truth[total - 200..], "gets");
+
+        let blocks = &store.source.blocks;
+        let caught_up = blocks
+            .catch_up(&store.stream, store.source.direct)
+            .await
+            .expect("catch up");
+        assert_eq!(caught_up, (2, 2), "two complete blocks");
+        assert_eq!(blocks.built().await.expect("built"), 2);
+        assert_eq!(blocks.get(0, Keep::No).await, Some(truth[..1000].to_vec()));
+        assert_eq!(
+            blocks.get(1, Keep::No).await,
+            Some(truth[1000..2000].to_vec())
+        );
+        assert_eq!(blocks.get(2, Keep::No).await, None, "not complete");
+        // Blocks, then a consumer for the 600 after them; from inside a block; pages.
+        assert_eq!(read_from(&store, 0).await, truth, "blocks and a consumer");
+        assert_eq!(
+            read_from(&store, 1500).await,
+            truth[1500..],
+            "from a block's middle"
+        );
+        for limit in [7, 100, MAX_PAGE] {
+            assert_eq!(
+                contract::paged(&*store, limit).await,
+                truth,
+                "limit {limit}"
+            );
+        }
+        let across = store.read(990, 20).await.expect("read");
+        assert_eq!(
+            across.messages,
+            truth[990..1010],
+            "a page across two blocks"
+        );
+
+        // More messages than a block after the blocks: the rest through a consumer;
+        // then one store builds the new block, and a second store reads it.
+        append_concurrently(&store, total..total + 500).await;
+        let truth = get_range(&store.stream, store.source.direct, 1, (total + 500) as u64)
+            .await
+            .expect("gets");
+        let second = store_without_building(&nats).await;
+        assert_eq!(read_from(&second, 0).await, truth);
+        assert_eq!(
+            blocks
+                .catch_up(&store.stream, true)
+                .await
+                .expect("catch up"),
+            (1, 3)
+        );
+        assert_eq!(read_from(&second, 0).await, truth);
+        assert_eq!(contract::paged(&second, 100).await, truth);
+    }
+
+    /// A page within a block that a page read before is answered from memory: even with
+    /// the server gone. One reaching the end of its block still asks the stream.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pages_walk_kept_blocks_without_asking_the_cluster() {
+        let mut nats = Nats::single().await;
+        let store = Arc::new(store_without_building(&nats).await);
+        append_concurrently(&store, 0..BLOCK as usize + 10).await;
+        let blocks = &store.source.blocks;
+        blocks
+            .catch_up(&store.stream, true)
+            .await
+            .expect("catch up");
+        let first = store.read(0, 100).await.expect("read");
+        assert_eq!(first.messages.len(), 100);
+        assert!(first.more);
+        nats.kill9(0).await;
+        let second = store.read(100, 100).await.expect("read from memory");
+        let positions: Vec<u64> = second.messages.iter().map(|m| m.position).collect();
+        assert_eq!(positions, (101..=200).collect::<Vec<_>>());
+        assert!(second.more);
+        assert!(
+            matches!(store.read(900, 100).await, Err(StoreError::Unavailable(_))),
+            "whether anything follows position 1000 is the stream's to say"
+        );
+    }
+
+    /// Two instances building at once store every block once, in order; the instance
+    /// whose append completes a block builds it without being asked.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn blocks_are_built_once_whoever_builds_them() {
+        let nats = Nats::single().await;
+        let writer = Arc::new(store_without_building(&nats).await);
+        append_concurrently(&writer, 0..5 * BLOCK as usize + 10).await;
+        let (one, two) = (
+            store_without_building(&nats).await,
+            store_without_building(&nats).await,
+        );
+        let (a, b) = tokio::join!(
+            one.source.blocks.catch_up(&one.stream, true),
+            two.source.blocks.catch_up(&two.stream, true)
+        );
+        let (a, b) = (a.expect("catch up"), b.expect("catch up"));
+        assert_eq!(a.0 + b.0, 5, "every block stored once");
+        assert_eq!((a.1, b.1), (5, 5));
+        assert_eq!(one.source.blocks.built().await.expect("built"), 5);
+        for n in 0..5 {
+            let block = one.source.blocks.get(n, Keep::No).await.expect("built");
+            let positions: Vec<u64> = block.iter().map(|m| m.position).collect();
+            let (from, to) = range_of(n);
+            assert_eq!(positions, (from..=to).collect::<Vec<_>>(), "block {n}");
+        }
+
+        // A store that builds: its append of position 6000 builds block 5.
+        let building = Arc::new(store_with_cache(&nats, 0).await);
+        append_concurrently(&building, 10_000..10_000 + BLOCK as usize - 10).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while building.source.blocks.built().await.expect("built") < 6 {
+            assert!(tokio::time::Instant::now() < deadline, "block 5 not built");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The blocks stream deleted by hand (it is derived data) comes back, rebuilt, while
+    /// the store runs; reads give the whole log throughout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deleted_blocks_are_built_again() {
+        let nats = Nats::single().await;
+        let store = Arc::new(store_with_cache(&nats, 0).await);
+        append_concurrently(&store, 0..2 * BLOCK as usize + 1).await;
+        let built = |count: u64| {
             let store = Arc::clone(&store);
             async move {
-                let mut batches = store.stream(after, None).await.expect("stream");
-                let mut all = Vec::new();
-                while let Some(batch) = batches.receiver.recv().await {
-                    all.extend(batch.expect("batch"));
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+                while store.source.blocks.built().await.unwrap_or(0) < count {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "{count} blocks not built"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                all
             }
         };
-        let long = read(0).await; // 1000 messages: an ordered consumer
-        assert_eq!(long.len(), total);
-        assert!(long.windows(2).all(|w| w[0].position + 1 == w[1].position));
-        let from = (total - 200) as u64;
-        let short = read(from).await; // 200 messages: direct gets
-        assert_eq!(short, long[total - 200..]);
+        built(2).await;
+        let all = read_from(&store, 0).await;
+        store
+            .jetstream
+            .delete_stream(blocks::STREAM)
+            .await
+            .expect("delete the blocks");
+        assert_eq!(read_from(&store, 0).await, all, "read without blocks");
+        built(2).await;
+        assert_eq!(
+            read_from(&store, 0).await,
+            all,
+            "read with the rebuilt blocks"
+        );
+    }
+
+    /// A block too big to publish is kept as a marker, and reads of its range still give
+    /// every message; blocks of another log are not used, and the stream holding them
+    /// is replaced at start-up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn big_blocks_and_blocks_of_another_log_are_not_used() {
+        let nats = Nats::single().await;
+        let store = Arc::new(store_without_building(&nats).await);
+        append_concurrently(&store, 0..BLOCK as usize + 5).await;
+        let small = store.source.blocks.clone().with_max_payload(10_000);
+        assert_eq!(
+            small.catch_up(&store.stream, true).await.expect("catch up"),
+            (1, 1)
+        );
+        assert_eq!(
+            small.built().await.expect("built"),
+            1,
+            "the marker keeps the count"
+        );
+        assert_eq!(small.get(0, Keep::No).await, None, "a marker, not a block");
+        let all = read_from(&store, 0).await;
+        assert_eq!(all.len(), BLOCK as usize + 5);
+        assert_eq!(contract::paged(&*store, 100).await, all);
+
+        let info = store
+            .stream
+            .clone()
+            .info()
+            .await
+            .expect("info")
+            .config
+            .clone();
+        let other = Blocks::open(&store.jetstream, &info, "nats:MESSAGES:another", 0)
+            .await
+            .expect("open");
+        assert_eq!(
+            other.built().await.expect("built"),
+            0,
+            "replaced at start-up"
+        );
+        assert_eq!(
+            other.catch_up(&store.stream, true).await.expect("catch up"),
+            (1, 1)
+        );
+        assert_eq!(
+            store.source.blocks.get(0, Keep::No).await,
+            None,
+            "another log's"
+        );
+        assert_eq!(read_from(&store, 0).await, all);
     }
 
     #[tokio::test]

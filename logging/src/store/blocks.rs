@@ -1,0 +1,488 @@
+//! The log in blocks of [`BLOCK`] messages, so a read costs one request per thousand
+//! messages, not one per message.
+//!
+//! JetStream 2.9 (Debian's) answers one message per get and delivers a consumer's
+//! messages one at a time, so a page of 100 was 100 gets and a full read of a million ran
+//! at one consumer's pace. The store therefore keeps a second stream, `MESSAGES_BLOCKS`,
+//! of derived data: block `n` holds the messages at positions `n·1000+1 ..= (n+1)·1000`
+//! as one protobuf message (`repeated logging.v1.Message`), and sits at sequence `n+1`
+//! of its stream. A page anywhere in the log is then one get of about 100 KB, and a full
+//! read fetches blocks a few at a time.
+//!
+//! - **Written once, in order, with no holes.** A block is published with
+//!   `Nats-Expected-Last-Sequence: n`: block `n` lands at sequence `n+1` or not at all,
+//!   so two instances building the same block store it once, and the number of blocks
+//!   built is the stream's last sequence.
+//! - **Built by whoever gets there first.** Block `n` can be built once position
+//!   `(n+1)·1000` is stored (JetStream assigns sequences in order, so all before it are
+//!   stored too). The instance whose append got that position builds it right after
+//!   answering; every instance also looks every few seconds and catches up when the
+//!   blocks have stopped moving (after a bulk import, or a crash between the two).
+//! - **Never trusted blindly.** Every block names its log (the messages stream's
+//!   creation time) and its number in headers; one that names anything else is not used,
+//!   and a blocks stream left from a messages stream since deleted is deleted at start-up.
+//! - **A block too big to publish** (texts of 64 KiB each) is kept as an empty marker, so
+//!   the numbering goes on; reads of its range fetch messages one by one, as reads of
+//!   blocks not built yet do.
+//! - **The blocks pages read last, in memory** (`--cache-blocks`, 32 by default, at most
+//!   about 100 KB each for short texts and 1 MiB for the biggest): a client walking the
+//!   log page by page reads each block from JetStream once, not once a page. Full reads
+//!   pass them by without keeping them, so one does not push out what pages use.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use async_nats::{
+    jetstream::{
+        self,
+        context::PublishErrorKind,
+        message::PublishMessage,
+        stream::{self, StorageType},
+    },
+    HeaderMap,
+};
+use bytes::Bytes;
+use prost::Message as _;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{nats, StoreError, Stored};
+
+/// Messages per block.
+pub const BLOCK: u64 = 1000;
+pub const STREAM: &str = "MESSAGES_BLOCKS";
+const SUBJECT_PREFIX: &str = "blocks.";
+/// Headers naming a block's log and number.
+const LOG_HEADER: &str = "Log";
+const BLOCK_HEADER: &str = "Block";
+/// Set on a block kept as a marker because its texts were too big to publish as one.
+const SKIPPED_HEADER: &str = "Block-Skipped";
+/// How often an instance looks whether the blocks have fallen behind (jittered, so
+/// instances do not all look at once).
+const LOOK_EVERY: Duration = Duration::from_secs(2);
+
+/// The block holding `position` (1-based).
+pub fn block_of(position: u64) -> u64 {
+    (position - 1) / BLOCK
+}
+
+/// The positions block `n` holds.
+pub fn range_of(n: u64) -> (u64, u64) {
+    (n * BLOCK + 1, (n + 1) * BLOCK)
+}
+
+/// The wire form of a block: what `logging.v1.Message` already is.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Encoded {
+    #[prost(message, repeated, tag = "1")]
+    messages: Vec<proto::logging::v1::Message>,
+}
+
+fn encode(messages: &[Stored]) -> Vec<u8> {
+    let encoded = Encoded {
+        messages: messages
+            .iter()
+            .map(|m| proto::logging::v1::Message {
+                id: m.id.clone(),
+                text: m.text.clone(),
+                position: m.position,
+            })
+            .collect(),
+    };
+    encoded.encode_to_vec()
+}
+
+fn decode(payload: &[u8]) -> Result<Vec<Stored>, prost::DecodeError> {
+    Ok(Encoded::decode(payload)?
+        .messages
+        .into_iter()
+        .map(|m| Stored {
+            position: m.position,
+            id: m.id,
+            text: m.text,
+        })
+        .collect())
+}
+
+/// The blocks of one log.
+#[derive(Clone)]
+pub struct Blocks {
+    jetstream: jetstream::Context,
+    config: stream::Config,
+    stream: stream::Stream,
+    direct: bool,
+    /// The log the blocks belong to (see [`super::MessageStore::log`]).
+    log: String,
+    /// The largest block payload the servers accept.
+    max_payload: usize,
+    kept: Arc<Kept>,
+}
+
+/// Whether a read keeps the block it fetched in memory: pages do, full reads do not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    Yes,
+    No,
+}
+
+/// The blocks read last, newest first: their encoded payloads, decoded at each use
+/// (about 0.1 ms for a thousand short messages). A handful of entries, so a scan is the
+/// lookup.
+struct Kept {
+    capacity: usize,
+    blocks: Mutex<VecDeque<(u64, Bytes)>>,
+}
+
+impl Kept {
+    fn get(&self, n: u64) -> Option<Bytes> {
+        let mut blocks = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
+        let at = blocks.iter().position(|(number, _)| *number == n)?;
+        let entry = blocks.remove(at)?;
+        let payload = entry.1.clone();
+        blocks.push_front(entry);
+        Some(payload)
+    }
+
+    fn put(&self, n: u64, payload: Bytes) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut blocks = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
+        if blocks.iter().any(|(number, _)| *number == n) {
+            return;
+        }
+        blocks.truncate(self.capacity - 1);
+        blocks.push_front((n, payload));
+    }
+}
+
+impl Blocks {
+    /// Opens (creating it if missing) the blocks stream of `log`, with limits that keep
+    /// at least as much as the messages stream's `config`. A blocks stream whose blocks
+    /// name another log is deleted and created again.
+    pub async fn open(
+        jetstream: &jetstream::Context,
+        messages: &stream::Config,
+        log: &str,
+        kept: usize,
+    ) -> Result<Self, StoreError> {
+        let scaled = |limit: i64| {
+            if limit > 0 {
+                (limit as u64).div_ceil(BLOCK) as i64 + 1
+            } else {
+                limit
+            }
+        };
+        let config = stream::Config {
+            name: STREAM.to_owned(),
+            description: Some(format!(
+                "The {} stream in blocks of {BLOCK} messages, for reads: derived data, \
+                 rebuilt by the logging instances when missing",
+                nats::STREAM
+            )),
+            subjects: vec![format!("{SUBJECT_PREFIX}>")],
+            storage: StorageType::File,
+            num_replicas: messages.num_replicas,
+            allow_direct: true,
+            max_age: messages.max_age,
+            max_bytes: messages.max_bytes,
+            max_messages: scaled(messages.max_messages),
+            ..Default::default()
+        };
+        let open = || async {
+            jetstream
+                .get_or_create_stream(config.clone())
+                .await
+                .map_err(|e| nats::unavailable("blocks stream", e))
+        };
+        let mut blocks = Self {
+            jetstream: jetstream.clone(),
+            config: config.clone(),
+            stream: open().await?,
+            direct: true,
+            log: log.to_owned(),
+            max_payload: jetstream.client().max_payload(),
+            kept: Arc::new(Kept {
+                capacity: kept,
+                blocks: Mutex::new(VecDeque::with_capacity(kept)),
+            }),
+        };
+        if blocks.of_another_log().await? {
+            warn!(
+                stream = STREAM,
+                "store: the blocks stream belongs to a messages stream since deleted; \
+                 deleting it (it is rebuilt from the messages)"
+            );
+            // Another instance may delete it first, or create it again: both are fine.
+            let _ = jetstream.delete_stream(STREAM).await;
+            blocks.stream = open().await?;
+        }
+        blocks.direct = blocks
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| nats::unavailable("blocks stream", e))?
+            .config
+            .allow_direct;
+        Ok(blocks)
+    }
+
+    /// Creates the blocks stream again if it was deleted (by hand: it is derived data),
+    /// so building goes on; handles to it work again, as they name it.
+    async fn recreate_if_missing(&self) {
+        if let Err(error) = self
+            .jetstream
+            .get_or_create_stream(self.config.clone())
+            .await
+        {
+            debug!(%error, "store: the blocks stream cannot be opened now");
+        }
+    }
+
+    /// Whether the newest block names another log.
+    async fn of_another_log(&self) -> Result<bool, StoreError> {
+        let built = self.built().await?;
+        if built == 0 {
+            return Ok(false);
+        }
+        let newest = nats::get_raw(&self.stream, self.direct, built).await?;
+        Ok(newest.is_some_and(|m| header(&m.headers, LOG_HEADER) != Some(self.log.as_str())))
+    }
+
+    /// The same blocks, published as if the servers accepted at most `max_payload`.
+    #[cfg(test)]
+    pub fn with_max_payload(mut self, max_payload: usize) -> Self {
+        self.max_payload = max_payload;
+        self
+    }
+
+    /// How many blocks are built: blocks `0..built` exist.
+    pub async fn built(&self) -> Result<u64, StoreError> {
+        let info = self
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| nats::unavailable("blocks stream info", e))?;
+        Ok(info.state.last_sequence)
+    }
+
+    /// The messages of block `n`: from memory when a page read it lately, else from the
+    /// stream (kept if `keep` says so). `None` when it is not built, too big to be, or
+    /// cannot be read now (the blocks stream deleted, the cluster unreachable): the
+    /// caller then reads the messages themselves, which says whether the store is there.
+    pub async fn get(&self, n: u64, keep: Keep) -> Option<Vec<Stored>> {
+        if let Some(payload) = self.kept.get(n) {
+            return decode(&payload).ok();
+        }
+        let message = match nats::get_raw(&self.stream, self.direct, n + 1).await {
+            Ok(message) => message?,
+            Err(error) => {
+                debug!(block = n, %error, "store: a block cannot be read; reading its messages");
+                return None;
+            }
+        };
+        let number = n.to_string();
+        let ours = header(&message.headers, LOG_HEADER) == Some(self.log.as_str())
+            && header(&message.headers, BLOCK_HEADER) == Some(number.as_str());
+        if !ours {
+            warn!(
+                block = n,
+                "store: a block of another log or number; not used"
+            );
+            return None;
+        }
+        if header(&message.headers, SKIPPED_HEADER).is_some() {
+            return None;
+        }
+        match decode(&message.payload) {
+            Ok(messages) => {
+                if keep == Keep::Yes {
+                    self.kept.put(n, message.payload);
+                }
+                Some(messages)
+            }
+            Err(error) => {
+                warn!(block = n, %error, "store: a block that does not decode; not used");
+                None
+            }
+        }
+    }
+
+    /// Builds block `n` from the messages stream (whose position `(n+1)·1000` must be
+    /// stored). `Ok(false)`: another instance stored block `n` first.
+    async fn build(
+        &self,
+        messages: &stream::Stream,
+        direct: bool,
+        n: u64,
+    ) -> Result<bool, StoreError> {
+        let (from, to) = range_of(n);
+        let contents = nats::get_range(messages, direct, from, to).await?;
+        let payload = encode(&contents);
+        let mut publish = PublishMessage::build()
+            .expected_last_sequence(n)
+            .header(LOG_HEADER, self.log.as_str())
+            .header(BLOCK_HEADER, n.to_string().as_str());
+        // Headers and subject take well under 1 KiB.
+        publish = if payload.len() + 1024 > self.max_payload {
+            info!(
+                block = n,
+                bytes = payload.len(),
+                "store: block too big to publish; its messages are read one by one"
+            );
+            publish.header(SKIPPED_HEADER, "too big")
+        } else {
+            publish.payload(payload.into())
+        };
+        let ack = self
+            .jetstream
+            .send_publish(format!("{SUBJECT_PREFIX}{n}"), publish)
+            .await
+            .map_err(|e| nats::unavailable("block publish", e))?;
+        match ack.await {
+            Ok(_) => Ok(true),
+            Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => Ok(false),
+            Err(error) => Err(nats::unavailable("block publish", error)),
+        }
+    }
+
+    /// Builds every complete block not built yet, in order, until none is left (the log
+    /// may grow meanwhile); returns how many this call stored and how many are built.
+    pub async fn catch_up(
+        &self,
+        messages: &stream::Stream,
+        direct: bool,
+    ) -> Result<(u64, u64), StoreError> {
+        let mut stored = 0;
+        let mut next = self.built().await?;
+        loop {
+            let last = messages
+                .get_info()
+                .await
+                .map_err(|e| nats::unavailable("stream info", e))?
+                .state
+                .last_sequence;
+            let complete = last / BLOCK;
+            if next >= complete {
+                return Ok((stored, next));
+            }
+            while next < complete {
+                if self.build(messages, direct, next).await? {
+                    stored += 1;
+                    next += 1;
+                } else {
+                    next = self.built().await?; // another instance got there first
+                }
+            }
+        }
+    }
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).map(|value| value.as_str())
+}
+
+/// Keeps the blocks up with the log until `cancel`: catches up at once when `completed`
+/// says an append of this instance stored the last position of a block, and every few
+/// seconds when the blocks have not moved since this instance last looked (so nobody
+/// else is building them: after a bulk import, or when the instance that completed a
+/// block died before building it).
+pub async fn keep_up(
+    blocks: Blocks,
+    messages: stream::Stream,
+    direct: bool,
+    mut completed: mpsc::Receiver<()>,
+    cancel: CancellationToken,
+) {
+    let mut seen = None;
+    loop {
+        let jitter = LOOK_EVERY.mul_f64(rand::random::<f64>());
+        let look = tokio::select! {
+            _ = cancel.cancelled() => return,
+            Some(()) = completed.recv() => false,
+            _ = tokio::time::sleep(LOOK_EVERY + jitter) => true,
+        };
+        if look {
+            let Ok(built) = blocks.built().await else {
+                blocks.recreate_if_missing().await;
+                continue;
+            };
+            let moved = seen.is_some_and(|seen| built > seen);
+            seen = Some(built);
+            if moved {
+                continue; // someone else is building them
+            }
+        }
+        let catch_up = blocks.catch_up(&messages, direct);
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return,
+            result = catch_up => result,
+        };
+        match result {
+            Ok((stored, built)) => {
+                seen = Some(built);
+                if stored > 0 {
+                    debug!(stored, built, "store: blocks built");
+                }
+            }
+            Err(error) => {
+                debug!(%error, "store: building blocks failed; trying again later");
+                blocks.recreate_if_missing().await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_hold_a_thousand_positions_each() {
+        assert_eq!(block_of(1), 0);
+        assert_eq!(block_of(1000), 0);
+        assert_eq!(block_of(1001), 1);
+        assert_eq!(range_of(0), (1, 1000));
+        assert_eq!(range_of(2), (2001, 3000));
+    }
+
+    #[test]
+    fn kept_blocks_are_the_last_used_ones() {
+        let kept = Kept {
+            capacity: 2,
+            blocks: Mutex::new(VecDeque::new()),
+        };
+        let payload = |n: u8| Bytes::from(vec![n]);
+        kept.put(1, payload(1));
+        kept.put(2, payload(2));
+        assert_eq!(kept.get(1), Some(payload(1)), "1 is now the last used");
+        kept.put(3, payload(3));
+        assert_eq!(kept.get(2), None, "2 went: the least lately used");
+        assert_eq!(kept.get(1), Some(payload(1)));
+        assert_eq!(kept.get(3), Some(payload(3)));
+        let none = Kept {
+            capacity: 0,
+            blocks: Mutex::new(VecDeque::new()),
+        };
+        none.put(1, payload(1));
+        assert_eq!(none.get(1), None, "a capacity of 0 keeps nothing");
+    }
+
+    #[test]
+    fn a_block_decodes_to_what_was_encoded() {
+        let messages: Vec<Stored> = (1..=3)
+            .map(|position| Stored {
+                position,
+                id: format!("id-{position}"),
+                text: format!("text ünï {position}"),
+            })
+            .collect();
+        assert_eq!(decode(&encode(&messages)).expect("decode"), messages);
+        assert!(decode(&encode(&[])).expect("decode").is_empty());
+        assert!(decode(b"\xff\xff\xff").is_err());
+    }
+}
