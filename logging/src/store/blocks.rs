@@ -50,7 +50,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{nats, StoreError, Stored};
+use super::{
+    nats::{self, InOrder},
+    StoreError, Stored,
+};
 
 /// Messages per block.
 pub const BLOCK: u64 = 1000;
@@ -61,6 +64,8 @@ const LOG_HEADER: &str = "Log";
 const BLOCK_HEADER: &str = "Block";
 /// Set on a block kept as a marker because its texts were too big to publish as one.
 const SKIPPED_HEADER: &str = "Block-Skipped";
+/// How long building waits for the next message of a complete block.
+const READ_WAIT: Duration = Duration::from_secs(5);
 /// How often an instance looks whether the blocks have fallen behind (jittered, so
 /// instances do not all look at once).
 const LOOK_EVERY: Duration = Duration::from_secs(2);
@@ -312,17 +317,10 @@ impl Blocks {
         }
     }
 
-    /// Builds block `n` from the messages stream (whose position `(n+1)·1000` must be
-    /// stored). `Ok(false)`: another instance stored block `n` first.
-    async fn build(
-        &self,
-        messages: &stream::Stream,
-        direct: bool,
-        n: u64,
-    ) -> Result<bool, StoreError> {
-        let (from, to) = range_of(n);
-        let contents = nats::get_range(messages, direct, from, to).await?;
-        let payload = encode(&contents);
+    /// Stores `contents` as block `n`. `Ok(false)`: another instance stored block `n`
+    /// first.
+    async fn publish(&self, n: u64, contents: &[Stored]) -> Result<bool, StoreError> {
+        let payload = encode(contents);
         let mut publish = PublishMessage::build()
             .expected_last_sequence(n)
             .header(LOG_HEADER, self.log.as_str())
@@ -351,12 +349,10 @@ impl Blocks {
     }
 
     /// Builds every complete block not built yet, in order, until none is left (the log
-    /// may grow meanwhile); returns how many this call stored and how many are built.
-    pub async fn catch_up(
-        &self,
-        messages: &stream::Stream,
-        direct: bool,
-    ) -> Result<(u64, u64), StoreError> {
+    /// may grow meanwhile), reading the messages stream once, in order, with one
+    /// consumer per stretch; returns how many blocks this call stored and how many are
+    /// built.
+    pub async fn catch_up(&self, messages: &stream::Stream) -> Result<(u64, u64), StoreError> {
         let mut stored = 0;
         let mut next = self.built().await?;
         loop {
@@ -370,12 +366,16 @@ impl Blocks {
             if next >= complete {
                 return Ok((stored, next));
             }
+            let mut reader = InOrder::open(messages, range_of(next).0, READ_WAIT).await?;
             while next < complete {
-                if self.build(messages, direct, next).await? {
+                let contents = reader.take_through(range_of(next).1).await?;
+                if self.publish(next, &contents).await? {
                     stored += 1;
                     next += 1;
                 } else {
-                    next = self.built().await?; // another instance got there first
+                    // Another instance got there first: go on from where it is.
+                    next = self.built().await?;
+                    break;
                 }
             }
         }
@@ -394,7 +394,6 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 pub async fn keep_up(
     blocks: Blocks,
     messages: stream::Stream,
-    direct: bool,
     mut completed: mpsc::Receiver<()>,
     cancel: CancellationToken,
 ) {
@@ -417,7 +416,7 @@ pub async fn keep_up(
                 continue; // someone else is building them
             }
         }
-        let catch_up = blocks.catch_up(&messages, direct);
+        let catch_up = blocks.catch_up(&messages);
         let result = tokio::select! {
             _ = cancel.cancelled() => return,
             result = catch_up => result,

@@ -231,6 +231,83 @@ pub(super) async fn get_range(
     Ok(messages)
 }
 
+/// The stream read in order through one ordered consumer, stretch by stretch: cheaper
+/// for the servers than a get per message over a long range (about a fifth less CPU per
+/// POST with blocks built this way, measured), though creating it costs a round through
+/// the meta leader.
+pub(super) struct InOrder {
+    messages: pull::Ordered,
+    /// A message read past the last stretch, which starts the next.
+    carried: Option<Stored>,
+    timeout: Duration,
+}
+
+impl InOrder {
+    /// Reads from position `from` on; every later wait for a message may take `timeout`.
+    pub(super) async fn open(
+        stream: &stream::Stream,
+        from: u64,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let open = async {
+            stream
+                .create_consumer(pull::OrderedConfig {
+                    deliver_policy: DeliverPolicy::ByStartSequence {
+                        start_sequence: from,
+                    },
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| unavailable("read", e))?
+                .messages()
+                .await
+                .map_err(|e| unavailable("read", e))
+        };
+        let messages = tokio::time::timeout(timeout, open)
+            .await
+            .unwrap_or_else(|_| Err(unavailable("read", "timed out")))?;
+        Ok(Self {
+            messages,
+            carried: None,
+            timeout,
+        })
+    }
+
+    /// The next messages up to position `to`, in order (those gone are skipped). `to`
+    /// must be stored, or a later message, so the read ends.
+    pub(super) async fn take_through(&mut self, to: u64) -> Result<Vec<Stored>, StoreError> {
+        let mut messages = Vec::new();
+        if let Some(carried) = self.carried.take() {
+            if carried.position > to {
+                self.carried = Some(carried);
+                return Ok(messages);
+            }
+            messages.push(carried);
+        }
+        while messages.last().is_none_or(|m| m.position < to) {
+            let message = match tokio::time::timeout(self.timeout, self.messages.next()).await {
+                Ok(Some(Ok(message))) => message,
+                Ok(Some(Err(error))) => return Err(unavailable("read", error)),
+                Ok(None) => return Err(unavailable("read", "the stream ended early")),
+                Err(_) => return Err(unavailable("read", "timed out")),
+            };
+            let Ok(info) = message.info() else { continue };
+            let read = stored(
+                info.stream_sequence,
+                &message.subject,
+                message.headers.as_ref(),
+                &message.payload,
+            );
+            if read.position > to {
+                self.carried = Some(read);
+                break;
+            }
+            messages.push(read);
+        }
+        Ok(messages)
+    }
+}
+
 /// A message as stored: the id from `Nats-Msg-Id` (the subject only carries an encoding
 /// of it), the text from the payload.
 fn stored(
@@ -334,7 +411,6 @@ impl NatsStore {
             tokio::spawn(blocks::keep_up(
                 blocks.clone(),
                 stream.clone(),
-                direct,
                 completions,
                 building.clone(),
             ));
@@ -927,10 +1003,7 @@ mod tests {
         assert_eq!(read_from(&store, from).await, truth[total - 200..], "gets");
 
         let blocks = &store.source.blocks;
-        let caught_up = blocks
-            .catch_up(&store.stream, store.source.direct)
-            .await
-            .expect("catch up");
+        let caught_up = blocks.catch_up(&store.stream).await.expect("catch up");
         assert_eq!(caught_up, (2, 2), "two complete blocks");
         assert_eq!(blocks.built().await.expect("built"), 2);
         assert_eq!(blocks.get(0, Keep::No).await, Some(truth[..1000].to_vec()));
@@ -969,10 +1042,7 @@ mod tests {
         let second = store_without_building(&nats).await;
         assert_eq!(read_from(&second, 0).await, truth);
         assert_eq!(
-            blocks
-                .catch_up(&store.stream, true)
-                .await
-                .expect("catch up"),
+            blocks.catch_up(&store.stream).await.expect("catch up"),
             (1, 3)
         );
         assert_eq!(read_from(&second, 0).await, truth);
@@ -987,10 +1057,7 @@ mod tests {
         let store = Arc::new(store_without_building(&nats).await);
         append_concurrently(&store, 0..BLOCK as usize + 10).await;
         let blocks = &store.source.blocks;
-        blocks
-            .catch_up(&store.stream, true)
-            .await
-            .expect("catch up");
+        blocks.catch_up(&store.stream).await.expect("catch up");
         let first = store.read(0, 100).await.expect("read");
         assert_eq!(first.messages.len(), 100);
         assert!(first.more);
@@ -1017,8 +1084,8 @@ mod tests {
             store_without_building(&nats).await,
         );
         let (a, b) = tokio::join!(
-            one.source.blocks.catch_up(&one.stream, true),
-            two.source.blocks.catch_up(&two.stream, true)
+            one.source.blocks.catch_up(&one.stream),
+            two.source.blocks.catch_up(&two.stream)
         );
         let (a, b) = (a.expect("catch up"), b.expect("catch up"));
         assert_eq!(a.0 + b.0, 5, "every block stored once");
@@ -1087,7 +1154,7 @@ mod tests {
         append_concurrently(&store, 0..BLOCK as usize + 5).await;
         let small = store.source.blocks.clone().with_max_payload(10_000);
         assert_eq!(
-            small.catch_up(&store.stream, true).await.expect("catch up"),
+            small.catch_up(&store.stream).await.expect("catch up"),
             (1, 1)
         );
         assert_eq!(
@@ -1117,7 +1184,7 @@ mod tests {
             "replaced at start-up"
         );
         assert_eq!(
-            other.catch_up(&store.stream, true).await.expect("catch up"),
+            other.catch_up(&store.stream).await.expect("catch up"),
             (1, 1)
         );
         assert_eq!(
