@@ -242,6 +242,31 @@ pub(super) struct InOrder {
     timeout: Duration,
 }
 
+/// An ordered consumer of `stream` from position `from`, created within `timeout`.
+async fn ordered_from(
+    stream: &stream::Stream,
+    from: u64,
+    timeout: Duration,
+) -> Result<pull::Ordered, StoreError> {
+    let open = async {
+        stream
+            .create_consumer(pull::OrderedConfig {
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: from,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable("read", e))?
+            .messages()
+            .await
+            .map_err(|e| unavailable("read", e))
+    };
+    tokio::time::timeout(timeout, open)
+        .await
+        .unwrap_or_else(|_| Err(unavailable("read", "timed out")))
+}
+
 impl InOrder {
     /// Reads from position `from` on; every later wait for a message may take `timeout`.
     pub(super) async fn open(
@@ -249,25 +274,8 @@ impl InOrder {
         from: u64,
         timeout: Duration,
     ) -> Result<Self, StoreError> {
-        let open = async {
-            stream
-                .create_consumer(pull::OrderedConfig {
-                    deliver_policy: DeliverPolicy::ByStartSequence {
-                        start_sequence: from,
-                    },
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| unavailable("read", e))?
-                .messages()
-                .await
-                .map_err(|e| unavailable("read", e))
-        };
-        let messages = tokio::time::timeout(timeout, open)
-            .await
-            .unwrap_or_else(|_| Err(unavailable("read", "timed out")))?;
         Ok(Self {
-            messages,
+            messages: ordered_from(stream, from, timeout).await?,
             carried: None,
             timeout,
         })
@@ -727,28 +735,10 @@ impl Source {
         let Some(from) = plan.consumer_from else {
             return;
         };
-        let consumer = async {
-            self.messages
-                .create_consumer(pull::OrderedConfig {
-                    deliver_policy: DeliverPolicy::ByStartSequence {
-                        start_sequence: from,
-                    },
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| unavailable("read", e))?
-                .messages()
-                .await
-                .map_err(|e| unavailable("read", e))
-        };
-        let messages = match tokio::time::timeout(self.timeout, consumer).await {
-            Ok(Ok(messages)) => messages,
-            Ok(Err(error)) => {
+        let messages = match ordered_from(&self.messages, from, self.timeout).await {
+            Ok(messages) => messages,
+            Err(error) => {
                 let _ = sender.send(Err(error)).await;
-                return;
-            }
-            Err(_) => {
-                let _ = sender.send(Err(unavailable("read", "timed out"))).await;
                 return;
             }
         };
