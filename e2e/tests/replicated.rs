@@ -184,13 +184,15 @@ async fn without_quorum_appends_are_unavailable_promptly_and_the_facade_answers_
         .to_owned();
     let (status, _, body) = curl("GET", &url, &[]);
     assert_eq!(status, 200, "{body}");
-    let (_, logs) = get_messages(system.facade);
+    let (status, logs) = get_messages(system.facade);
+    assert_eq!(status, 200, "{logs:?}");
     assert_eq!(logs.iter().filter(|(i, _)| *i == id).count(), 1, "{logs:?}");
 
     // The append that timed out without quorum had an unknown outcome: JetStream may
     // commit it once the quorum is back. Retrying the same id settles it: at most once.
     let duplicate = append(logging, "during-outage", "x").await.expect("retry");
-    let (_, logs) = get_messages(system.facade);
+    let (status, logs) = get_messages(system.facade);
+    assert_eq!(status, 200, "{logs:?}");
     assert_eq!(
         logs.iter().filter(|(i, _)| i == "during-outage").count(),
         1,

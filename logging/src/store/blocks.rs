@@ -31,7 +31,10 @@
 
 use std::{
     collections::VecDeque,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -64,6 +67,9 @@ const LOG_HEADER: &str = "Log";
 const BLOCK_HEADER: &str = "Block";
 /// Set on a block kept as a marker because its texts were too big to publish as one.
 const SKIPPED_HEADER: &str = "Block-Skipped";
+/// How long a read waits for a block before it reads the block's messages instead: a
+/// blocks stream without a leader (just after a cluster restart) must not hold up reads.
+const GET_WAIT: Duration = Duration::from_millis(250);
 /// How long building waits for the next message of a complete block.
 const READ_WAIT: Duration = Duration::from_secs(5);
 /// How often an instance looks whether the blocks have fallen behind (jittered, so
@@ -125,6 +131,8 @@ pub struct Blocks {
     /// The largest block payload the servers accept.
     max_payload: usize,
     kept: Arc<Kept>,
+    /// How many blocks this instance knows are built (see [`Blocks::known_built`]).
+    known: Arc<AtomicU64>,
 }
 
 /// Whether a read keeps the block it fetched in memory: pages do, full reads do not.
@@ -215,6 +223,7 @@ impl Blocks {
                 capacity: kept,
                 blocks: Mutex::new(VecDeque::with_capacity(kept)),
             }),
+            known: Arc::new(AtomicU64::new(0)),
         };
         if blocks.of_another_log().await? {
             warn!(
@@ -225,6 +234,7 @@ impl Blocks {
             // Another instance may delete it first, or create it again: both are fine.
             let _ = jetstream.delete_stream(STREAM).await;
             blocks.stream = open().await?;
+            blocks.known.store(0, Ordering::Relaxed);
         }
         blocks.direct = blocks
             .stream
@@ -265,14 +275,25 @@ impl Blocks {
         self
     }
 
-    /// How many blocks are built: blocks `0..built` exist.
+    /// How many blocks are built: blocks `0..built` exist. Asks the stream (and
+    /// remembers the answer as [`Blocks::known_built`]).
     pub async fn built(&self) -> Result<u64, StoreError> {
         let info = self
             .stream
             .get_info()
             .await
             .map_err(|e| nats::unavailable("blocks stream info", e))?;
-        Ok(info.state.last_sequence)
+        let built = info.state.last_sequence;
+        self.known.store(built, Ordering::Relaxed);
+        Ok(built)
+    }
+
+    /// How many blocks were built when this instance last looked (at start-up, every few
+    /// seconds, and whenever it builds one), without asking: reads use only these, so a
+    /// read never waits on the blocks stream for a block that cannot be there. Blocks
+    /// built by others since are read as messages until the next look.
+    pub fn known_built(&self) -> u64 {
+        self.known.load(Ordering::Relaxed)
     }
 
     /// The messages of block `n`: from memory when a page read it lately, else from the
@@ -283,10 +304,21 @@ impl Blocks {
         if let Some(payload) = self.kept.get(n) {
             return decode(&payload).ok();
         }
-        let message = match nats::get_raw(&self.stream, self.direct, n + 1).await {
-            Ok(message) => message?,
-            Err(error) => {
+        if n >= self.known_built() {
+            return None;
+        }
+        let get = tokio::time::timeout(GET_WAIT, nats::get_raw(&self.stream, self.direct, n + 1));
+        let message = match get.await {
+            Ok(Ok(message)) => message?,
+            Ok(Err(error)) => {
                 debug!(block = n, %error, "store: a block cannot be read; reading its messages");
+                return None;
+            }
+            Err(_) => {
+                debug!(
+                    block = n,
+                    "store: a block did not come in time; reading its messages"
+                );
                 return None;
             }
         };
@@ -342,7 +374,10 @@ impl Blocks {
             .await
             .map_err(|e| nats::unavailable("block publish", e))?;
         match ack.await {
-            Ok(_) => Ok(true),
+            Ok(_) => {
+                self.known.fetch_max(n + 1, Ordering::Relaxed);
+                Ok(true)
+            }
             Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => Ok(false),
             Err(error) => Err(nats::unavailable("block publish", error)),
         }

@@ -573,8 +573,9 @@ impl MessageStore for NatsStore {
             }
             // Blocks hold positions up to `built · BLOCK`; after them, a long stretch
             // the cache does not hold goes through an ordered consumer.
-            // Without the blocks stream (deleted by hand) the read goes on without blocks.
-            let built = self.source.blocks.built().await.unwrap_or(0);
+            // Only blocks this instance knows are built: the read does not wait on the
+            // blocks stream (deleted by hand, or without a leader after a restart).
+            let built = self.source.blocks.known_built();
             let tail = (built * BLOCK + 1).max(start);
             let consumer = tail <= until
                 && until - tail >= DIRECT_READ_MAX
@@ -1059,6 +1060,63 @@ mod tests {
         assert!(
             matches!(store.read(900, 100).await, Err(StoreError::Unavailable(_))),
             "whether anything follows position 1000 is the stream's to say"
+        );
+    }
+
+    /// Reads ask the blocks stream only for blocks the instance knows are built (so a
+    /// blocks stream without a leader, just after a cluster restart, cannot hold up a
+    /// read of a log whose blocks are not built), and learn of blocks others built when
+    /// they look. Every JetStream API request is watched on the server.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_ask_for_blocks_only_when_they_know_they_are_built() {
+        let nats = Nats::single().await;
+        let store = Arc::new(store_without_building(&nats).await);
+        append_concurrently(&store, 0..BLOCK as usize + 10).await;
+        let watcher = async_nats::connect(nats.urls()).await.expect("connect");
+        let mut requests = watcher.subscribe("$JS.API.>").await.expect("subscribe");
+        watcher.flush().await.expect("flush");
+        let asked_for_blocks = |requests: &mut async_nats::Subscriber| {
+            let mut subjects = Vec::new();
+            while let Some(Some(request)) = futures_util::FutureExt::now_or_never(requests.next()) {
+                subjects.push(request.subject.to_string());
+            }
+            subjects.retain(|subject| subject.contains(blocks::STREAM));
+            subjects
+        };
+        // Block 0 is complete but not built.
+        let page = store.read(0, 100).await.expect("read");
+        assert_eq!(page.messages.len(), 100);
+        assert_eq!(read_from(&store, 0).await.len(), BLOCK as usize + 10);
+        watcher.flush().await.expect("flush");
+        assert_eq!(asked_for_blocks(&mut requests), Vec::<String>::new());
+
+        // Another instance builds it: this one reads messages until it looks.
+        let other = store_without_building(&nats).await;
+        other
+            .source
+            .blocks
+            .catch_up(&other.stream)
+            .await
+            .expect("catch up");
+        watcher.flush().await.expect("flush");
+        assert!(
+            !asked_for_blocks(&mut requests).is_empty(),
+            "the other built"
+        );
+        assert_eq!(
+            store.read(100, 100).await.expect("read").messages.len(),
+            100
+        );
+        watcher.flush().await.expect("flush");
+        assert_eq!(asked_for_blocks(&mut requests), Vec::<String>::new());
+        assert_eq!(store.source.blocks.built().await.expect("look"), 1);
+        let page = store.read(200, 100).await.expect("read");
+        assert_eq!(page.messages[0].position, 201);
+        watcher.flush().await.expect("flush");
+        let asked = asked_for_blocks(&mut requests);
+        assert!(
+            asked.iter().any(|s| s.contains("GET")),
+            "a get of block 0 after the look: {asked:?}"
         );
     }
 
