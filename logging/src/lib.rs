@@ -87,7 +87,7 @@ pub struct Config {
     #[arg(long, default_value_t = CacheLimits::default().max_bytes)]
     pub cache_bytes: usize,
 
-    /// NATS store: how many blocks of 1000 messages that pages read to keep in memory,
+    /// NATS store: how many blocks of 100 messages that pages read to keep in memory,
     /// so a client walking the log page by page reads each from the cluster once (0: none).
     #[arg(long, default_value_t = DEFAULT_CACHE_BLOCKS)]
     pub cache_blocks: usize,

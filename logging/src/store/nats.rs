@@ -16,9 +16,10 @@
 //! - **Throughput from concurrency.** Every request publishes and awaits its own ack;
 //!   there is no lock around the store, so concurrent requests pipeline on the connection.
 //! - **Reads from blocks, not from a copy.** Nothing of the log is kept in this process.
-//!   The log is also stored in blocks of a thousand messages ([`super::blocks`]), which
-//!   the instances build as it grows: a page inside built blocks is one get of its
-//!   block (none when a page read it lately), a full read fetches blocks a few at a time.
+//!   The log is also stored in blocks of a hundred messages ([`super::blocks`]), which
+//!   the instances build as it grows: a page inside built blocks is a get of each of its
+//!   one or two blocks, at once (none when a page read them lately), a full read fetches
+//!   blocks 32 at a time.
 //!   What no block holds yet (the newest messages) is read message by message: a page
 //!   asks the stream where the log ends (one stream-info request), then fetches its
 //!   sequences with pipelined direct gets; a full read takes them through an ordered
@@ -242,11 +243,13 @@ pub(super) struct InOrder {
     timeout: Duration,
 }
 
-/// An ordered consumer of `stream` from position `from`, created within `timeout`.
-async fn ordered_from(
+/// An ordered consumer of `stream` from position `from`, created within `timeout`,
+/// asking for at most `max_batch` messages at a time (0: the client's default).
+pub(super) async fn ordered_from(
     stream: &stream::Stream,
     from: u64,
     timeout: Duration,
+    max_batch: i64,
 ) -> Result<pull::Ordered, StoreError> {
     let open = async {
         stream
@@ -254,6 +257,7 @@ async fn ordered_from(
                 deliver_policy: DeliverPolicy::ByStartSequence {
                     start_sequence: from,
                 },
+                max_batch,
                 ..Default::default()
             })
             .await
@@ -275,7 +279,7 @@ impl InOrder {
         timeout: Duration,
     ) -> Result<Self, StoreError> {
         Ok(Self {
-            messages: ordered_from(stream, from, timeout).await?,
+            messages: ordered_from(stream, from, timeout, 0).await?,
             carried: None,
             timeout,
         })
@@ -616,8 +620,13 @@ struct Plan {
     consumer_from: Option<u64>,
 }
 
-/// Blocks (or the stretches of them that a range covers) fetched at once by a full read.
-const BLOCKS_IN_FLIGHT: usize = 4;
+/// Blocks (or the stretches of them that a range covers) fetched at once by a full read
+/// with gets: about 0.3 MB in flight for short texts.
+const BLOCKS_IN_FLIGHT: usize = 32;
+/// From how many built blocks on a full read takes them through a consumer of the blocks
+/// stream rather than a get each (creating a consumer costs a round through the meta
+/// leader, a few gets' worth).
+const BLOCKS_BY_CONSUMER: u64 = 8;
 
 /// `start..=stop` cut where blocks begin: each piece lies within one block.
 fn block_pieces(start: u64, stop: u64) -> impl Iterator<Item = (u64, u64)> {
@@ -636,29 +645,37 @@ fn block_pieces(start: u64, stop: u64) -> impl Iterator<Item = (u64, u64)> {
 impl Source {
     /// The page after `after` when built blocks hold all of it and a message after it,
     /// read from them alone: no stream-info request, and none at all for blocks kept in
-    /// memory. `None` when the stream must be asked: a stream with retention limits (its
-    /// start moves), a page reaching past the built blocks or to the end of its last block.
+    /// memory; its blocks are fetched at once. `None` when the stream must be asked: a
+    /// stream with retention limits (its start moves), a page reaching past the blocks
+    /// known to be built, or to the end of the last of them.
     async fn page_in_blocks(&self, after: u64, limit: usize) -> Result<Option<Page>, StoreError> {
         if !self.keeps_everything {
             return Ok(None);
         }
         let start = after + 1;
         let stop = after + limit.clamp(1, MAX_PAGE) as u64;
+        let blocks = futures_util::future::join_all(
+            block_pieces(start, stop).map(|(from, _)| self.blocks.get(block_of(from), Keep::Yes)),
+        )
+        .await;
         let mut messages = Vec::new();
         let mut more = false;
-        for (from, to) in block_pieces(start, stop) {
-            let Some(block) = self.blocks.get(block_of(from), Keep::Yes).await else {
+        for block in blocks {
+            let Some(block) = block else {
                 return Ok(None);
             };
             more = block.last().is_some_and(|m| m.position > stop);
             messages.extend(
                 block
                     .into_iter()
-                    .filter(|m| (from..=to).contains(&m.position)),
+                    .filter(|m| (start..=stop).contains(&m.position)),
             );
         }
+        // Something follows if the last block goes on past the page, or a later block
+        // is built; else whether anything follows is the stream's to say.
+        more = more || block_of(stop) + 1 < self.blocks.known_built();
         if !more {
-            return Ok(None); // whether anything follows is the stream's to say
+            return Ok(None);
         }
         let (messages, _) = fill(&mut messages.into_iter().peekable(), MAX_PAGE);
         Ok(Some(Page {
@@ -710,10 +727,21 @@ impl Source {
     }
 
     /// Sends what `plan` says, in batches, until the reader goes away or a read fails
-    /// (sent as the last item).
+    /// (sent as the last item): many built blocks through one consumer of the blocks
+    /// stream, then what is left with the cache, blocks and gets, then (if the plan says
+    /// so) an ordered consumer of the messages.
     async fn send(self, plan: Plan, sender: mpsc::Sender<Result<Vec<Stored>, StoreError>>) {
         let direct_until = plan.consumer_from.map_or(plan.until, |from| from - 1);
-        let mut fetched = futures_util::stream::iter(block_pieces(plan.start, direct_until))
+        let mut start = plan.start;
+        let (first, known) = (block_of(start), self.blocks.known_built());
+        if start <= direct_until && known >= first + BLOCKS_BY_CONSUMER {
+            let through = (known * BLOCK).min(direct_until);
+            match self.send_blocks(start, through, plan.last, &sender).await {
+                Some(sent) => start = sent + 1,
+                None => return,
+            }
+        }
+        let mut fetched = futures_util::stream::iter(block_pieces(start, direct_until))
             .map(|(from, to)| self.fetch(from, to, plan.last, Keep::No))
             .buffered(BLOCKS_IN_FLIGHT);
         while let Some(messages) = fetched.next().await {
@@ -724,19 +752,15 @@ impl Source {
                     return;
                 }
             };
-            let mut rest = messages.into_iter().peekable();
-            while rest.peek().is_some() {
-                let (batch, _) = fill(&mut rest, STREAM_BATCH);
-                if sender.send(Ok(batch)).await.is_err() {
-                    return; // the reader went away
-                }
+            if !send_batches(&sender, messages).await {
+                return;
             }
         }
         drop(fetched);
         let Some(from) = plan.consumer_from else {
             return;
         };
-        let messages = match ordered_from(&self.messages, from, self.timeout).await {
+        let messages = match ordered_from(&self.messages, from, self.timeout, 0).await {
             Ok(messages) => messages,
             Err(error) => {
                 let _ = sender.send(Err(error)).await;
@@ -746,6 +770,81 @@ impl Source {
         let chunks = messages.ready_chunks(STREAM_BATCH);
         forward(chunks, from, plan.until, self.recent, sender).await;
     }
+
+    /// Sends positions `start..=through` (all in built blocks) of a log that ended at
+    /// `last`, reading the blocks through one ordered consumer; a block missing or not
+    /// usable is read as messages. Returns the position sent through: `through`, or less
+    /// if the consumer failed (the caller goes on with gets from there), or `None` when
+    /// the reader went away or a read failed (sent as the last item).
+    async fn send_blocks(
+        &self,
+        start: u64,
+        through: u64,
+        last: u64,
+        sender: &mpsc::Sender<Result<Vec<Stored>, StoreError>>,
+    ) -> Option<u64> {
+        let mut blocks = match self.blocks.in_order(block_of(start), self.timeout).await {
+            Ok(blocks) => blocks,
+            Err(error) => {
+                debug!(%error, "store: no consumer of the blocks; reading them one by one");
+                return Some(start - 1);
+            }
+        };
+        let mut pending = Vec::with_capacity(STREAM_BATCH + BLOCK as usize);
+        // The position read through (into `pending`, or sent).
+        let mut read = start - 1;
+        for n in block_of(start)..=block_of(through) {
+            let (from, to) = range_of(n);
+            let (from, to) = (from.max(start), to.min(through));
+            let block = match blocks.take(n).await {
+                Ok(block) => block,
+                Err(error) => {
+                    debug!(%error, block = n, "store: the blocks' consumer failed; reading them one by one");
+                    break;
+                }
+            };
+            match block {
+                Some(block) => pending.extend(
+                    block
+                        .into_iter()
+                        .filter(|m| (from..=to).contains(&m.position)),
+                ),
+                None => match self.fetch(from, to, last, Keep::No).await {
+                    Ok(messages) => pending.extend(messages),
+                    Err(error) => {
+                        let _ = sender.send(Err(error)).await;
+                        return None;
+                    }
+                },
+            }
+            read = to;
+            if pending.len() >= STREAM_BATCH
+                && !send_batches(sender, std::mem::take(&mut pending)).await
+            {
+                return None;
+            }
+        }
+        if !send_batches(sender, pending).await {
+            return None;
+        }
+        Some(read)
+    }
+}
+
+/// Sends `messages` in batches under the count and byte caps; `false` when the reader
+/// went away.
+async fn send_batches(
+    sender: &mpsc::Sender<Result<Vec<Stored>, StoreError>>,
+    messages: Vec<Stored>,
+) -> bool {
+    let mut rest = messages.into_iter().peekable();
+    while rest.peek().is_some() {
+        let (batch, _) = fill(&mut rest, STREAM_BATCH);
+        if sender.send(Ok(batch)).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 /// Forwards an ordered consumer's messages (from position `start`) in batches until
@@ -979,35 +1078,53 @@ mod tests {
     async fn reads_agree_with_and_without_blocks() {
         let nats = Nats::single().await;
         let store = Arc::new(store_without_building(&nats).await);
-        let total = 2 * BLOCK as usize + 600;
-        append_concurrently(&store, 0..total).await;
+        let block = BLOCK as usize;
         // The truth: every position read with a get of its own.
-        let truth = get_range(&store.stream, store.source.direct, 1, total as u64)
-            .await
-            .expect("gets");
-        assert_eq!(truth.len(), total);
-        assert!(truth.windows(2).all(|w| w[0].position + 1 == w[1].position));
-
+        let truth_of = |store: Arc<NatsStore>, total: usize| async move {
+            let truth = get_range(&store.stream, store.source.direct, 1, total as u64)
+                .await
+                .expect("gets");
+            assert_eq!(truth.len(), total);
+            assert!(truth.windows(2).all(|w| w[0].position + 1 == w[1].position));
+            truth
+        };
+        let total = DIRECT_READ_MAX as usize + 2 * BLOCKS_BY_CONSUMER as usize * block + 50;
+        append_concurrently(&store, 0..total).await;
+        let truth = truth_of(Arc::clone(&store), total).await;
         assert_eq!(store.source.blocks.built().await.expect("built"), 0);
         assert_eq!(read_from(&store, 0).await, truth, "no blocks: a consumer");
         let from = (total - 200) as u64;
         assert_eq!(read_from(&store, from).await, truth[total - 200..], "gets");
 
         let blocks = &store.source.blocks;
+        let complete = (total / block) as u64;
         let caught_up = blocks.catch_up(&store.stream).await.expect("catch up");
-        assert_eq!(caught_up, (2, 2), "two complete blocks");
-        assert_eq!(blocks.built().await.expect("built"), 2);
-        assert_eq!(blocks.get(0, Keep::No).await, Some(truth[..1000].to_vec()));
+        assert_eq!(caught_up, (complete, complete), "every complete block");
+        assert_eq!(blocks.built().await.expect("built"), complete);
+        assert_eq!(blocks.get(0, Keep::No).await, Some(truth[..block].to_vec()));
         assert_eq!(
             blocks.get(1, Keep::No).await,
-            Some(truth[1000..2000].to_vec())
+            Some(truth[block..2 * block].to_vec())
         );
-        assert_eq!(blocks.get(2, Keep::No).await, None, "not complete");
-        // Blocks, then a consumer for the 600 after them; from inside a block; pages.
+        assert_eq!(blocks.get(complete, Keep::No).await, None, "not complete");
+
+        // Blocks (through a consumer of them, not a get each), then a consumer for the
+        // messages after them that are not built yet; from inside a block; pages.
+        let total = total + DIRECT_READ_MAX as usize + 50;
+        append_concurrently(&store, total - DIRECT_READ_MAX as usize - 50..total).await;
+        let truth = truth_of(Arc::clone(&store), total).await;
+        let mut requests = ApiRequests::watch(&nats).await;
         assert_eq!(read_from(&store, 0).await, truth, "blocks and a consumer");
+        let asked = requests.about(blocks::STREAM).await;
+        assert!(
+            asked.iter().any(|s| s.contains("CONSUMER.CREATE"))
+                && !asked.iter().any(|s| s.contains("GET")),
+            "the blocks through a consumer: {asked:?}"
+        );
+        let middle = block + block / 2;
         assert_eq!(
-            read_from(&store, 1500).await,
-            truth[1500..],
+            read_from(&store, middle as u64).await,
+            truth[middle..],
             "from a block's middle"
         );
         for limit in [7, 100, MAX_PAGE] {
@@ -1017,50 +1134,91 @@ mod tests {
                 "limit {limit}"
             );
         }
-        let across = store.read(990, 20).await.expect("read");
+        let across = store.read(BLOCK - 10, 20).await.expect("read");
         assert_eq!(
             across.messages,
-            truth[990..1010],
+            truth[block - 10..block + 10],
             "a page across two blocks"
         );
 
-        // More messages than a block after the blocks: the rest through a consumer;
-        // then one store builds the new block, and a second store reads it.
-        append_concurrently(&store, total..total + 500).await;
-        let truth = get_range(&store.stream, store.source.direct, 1, (total + 500) as u64)
-            .await
-            .expect("gets");
+        // A second store reads the same; one store builds the new blocks, and the
+        // second reads them once it has looked.
         let second = store_without_building(&nats).await;
         assert_eq!(read_from(&second, 0).await, truth);
-        assert_eq!(
-            blocks.catch_up(&store.stream).await.expect("catch up"),
-            (1, 3)
-        );
+        let (stored, built) = blocks.catch_up(&store.stream).await.expect("catch up");
+        assert_eq!((stored, built), (built - complete, (total / block) as u64));
+        assert!(stored > 0);
+        assert_eq!(second.source.blocks.built().await.expect("look"), built);
         assert_eq!(read_from(&second, 0).await, truth);
         assert_eq!(contract::paged(&second, 100).await, truth);
     }
 
-    /// A page within a block that a page read before is answered from memory: even with
-    /// the server gone. One reaching the end of its block still asks the stream.
+    /// A page within blocks that pages read before is answered from memory: even with
+    /// the server gone, and even when it ends where its block ends, if a later block is
+    /// known to be built (so something follows). A page in a block never read needs the
+    /// stream.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn pages_walk_kept_blocks_without_asking_the_cluster() {
         let mut nats = Nats::single().await;
         let store = Arc::new(store_without_building(&nats).await);
-        append_concurrently(&store, 0..BLOCK as usize + 10).await;
+        append_concurrently(&store, 0..3 * BLOCK as usize + 10).await;
         let blocks = &store.source.blocks;
         blocks.catch_up(&store.stream).await.expect("catch up");
-        let first = store.read(0, 100).await.expect("read");
-        assert_eq!(first.messages.len(), 100);
-        assert!(first.more);
+        // Pages of 30 that read blocks 0 and 1, then pages from memory.
+        for after in [0, BLOCK - 15] {
+            let page = store.read(after, 30).await.expect("read");
+            assert_eq!(page.messages.len(), 30);
+            assert!(page.more);
+        }
         nats.kill9(0).await;
-        let second = store.read(100, 100).await.expect("read from memory");
-        let positions: Vec<u64> = second.messages.iter().map(|m| m.position).collect();
-        assert_eq!(positions, (101..=200).collect::<Vec<_>>());
-        assert!(second.more);
+        for after in [BLOCK / 2, BLOCK + 20, BLOCK - 10] {
+            let page = store.read(after, 30).await.expect("read from memory");
+            let positions: Vec<u64> = page.messages.iter().map(|m| m.position).collect();
+            assert_eq!(positions, (after + 1..=after + 30).collect::<Vec<_>>());
+            assert!(page.more);
+        }
+        // A page that ends where block 1 ends is followed by block 2, which is built.
+        let page = store
+            .read(BLOCK, BLOCK as usize)
+            .await
+            .expect("read from memory");
+        assert_eq!(page.messages.len(), BLOCK as usize);
+        assert!(page.more);
         assert!(
-            matches!(store.read(900, 100).await, Err(StoreError::Unavailable(_))),
-            "whether anything follows position 1000 is the stream's to say"
+            matches!(
+                store.read(2 * BLOCK + 10, 30).await,
+                Err(StoreError::Unavailable(_))
+            ),
+            "block 2 was never read, so the stream must be asked"
         );
+    }
+
+    /// Every JetStream API request made on a server, as its subject.
+    struct ApiRequests {
+        client: async_nats::Client,
+        requests: async_nats::Subscriber,
+    }
+
+    impl ApiRequests {
+        async fn watch(nats: &Nats) -> Self {
+            let client = async_nats::connect(nats.urls()).await.expect("connect");
+            let requests = client.subscribe("$JS.API.>").await.expect("subscribe");
+            client.flush().await.expect("flush");
+            Self { client, requests }
+        }
+
+        /// The requests made since the last call whose subject names `about`.
+        async fn about(&mut self, about: &str) -> Vec<String> {
+            self.client.flush().await.expect("flush");
+            let mut subjects = Vec::new();
+            while let Some(Some(request)) =
+                futures_util::FutureExt::now_or_never(self.requests.next())
+            {
+                subjects.push(request.subject.to_string());
+            }
+            subjects.retain(|subject| subject.contains(about));
+            subjects
+        }
     }
 
     /// Reads ask the blocks stream only for blocks the instance knows are built (so a
@@ -1071,24 +1229,13 @@ mod tests {
     async fn reads_ask_for_blocks_only_when_they_know_they_are_built() {
         let nats = Nats::single().await;
         let store = Arc::new(store_without_building(&nats).await);
-        append_concurrently(&store, 0..BLOCK as usize + 10).await;
-        let watcher = async_nats::connect(nats.urls()).await.expect("connect");
-        let mut requests = watcher.subscribe("$JS.API.>").await.expect("subscribe");
-        watcher.flush().await.expect("flush");
-        let asked_for_blocks = |requests: &mut async_nats::Subscriber| {
-            let mut subjects = Vec::new();
-            while let Some(Some(request)) = futures_util::FutureExt::now_or_never(requests.next()) {
-                subjects.push(request.subject.to_string());
-            }
-            subjects.retain(|subject| subject.contains(blocks::STREAM));
-            subjects
-        };
-        // Block 0 is complete but not built.
+        append_concurrently(&store, 0..3 * BLOCK as usize + 10).await;
+        let mut requests = ApiRequests::watch(&nats).await;
+        // Blocks 0 to 2 are complete but not built.
         let page = store.read(0, 100).await.expect("read");
         assert_eq!(page.messages.len(), 100);
-        assert_eq!(read_from(&store, 0).await.len(), BLOCK as usize + 10);
-        watcher.flush().await.expect("flush");
-        assert_eq!(asked_for_blocks(&mut requests), Vec::<String>::new());
+        assert_eq!(read_from(&store, 0).await.len(), 3 * BLOCK as usize + 10);
+        assert_eq!(requests.about(blocks::STREAM).await, Vec::<String>::new());
 
         // Another instance builds it: this one reads messages until it looks.
         let other = store_without_building(&nats).await;
@@ -1098,25 +1245,22 @@ mod tests {
             .catch_up(&other.stream)
             .await
             .expect("catch up");
-        watcher.flush().await.expect("flush");
         assert!(
-            !asked_for_blocks(&mut requests).is_empty(),
+            !requests.about(blocks::STREAM).await.is_empty(),
             "the other built"
         );
         assert_eq!(
             store.read(100, 100).await.expect("read").messages.len(),
             100
         );
-        watcher.flush().await.expect("flush");
-        assert_eq!(asked_for_blocks(&mut requests), Vec::<String>::new());
-        assert_eq!(store.source.blocks.built().await.expect("look"), 1);
+        assert_eq!(requests.about(blocks::STREAM).await, Vec::<String>::new());
+        assert_eq!(store.source.blocks.built().await.expect("look"), 3);
         let page = store.read(200, 100).await.expect("read");
         assert_eq!(page.messages[0].position, 201);
-        watcher.flush().await.expect("flush");
-        let asked = asked_for_blocks(&mut requests);
+        let asked = requests.about(blocks::STREAM).await;
         assert!(
             asked.iter().any(|s| s.contains("GET")),
-            "a get of block 0 after the look: {asked:?}"
+            "a get of block 2 after the look: {asked:?}"
         );
     }
 
@@ -1193,26 +1337,42 @@ mod tests {
     }
 
     /// A block too big to publish is kept as a marker, and reads of its range still give
-    /// every message; blocks of another log are not used, and the stream holding them
-    /// is replaced at start-up.
+    /// every message; blocks of another log or another size are not used, and the stream
+    /// holding them is replaced at start-up.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn big_blocks_and_blocks_of_another_log_are_not_used() {
         let nats = Nats::single().await;
         let store = Arc::new(store_without_building(&nats).await);
-        append_concurrently(&store, 0..BLOCK as usize + 5).await;
-        let small = store.source.blocks.clone().with_max_payload(10_000);
+        // Blocks 0 and 1, then block 2 as a marker, then enough blocks after it for a
+        // full read to take them through a consumer.
+        let block = BLOCK as usize;
+        append_concurrently(&store, 0..2 * block).await;
+        let blocks = &store.source.blocks;
+        assert_eq!(
+            blocks.catch_up(&store.stream).await.expect("catch up"),
+            (2, 2)
+        );
+        append_concurrently(&store, 2 * block..3 * block).await;
+        let small = blocks.clone().with_max_payload(1_500);
         assert_eq!(
             small.catch_up(&store.stream).await.expect("catch up"),
-            (1, 1)
+            (1, 3)
         );
         assert_eq!(
             small.built().await.expect("built"),
-            1,
+            3,
             "the marker keeps the count"
         );
-        assert_eq!(small.get(0, Keep::No).await, None, "a marker, not a block");
+        assert_eq!(small.get(2, Keep::No).await, None, "a marker, not a block");
+        let total = (3 + BLOCKS_BY_CONSUMER as usize) * block + 5;
+        append_concurrently(&store, 3 * block..total).await;
+        let built = blocks.catch_up(&store.stream).await.expect("catch up").1;
+        assert_eq!(built, (total / block) as u64);
+        let truth = get_range(&store.stream, store.source.direct, 1, total as u64)
+            .await
+            .expect("gets");
         let all = read_from(&store, 0).await;
-        assert_eq!(all.len(), BLOCK as usize + 5);
+        assert_eq!(all, truth, "the marker's messages read one by one");
         assert_eq!(contract::paged(&*store, 100).await, all);
 
         let info = store
@@ -1233,13 +1393,42 @@ mod tests {
         );
         assert_eq!(
             other.catch_up(&store.stream).await.expect("catch up"),
-            (1, 1)
+            (built, built)
         );
         assert_eq!(
-            store.source.blocks.get(0, Keep::No).await,
+            store.source.blocks.without_kept().get(0, Keep::No).await,
             None,
             "another log's"
         );
+        assert_eq!(read_from(&store, 0).await, all);
+
+        // Blocks of this log but another size (another version's) are not used either.
+        store
+            .jetstream
+            .delete_stream(blocks::STREAM)
+            .await
+            .expect("delete");
+        let this = Blocks::open(&store.jetstream, &info, &store.log, 0)
+            .await
+            .expect("open");
+        let bigger = PublishMessage::build()
+            .header("Log", store.log.as_str())
+            .header("Block-Size", (BLOCK * 10).to_string().as_str())
+            .header("Block", "0")
+            .payload(Vec::new().into());
+        store
+            .jetstream
+            .send_publish("blocks.0", bigger)
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+        assert_eq!(this.built().await.expect("built"), 1);
+        assert_eq!(this.get(0, Keep::No).await, None, "another size's");
+        let reopened = Blocks::open(&store.jetstream, &info, &store.log, 0)
+            .await
+            .expect("open");
+        assert_eq!(reopened.built().await.expect("built"), 0, "replaced");
         assert_eq!(read_from(&store, 0).await, all);
     }
 
