@@ -15,9 +15,11 @@
 //!   built is the stream's last sequence.
 //! - **Built by whoever gets there first.** Block `n` can be built once position
 //!   `(n+1)·100` is stored (JetStream assigns sequences in order, so all before it are
-//!   stored too). The instance whose append got that position builds it right after
+//!   stored too). The instance whose append got a position that is a multiple of 1000
+//!   builds the blocks complete by then (ten at a time: see [`BUILD_EVERY`]) right after
 //!   answering; every instance also looks every few seconds and catches up when the
-//!   blocks have stopped moving (after a bulk import, or a crash between the two).
+//!   blocks have stopped moving (the last few blocks when writes pause, after a bulk
+//!   import, or after a crash between the two).
 //! - **Never trusted blindly.** Every block names its log (the messages stream's
 //!   creation time), its size and its number in headers; one that names anything else
 //!   is not used, and a blocks stream left from a messages stream since deleted, or
@@ -66,6 +68,11 @@ use super::{
 /// garbage that left in the nats-servers (a copy or two per get) made them collect
 /// often enough to put a page's p99 at 7-9 ms (measured: see ARCHITECTURE.md).
 pub const BLOCK: u64 = 100;
+/// Blocks are built ten at a time, when an append stores a position that is a multiple
+/// of this: building costs a consumer (a round through the meta leader) and two
+/// stream-info requests whatever it reads, which once a block of 100 made the servers'
+/// share of a POST grow.
+pub const BUILD_EVERY: u64 = 10 * BLOCK;
 pub const STREAM: &str = "MESSAGES_BLOCKS";
 const SUBJECT_PREFIX: &str = "blocks.";
 /// Headers naming a block's log, number and size (blocks of another size, from another

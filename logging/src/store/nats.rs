@@ -518,8 +518,8 @@ impl MessageStore for NatsStore {
                 .map_err(|e| unavailable("publish", e))?;
             let repeat = match ack.await {
                 Ok(ack) => {
-                    if !ack.duplicate && ack.sequence % BLOCK == 0 {
-                        // A block is complete: build it now (or soon, if busy).
+                    if !ack.duplicate && ack.sequence % blocks::BUILD_EVERY == 0 {
+                        // Blocks are complete: build them now (or soon, if busy).
                         let _ = self.completed.try_send(());
                     }
                     ack.duplicate
@@ -1290,12 +1290,15 @@ mod tests {
             assert_eq!(positions, (from..=to).collect::<Vec<_>>(), "block {n}");
         }
 
-        // A store that builds: its append of position 6000 builds block 5.
+        // A store that builds: an append of position 1000 (BUILD_EVERY) gets blocks
+        // 5 to 9 built (by it, or by its look a few seconds later).
         let building = Arc::new(store_with_cache(&nats, 0).await);
-        append_concurrently(&building, 10_000..10_000 + BLOCK as usize - 10).await;
+        let to = 10_000 + blocks::BUILD_EVERY as usize - (5 * BLOCK as usize + 10);
+        append_concurrently(&building, 10_000..to).await;
+        let complete = blocks::BUILD_EVERY / BLOCK;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while building.source.blocks.built().await.expect("built") < 6 {
-            assert!(tokio::time::Instant::now() < deadline, "block 5 not built");
+        while building.source.blocks.built().await.expect("built") < complete {
+            assert!(tokio::time::Instant::now() < deadline, "blocks not built");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
