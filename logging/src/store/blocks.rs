@@ -7,7 +7,7 @@
 //! of derived data: block `n` holds the messages at positions `n·100+1 ..= (n+1)·100`
 //! as one protobuf message (`repeated logging.v1.Message`), and sits at sequence `n+1`
 //! of its stream. A page of 100 anywhere in the log is then one or two gets of about
-//! 10 KB each, fetched at once, and a full read fetches 32 blocks at a time.
+//! 10 KB each, fetched at once, and a full read takes the blocks through one consumer.
 //!
 //! - **Written once, in order, with no holes.** A block is published with
 //!   `Nats-Expected-Last-Sequence: n`: block `n` lands at sequence `n+1` or not at all,
@@ -507,8 +507,9 @@ impl InOrderBlocks {
                 self.carried = Some(message);
                 return Ok(None);
             }
-            let headers = message.headers.clone().unwrap_or_default();
-            return Ok(self.blocks.usable(n, &headers, &message.payload));
+            let none = HeaderMap::new();
+            let headers = message.headers.as_ref().unwrap_or(&none);
+            return Ok(self.blocks.usable(n, headers, &message.payload));
         }
     }
 }

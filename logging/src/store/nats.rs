@@ -907,12 +907,8 @@ async fn forward<S, E>(
             }
         }
         // A chunk of big texts goes out as several batches under the byte cap.
-        let mut rest = messages.into_iter().peekable();
-        while rest.peek().is_some() {
-            let (batch, _) = fill(&mut rest, STREAM_BATCH);
-            if sender.send(Ok(batch)).await.is_err() {
-                return; // the reader went away
-            }
+        if !send_batches(&sender, messages).await {
+            return; // the reader went away
         }
         if done {
             return;
