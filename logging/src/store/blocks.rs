@@ -52,7 +52,6 @@ use async_nats::{
     HeaderMap,
 };
 use bytes::Bytes;
-use futures_util::StreamExt;
 use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -279,7 +278,7 @@ impl Blocks {
     /// Whether a block's headers name this log, in blocks of this size.
     fn names_this_log(&self, headers: &HeaderMap) -> bool {
         header(headers, LOG_HEADER) == Some(self.log.as_str())
-            && header(headers, SIZE_HEADER) == Some(BLOCK.to_string().as_str())
+            && header(headers, SIZE_HEADER).and_then(|size| size.parse().ok()) == Some(BLOCK)
     }
 
     /// Whether the newest block names another log (or another block size).
@@ -491,12 +490,7 @@ impl InOrderBlocks {
         loop {
             let message = match self.carried.take() {
                 Some(message) => message,
-                None => match tokio::time::timeout(self.timeout, self.messages.next()).await {
-                    Ok(Some(Ok(message))) => message,
-                    Ok(Some(Err(error))) => return Err(nats::unavailable("read", error)),
-                    Ok(None) => return Err(nats::unavailable("read", "the blocks ended early")),
-                    Err(_) => return Err(nats::unavailable("read", "timed out")),
-                },
+                None => nats::next_within(&mut self.messages, self.timeout).await?,
             };
             let Ok(info) = message.info() else { continue };
             let block = info.stream_sequence - 1;

@@ -18,8 +18,8 @@
 //! - **Reads from blocks, not from a copy.** Nothing of the log is kept in this process.
 //!   The log is also stored in blocks of a hundred messages ([`super::blocks`]), which
 //!   the instances build as it grows: a page inside built blocks is a get of each of its
-//!   one or two blocks, at once (none when a page read them lately), a full read fetches
-//!   blocks 32 at a time.
+//!   one or two blocks, at once (none when a page read them lately), a full read takes
+//!   the blocks through one consumer of them.
 //!   What no block holds yet (the newest messages) is read message by message: a page
 //!   asks the stream where the log ends (one stream-info request), then fetches its
 //!   sequences with pipelined direct gets; a full read takes them through an ordered
@@ -141,7 +141,8 @@ pub struct NatsStore {
     timeout: Duration,
     log: String,
     source: Source,
-    /// Told when an append stored the last position of a block, so it is built now.
+    /// Told when an append stored a multiple of [`blocks::BUILD_EVERY`], so the blocks
+    /// complete by then are built now.
     completed: mpsc::Sender<()>,
     /// Stops the task that builds blocks when the store goes.
     _building: DropGuard,
@@ -271,6 +272,19 @@ pub(super) async fn ordered_from(
         .unwrap_or_else(|_| Err(unavailable("read", "timed out")))
 }
 
+/// The next message of an ordered consumer, waiting at most `timeout` for it.
+pub(super) async fn next_within(
+    messages: &mut pull::Ordered,
+    timeout: Duration,
+) -> Result<jetstream::Message, StoreError> {
+    match tokio::time::timeout(timeout, messages.next()).await {
+        Ok(Some(Ok(message))) => Ok(message),
+        Ok(Some(Err(error))) => Err(unavailable("read", error)),
+        Ok(None) => Err(unavailable("read", "the stream ended early")),
+        Err(_) => Err(unavailable("read", "timed out")),
+    }
+}
+
 impl InOrder {
     /// Reads from position `from` on; every later wait for a message may take `timeout`.
     pub(super) async fn open(
@@ -297,12 +311,7 @@ impl InOrder {
             messages.push(carried);
         }
         while messages.last().is_none_or(|m| m.position < to) {
-            let message = match tokio::time::timeout(self.timeout, self.messages.next()).await {
-                Ok(Some(Ok(message))) => message,
-                Ok(Some(Err(error))) => return Err(unavailable("read", error)),
-                Ok(None) => return Err(unavailable("read", "the stream ended early")),
-                Err(_) => return Err(unavailable("read", "timed out")),
-            };
+            let message = next_within(&mut self.messages, self.timeout).await?;
             let Ok(info) = message.info() else { continue };
             let read = stored(
                 info.stream_sequence,
