@@ -44,7 +44,6 @@ use std::{
 use async_nats::{
     jetstream::{
         self,
-        consumer::pull,
         context::PublishErrorKind,
         message::PublishMessage,
         stream::{self, StorageType},
@@ -398,9 +397,8 @@ impl Blocks {
     ) -> Result<InOrderBlocks, StoreError> {
         Ok(InOrderBlocks {
             blocks: self.clone(),
-            messages: nats::ordered_from(&self.stream, from + 1, timeout, CONSUMER_BATCH).await?,
+            messages: nats::Ordered::open(&self.stream, from + 1, timeout, CONSUMER_BATCH).await?,
             carried: None,
-            timeout,
         })
     }
 
@@ -476,10 +474,9 @@ impl Blocks {
 /// Blocks read in order by one ordered consumer (see [`Blocks::in_order`]).
 pub struct InOrderBlocks {
     blocks: Blocks,
-    messages: pull::Ordered,
-    /// A block read past the one asked for (the one asked for is missing).
-    carried: Option<jetstream::Message>,
-    timeout: Duration,
+    messages: nats::Ordered,
+    /// A block read past the one asked for (the one asked for is missing), and its number.
+    carried: Option<(u64, jetstream::Message)>,
 }
 
 impl InOrderBlocks {
@@ -488,17 +485,18 @@ impl InOrderBlocks {
     /// read; an error when the consumer fails or stalls.
     pub async fn take(&mut self, n: u64) -> Result<Option<Vec<Stored>>, StoreError> {
         loop {
-            let message = match self.carried.take() {
-                Some(message) => message,
-                None => nats::next_within(&mut self.messages, self.timeout).await?,
+            let (block, message) = match self.carried.take() {
+                Some(carried) => carried,
+                None => {
+                    let (position, message) = self.messages.next().await?;
+                    (position - 1, message)
+                }
             };
-            let Ok(info) = message.info() else { continue };
-            let block = info.stream_sequence - 1;
             if block < n {
                 continue;
             }
             if block > n {
-                self.carried = Some(message);
+                self.carried = Some((block, message));
                 return Ok(None);
             }
             let none = HeaderMap::new();

@@ -233,20 +233,96 @@ pub(super) async fn get_range(
     Ok(messages)
 }
 
-/// The stream read in order through one ordered consumer, stretch by stretch: cheaper
-/// for the servers than a get per message over a long range (about a fifth less CPU per
-/// POST with blocks built this way, measured), though creating it costs a round through
-/// the meta leader.
-pub(super) struct InOrder {
+/// An ordered consumer of a stream from a position on, that only goes forward.
+///
+/// async-nats recreates an ordered consumer when a pull finds no responders, the
+/// consumer is deleted, or heartbeats stop; one recreated before it delivered anything
+/// starts again from the stream's first message, not from where it was asked to start
+/// (`recreate_consumer_stream` in async-nats 0.51 resumes by sequence only after a
+/// delivery). nats-server 2.10 (Debian 13's) answers a new consumer's first pull with "no
+/// responders" now and then in a cluster, so that happens there. A message before the
+/// position expected is that restart: the consumer is opened again where it should be
+/// (a few times at most), and nothing before the position is ever returned.
+pub(super) struct Ordered {
+    stream: stream::Stream,
     messages: pull::Ordered,
-    /// A message read past the last stretch, which starts the next.
-    carried: Option<Stored>,
+    /// The first position not returned yet.
+    next: u64,
+    max_batch: i64,
     timeout: Duration,
+    reopened: u32,
+}
+
+/// How many times an [`Ordered`] opens its consumer again before it gives up.
+const MAX_REOPENS: u32 = 3;
+
+impl Ordered {
+    /// Reads `stream` from position `from` on, asking for at most `max_batch` messages at
+    /// a time (0: the client's default); opening and every wait for a message may take
+    /// `timeout`.
+    pub(super) async fn open(
+        stream: &stream::Stream,
+        from: u64,
+        timeout: Duration,
+        max_batch: i64,
+    ) -> Result<Self, StoreError> {
+        Ok(Self {
+            messages: ordered_from(stream, from, timeout, max_batch).await?,
+            stream: stream.clone(),
+            next: from,
+            max_batch,
+            timeout,
+            reopened: 0,
+        })
+    }
+
+    /// Every later wait for a message may take `wait`.
+    pub(super) fn waiting(mut self, wait: Duration) -> Self {
+        self.timeout = wait;
+        self
+    }
+
+    /// The next message and its position (those gone are skipped).
+    pub(super) async fn next(&mut self) -> Result<(u64, jetstream::Message), StoreError> {
+        loop {
+            let message = next_within(&mut self.messages, self.timeout).await?;
+            let Ok(info) = message.info() else { continue };
+            let position = info.stream_sequence;
+            if position >= self.next {
+                self.next = position + 1;
+                return Ok((position, message));
+            }
+            if self.reopened == MAX_REOPENS {
+                return Err(unavailable("read", "the consumer keeps starting over"));
+            }
+            self.reopened += 1;
+            debug!(
+                stream = %self.stream.cached_info().config.name,
+                expected = self.next,
+                got = position,
+                "store: an ordered consumer started over; opening it again"
+            );
+            self.messages =
+                ordered_from(&self.stream, self.next, self.timeout, self.max_batch).await?;
+        }
+    }
+
+    /// The messages as a stream, ending after the first error.
+    pub(super) fn into_stream(
+        self,
+    ) -> impl futures_util::Stream<Item = Result<(u64, jetstream::Message), StoreError>> {
+        futures_util::stream::unfold(Some(self), |ordered| async move {
+            let mut ordered = ordered?;
+            let next = ordered.next().await;
+            let ok = next.is_ok();
+            Some((next, ok.then_some(ordered)))
+        })
+    }
 }
 
 /// An ordered consumer of `stream` from position `from`, created within `timeout`,
 /// asking for at most `max_batch` messages at a time (0: the client's default).
-pub(super) async fn ordered_from(
+async fn ordered_from(
     stream: &stream::Stream,
     from: u64,
     timeout: Duration,
@@ -273,7 +349,7 @@ pub(super) async fn ordered_from(
 }
 
 /// The next message of an ordered consumer, waiting at most `timeout` for it.
-pub(super) async fn next_within(
+async fn next_within(
     messages: &mut pull::Ordered,
     timeout: Duration,
 ) -> Result<jetstream::Message, StoreError> {
@@ -285,6 +361,14 @@ pub(super) async fn next_within(
     }
 }
 
+/// The stream read in order through one ordered consumer, stretch by stretch: cheaper
+/// than a get per message when the stretch is long (building blocks).
+pub(super) struct InOrder {
+    messages: Ordered,
+    /// A message read past the last stretch, which starts the next.
+    carried: Option<Stored>,
+}
+
 impl InOrder {
     /// Reads from position `from` on; every later wait for a message may take `timeout`.
     pub(super) async fn open(
@@ -293,9 +377,8 @@ impl InOrder {
         timeout: Duration,
     ) -> Result<Self, StoreError> {
         Ok(Self {
-            messages: ordered_from(stream, from, timeout, 0).await?,
+            messages: Ordered::open(stream, from, timeout, 0).await?,
             carried: None,
-            timeout,
         })
     }
 
@@ -311,10 +394,9 @@ impl InOrder {
             messages.push(carried);
         }
         while messages.last().is_none_or(|m| m.position < to) {
-            let message = next_within(&mut self.messages, self.timeout).await?;
-            let Ok(info) = message.info() else { continue };
+            let (position, message) = self.messages.next().await?;
             let read = stored(
-                info.stream_sequence,
+                position,
                 &message.subject,
                 message.headers.as_ref(),
                 &message.payload,
@@ -769,14 +851,14 @@ impl Source {
         let Some(from) = plan.consumer_from else {
             return;
         };
-        let messages = match ordered_from(&self.messages, from, self.timeout, 0).await {
-            Ok(messages) => messages,
+        let messages = match Ordered::open(&self.messages, from, self.timeout, 0).await {
+            Ok(messages) => messages.waiting(STREAM_STALL),
             Err(error) => {
                 let _ = sender.send(Err(error)).await;
                 return;
             }
         };
-        let chunks = messages.ready_chunks(STREAM_BATCH);
+        let chunks = Box::pin(messages.into_stream()).ready_chunks(STREAM_BATCH);
         forward(chunks, from, plan.until, self.recent, sender).await;
     }
 
@@ -860,15 +942,14 @@ async fn send_batches(
 /// position `until`, or until the reader goes away, or the consumer stalls or fails
 /// (sent as the last item). The chunks within the cache's size of `until` are recorded
 /// in it.
-async fn forward<S, E>(
+async fn forward<S>(
     mut chunks: S,
     start: u64,
     until: u64,
     recent: Arc<Recent>,
     sender: mpsc::Sender<Result<Vec<Stored>, StoreError>>,
 ) where
-    S: futures_util::Stream<Item = Vec<Result<jetstream::Message, E>>> + Unpin,
-    E: std::fmt::Display,
+    S: futures_util::Stream<Item = Vec<Result<(u64, jetstream::Message), StoreError>>> + Unpin,
 {
     let mut next = start;
     loop {
@@ -889,19 +970,18 @@ async fn forward<S, E>(
         };
         let mut messages = Vec::with_capacity(chunk.len());
         for message in chunk {
-            let message = match message {
+            let (position, message) = match message {
                 Ok(message) => message,
                 Err(error) => {
-                    let _ = sender.send(Err(unavailable("read", error))).await;
+                    let _ = sender.send(Err(error)).await;
                     return;
                 }
             };
-            let Ok(info) = message.info() else { continue };
-            if info.stream_sequence > until {
+            if position > until {
                 break;
             }
             messages.push(stored(
-                info.stream_sequence,
+                position,
                 &message.subject,
                 message.headers.as_ref(),
                 &message.payload,
@@ -1438,6 +1518,58 @@ mod tests {
             .expect("open");
         assert_eq!(reopened.built().await.expect("built"), 0, "replaced");
         assert_eq!(read_from(&store, 0).await, all);
+    }
+
+    /// async-nats recreates an ordered consumer that was deleted (or whose pull found no
+    /// responders), and one that had delivered nothing yet starts again from the
+    /// stream's first message. [`Ordered`] opens it again where it was asked to start:
+    /// without that, building blocks made a block of everything from position 1, and a
+    /// full read sent the log's start twice.
+    #[tokio::test]
+    async fn an_ordered_consumer_that_starts_over_is_opened_again_where_it_was() {
+        let (nats, store) = store().await;
+        append_numbered(&store, 0..10).await; // positions 1 to 10
+        let client = async_nats::connect(nats.urls()).await.expect("connect");
+        let stream = jetstream::new(client)
+            .get_stream(STREAM)
+            .await
+            .expect("stream");
+        let consumers = |stream: stream::Stream| async move {
+            let mut names = stream.consumer_names();
+            let mut all = Vec::new();
+            while let Some(name) = names.next().await {
+                all.push(name.expect("consumer name"));
+            }
+            all
+        };
+        let ordered = Ordered::open(&stream, 11, Duration::from_secs(20), 0)
+            .await
+            .expect("open");
+        let reading = tokio::spawn(async move {
+            let mut ordered = ordered;
+            let (position, message) = ordered.next().await.expect("a message");
+            (position, message.subject.to_string())
+        });
+        // Nothing is at 11 yet: the consumer is deleted before it delivered anything.
+        let first = consumers(stream.clone()).await;
+        assert_eq!(first.len(), 1, "one consumer: {first:?}");
+        stream.delete_consumer(&first[0]).await.expect("delete");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let now = consumers(stream.clone()).await;
+            if now.iter().any(|name| *name != first[0]) {
+                break; // recreated
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never recreated");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        append_numbered(&store, 10..11).await; // position 11
+        let (position, subject) = reading.await.expect("reader");
+        assert_eq!(
+            (position, subject.as_str()),
+            (11, "messages.n-10"),
+            "the first message read is the one at the position asked for"
+        );
     }
 
     #[tokio::test]
