@@ -46,8 +46,9 @@ use std::{
 use async_nats::jetstream::{
     self,
     consumer::{pull, DeliverPolicy},
-    context::PublishErrorKind,
+    context::{PublishError, PublishErrorKind},
     message::{PublishMessage, StreamMessage},
+    publish::PublishAck,
     stream::{self, DirectGetErrorKind, LastRawMessageErrorKind, StorageType},
 };
 use futures_util::StreamExt;
@@ -411,6 +412,32 @@ impl InOrder {
     }
 }
 
+/// What JetStream's answer to an append says.
+#[derive(Debug, PartialEq)]
+enum Published {
+    /// Stored now, at this position.
+    Stored(u64),
+    /// Its id was stored before: acked as a duplicate (inside the dedup window), or its
+    /// subject already holds a message.
+    Repeat,
+}
+
+fn published(ack: Result<PublishAck, PublishError>) -> Result<Published, StoreError> {
+    match ack {
+        // nats-server 2.10 acks a repeat of an append still waiting for its quorum as a
+        // duplicate at sequence 0 (2.9 leaves it unanswered): nothing is stored yet, and
+        // may never be if the leader changes. Not a duplicate until it is stored.
+        Ok(ack) if ack.duplicate && ack.sequence == 0 => Err(unavailable(
+            "publish",
+            "an earlier attempt with this id is not stored yet (no quorum?)",
+        )),
+        Ok(ack) if ack.duplicate => Ok(Published::Repeat),
+        Ok(ack) => Ok(Published::Stored(ack.sequence)),
+        Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => Ok(Published::Repeat),
+        Err(error) => Err(unavailable("no acknowledgement from JetStream", error)),
+    }
+}
+
 /// A message as stored: the id from `Nats-Msg-Id` (the subject only carries an encoding
 /// of it), the text from the payload.
 fn stored(
@@ -607,18 +634,11 @@ impl MessageStore for NatsStore {
                 .send_publish(subject, publish)
                 .await
                 .map_err(|e| unavailable("publish", e))?;
-            let repeat = match ack.await {
-                Ok(ack) => {
-                    if !ack.duplicate && ack.sequence % blocks::BUILD_EVERY == 0 {
-                        // Blocks are complete: build them now (or soon, if busy).
-                        let _ = self.completed.try_send(());
-                    }
-                    ack.duplicate
+            if let Published::Stored(position) = published(ack.await)? {
+                if position % blocks::BUILD_EVERY == 0 {
+                    // Blocks are complete: build them now (or soon, if busy).
+                    let _ = self.completed.try_send(());
                 }
-                Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => true,
-                Err(error) => return Err(unavailable("no acknowledgement from JetStream", error)),
-            };
-            if !repeat {
                 return Ok(Appended::Inserted);
             }
             Ok(match self.stored_text(&message.id).await? {
@@ -1662,6 +1682,35 @@ mod tests {
         let page = store.read(0, 10).await.expect("read");
         let ids: Vec<&str> = page.messages.iter().map(|m| m.id.as_str()).collect();
         assert_eq!(ids, ["r-2", "r-3", "r-4"]);
+    }
+
+    /// A repeat acked as a duplicate at sequence 0 (nats-server 2.10, while the first
+    /// attempt waits for its quorum) is not stored: unavailable, never a duplicate
+    /// (which the facade would answer 201). Seen end to end by
+    /// `without_quorum_appends_are_unavailable_promptly_and_the_facade_answers_503`
+    /// with `NATS_SERVER` set to a 2.10 binary.
+    #[test]
+    fn a_repeat_of_an_append_not_stored_yet_is_unavailable() {
+        let ack = |sequence, duplicate| {
+            Ok(PublishAck {
+                sequence,
+                duplicate,
+                ..PublishAck::default()
+            })
+        };
+        assert!(matches!(
+            published(ack(0, true)),
+            Err(StoreError::Unavailable(_))
+        ));
+        assert_eq!(published(ack(7, true)).ok(), Some(Published::Repeat));
+        assert_eq!(published(ack(7, false)).ok(), Some(Published::Stored(7)));
+        let wrong_last = PublishError::new(PublishErrorKind::WrongLastSequence);
+        assert_eq!(published(Err(wrong_last)).ok(), Some(Published::Repeat));
+        let timed_out = PublishError::new(PublishErrorKind::TimedOut);
+        assert!(matches!(
+            published(Err(timed_out)),
+            Err(StoreError::Unavailable(_))
+        ));
     }
 
     #[test]
