@@ -363,7 +363,9 @@ async fn next_within(
 }
 
 /// The stream read in order through one ordered consumer, stretch by stretch: cheaper
-/// than a get per message when the stretch is long (building blocks).
+/// for the servers than a get per message over a long range (about a fifth less CPU per
+/// POST with blocks built this way, measured), though creating it costs a round through
+/// the meta leader.
 pub(super) struct InOrder {
     messages: Ordered,
     /// A message read past the last stretch, which starts the next.
