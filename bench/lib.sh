@@ -21,7 +21,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+free_port() { free_block 1; }
 # The first of N consecutive free ports, below the kernel's ephemeral range.
 free_block() {
   python3 - "$1" <<'PY'

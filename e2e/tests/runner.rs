@@ -2,32 +2,18 @@
 
 use std::time::Duration;
 
-use e2e::{curl, curl_post, eventually, free_port, Proc};
+use e2e::{curl, curl_post, eventually, free_port, free_ports, Proc};
 use nix::sys::signal::Signal;
 
 fn port_is_closed(port: u16) -> bool {
     std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
 }
 
-/// The first of `count` consecutive ports that were all free a moment ago.
-fn consecutive_free_ports(count: u16) -> u16 {
-    loop {
-        let port = free_port();
-        let all_free = (1..count).all(|i| {
-            port.checked_add(i)
-                .is_some_and(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
-        });
-        if all_free {
-            return port;
-        }
-    }
-}
-
 #[tokio::test]
 async fn runner_starts_everything_serves_the_walkthrough_and_stops_on_ctrl_c() {
     let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
     // Logging instances take consecutive ports from --logging-port; find two free ones.
-    let logging_port = consecutive_free_ports(2);
+    let logging_port = free_ports(2);
     let token_file = std::env::temp_dir().join(format!("runner-token-{}", std::process::id()));
     let args: Vec<String> = vec![
         "--token-file".into(),
@@ -114,7 +100,7 @@ async fn runner_fails_loudly_when_a_core_service_cannot_start() {
 #[tokio::test]
 async fn with_nats_the_terminal_stays_readable_and_a_clean_stop_reads_as_one() {
     let data_dir = std::env::temp_dir().join(format!("runner-nats-{}", std::process::id()));
-    let logging_port = consecutive_free_ports(3);
+    let logging_port = free_ports(3);
     let facade_port = free_port();
     let args: Vec<String> = vec![
         "--store".into(),
@@ -124,9 +110,9 @@ async fn with_nats_the_terminal_stays_readable_and_a_clean_stop_reads_as_one() {
         "--data-dir".into(),
         data_dir.display().to_string(),
         "--nats-port".into(),
-        consecutive_free_ports(3).to_string(),
+        free_ports(3).to_string(),
         "--nats-cluster-port".into(),
-        consecutive_free_ports(3).to_string(),
+        free_ports(3).to_string(),
         "--registry-port".into(),
         free_port().to_string(),
         "--messages-port".into(),

@@ -51,12 +51,49 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port that was free a moment ago on 127.0.0.1; never the same twice in a process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port()
+    free_ports(1)
+}
+
+/// The first of `count` consecutive ports that were all free a moment ago on 127.0.0.1
+/// (the runner numbers its logging instances' and NATS nodes' ports from one).
+///
+/// They come from below the kernel's ephemeral range, not from binding port 0: the
+/// kernel takes source ports for outgoing connections from that range, so a port picked
+/// there could be taken by any connection before the server it was picked for binds it.
+/// That happened: a NATS node's route port became the source port of another node's
+/// route, the node died at start ("address already in use"), and the R3 stream could not
+/// be placed, so a test waited for logging in vain.
+pub fn free_ports(count: u16) -> u16 {
+    static NEXT: std::sync::Mutex<Option<u16>> = std::sync::Mutex::new(None);
+    const LOW: u16 = 10_000;
+    // The ephemeral range starts at 32768 unless the machine says otherwise.
+    let high = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let span = high.saturating_sub(LOW);
+    assert!(
+        span >= 1_000,
+        "the ephemeral port range starts at {high}: too low to pick test ports below it"
+    );
+    let mut next = NEXT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    // Test processes run one after another; each starts elsewhere in the range.
+    let mut port = next.unwrap_or(LOW + (std::process::id() % u32::from(span)) as u16);
+    for _ in 0..span {
+        if port.saturating_add(count) > high {
+            port = LOW;
+        }
+        let first = port;
+        port += count;
+        let all_free = (first..first + count).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok());
+        if all_free {
+            *next = Some(port);
+            return first;
+        }
+    }
+    panic!("no {count} consecutive free ports between {LOW} and {high}");
 }
 
 pub fn free_addr() -> SocketAddr {
@@ -347,4 +384,28 @@ pub fn curl_post_keyed(facade: SocketAddr, msg: &str, key: &str) -> (u16, String
             &body,
         ],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_below_the_ephemeral_range_and_never_given_twice() {
+        let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+            .unwrap_or(32_768);
+        let mut given = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let port = free_port();
+            assert!(port < ephemeral, "{port} is in the ephemeral range");
+            assert!(given.insert(port), "{port} given twice");
+        }
+        let first = free_ports(3);
+        for port in first..first + 3 {
+            assert!(port < ephemeral && given.insert(port), "{port}");
+            TcpListener::bind(("127.0.0.1", port)).expect("free");
+        }
+    }
 }
