@@ -68,11 +68,7 @@ pub fn free_port() -> u16 {
 pub fn free_ports(count: u16) -> u16 {
     static NEXT: std::sync::Mutex<Option<u16>> = std::sync::Mutex::new(None);
     const LOW: u16 = 10_000;
-    // The ephemeral range starts at 32768 unless the machine says otherwise.
-    let high = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32_768);
+    let high = ephemeral_start();
     let span = high.saturating_sub(LOW);
     assert!(
         span >= 1_000,
@@ -94,6 +90,15 @@ pub fn free_ports(count: u16) -> u16 {
         }
     }
     panic!("no {count} consecutive free ports between {LOW} and {high}");
+}
+
+/// Where the kernel's ephemeral port range starts: 32768 unless the machine says
+/// otherwise.
+fn ephemeral_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768)
 }
 
 pub fn free_addr() -> SocketAddr {
@@ -392,10 +397,7 @@ mod tests {
 
     #[test]
     fn free_ports_are_below_the_ephemeral_range_and_never_given_twice() {
-        let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .ok()
-            .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
-            .unwrap_or(32_768);
+        let ephemeral = ephemeral_start();
         let mut given = std::collections::HashSet::new();
         for _ in 0..200 {
             let port = free_port();
