@@ -20,7 +20,8 @@ use proto::{
     logging::v1::{
         logging_client::LoggingClient,
         logging_server::{Logging, LoggingServer},
-        AppendRequest, AppendResponse, ReadRequest, ReadResponse, StreamRequest, StreamResponse,
+        AppendBatchRequest, AppendBatchResponse, AppendRequest, AppendResponse, ReadRequest,
+        ReadResponse, StreamRequest, StreamResponse,
     },
     registry::v1::{registry_client::RegistryClient, LookupRequest},
 };
@@ -42,6 +43,15 @@ impl Logging for BareStore {
         let duplicate = messages.contains_key(&id);
         messages.entry(id).or_insert(text);
         Ok(Response::new(AppendResponse { duplicate }))
+    }
+
+    async fn append_batch(
+        &self,
+        _: Request<AppendBatchRequest>,
+    ) -> Result<Response<AppendBatchResponse>, Status> {
+        Err(Status::unimplemented(
+            "the bare store appends one at a time",
+        ))
     }
 
     async fn read(&self, _: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {

@@ -9,7 +9,8 @@ use std::{
 };
 
 use e2e::{
-    curl, curl_post, curl_post_keyed, eventually, get_lab, list_instance, Proc, System, TEST_TTL,
+    curl, curl_post, curl_post_keyed, eventually, get_lab, list_instance, metric, Proc, System,
+    TEST_TTL,
 };
 use nix::sys::signal::Signal;
 use proto::facade::v1::{facade_client::FacadeClient, PostRequest};
@@ -258,11 +259,137 @@ async fn no_logging_instance_means_503_with_retry_after() {
 
 /// The facade's `facade_channels` gauge: how many instance channels its pool holds.
 fn pooled_channels(facade: SocketAddr) -> Option<u64> {
-    let (_, _, metrics) = curl("GET", &format!("http://{facade}/metrics"), &[]);
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("facade_channels "))
-        .and_then(|value| value.trim().parse().ok())
+    metric(facade, "facade_channels").map(|channels| channels as u64)
+}
+
+/// POSTs that arrive while the facade's call to logging is in flight go out together in
+/// the next call, each still answered on its own, each stored once. The only instance
+/// is frozen so the calls are certainly in flight while the POSTs arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posts_that_arrive_during_a_call_share_the_next_one_and_each_is_stored_once() {
+    // One call at a time; a call that hangs lets the next one go after a second.
+    let args = [
+        "--append-calls",
+        "1",
+        "--append-patience",
+        "1s",
+        "--attempt-deadline",
+        "3s",
+        "--retry-budget",
+        "20s",
+    ];
+    let mut system = System::start(1, &args).await;
+    let (instance, _) = system.logging[0];
+    let facade = system.facade;
+    assert_eq!(curl_post(facade, "warm-up").0, 201);
+    let batched = |what| metric(facade, &format!("facade_append_batch_size_{what}"));
+    assert_eq!((batched("count"), batched("sum")), (Some(1.0), Some(1.0)));
+
+    system.logging_proc(instance).signal(Signal::SIGSTOP);
+    const POSTS: usize = 20;
+    let posts: Vec<_> = (0..POSTS)
+        .map(|i| tokio::task::spawn_blocking(move || curl_post(facade, &format!("together {i}"))))
+        .collect();
+    // Every POST is in a call (the first alone, the others in later calls: one a
+    // second while the instance stays frozen).
+    eventually(
+        Duration::from_secs(15),
+        "all POSTs taken into calls",
+        || async { batched("sum") == Some(1.0 + POSTS as f64) },
+    )
+    .await;
+    let calls = batched("count").expect("counted") - 1.0;
+    system.logging_proc(instance).signal(Signal::SIGCONT);
+
+    let mut ids = Vec::new();
+    for post in posts {
+        let (status, reply) = post.await.expect("curl");
+        assert_eq!(status, 201, "{reply}");
+        ids.push(reply["id"].as_str().expect("id").to_owned());
+    }
+    assert!(
+        calls <= 4.0,
+        "{POSTS} POSTs that arrived together went out in {calls} calls"
+    );
+    let copies = copies(&[instance]).await;
+    assert_eq!(copies.len(), POSTS + 1);
+    for id in &ids {
+        assert_eq!(copies.get(id), Some(&1), "{id} stored exactly once");
+    }
+}
+
+/// logging's AppendBatch answers each append as Append would alone, in order, with
+/// grpcurl: a new one, a repeat, another text for a stored id, an empty text.
+#[tokio::test]
+async fn append_batch_answers_each_append_on_its_own() {
+    let system = System::start(1, &[]).await;
+    let (instance, _) = system.logging[0];
+    let body = serde_json::json!({"appends": [
+        {"id": "a", "text": "first", "requestId": "r1"},
+        {"id": "a", "text": "first", "requestId": "r2"},
+        {"id": "a", "text": "second", "requestId": "r3"},
+        {"id": "b", "text": "", "requestId": "r4"},
+        {"id": "c", "text": "third", "requestId": "r5"},
+    ]});
+    let reply = e2e::grpcurl_json(
+        instance,
+        "logging.v1.Logging/AppendBatch",
+        Some(&body.to_string()),
+    );
+    let results = reply["results"].as_array().expect("results");
+    let answered: Vec<(i64, bool)> = results
+        .iter()
+        .map(|r| {
+            (
+                r["code"].as_i64().unwrap_or(0),
+                r["duplicate"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect();
+    // OK, OK duplicate, ALREADY_EXISTS (6), INVALID_ARGUMENT (3), OK.
+    assert_eq!(
+        answered,
+        [(0, false), (0, true), (6, false), (3, false), (0, false)],
+        "{reply}"
+    );
+    assert!(
+        results[2]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("another text"),
+        "{reply}"
+    );
+    assert_eq!(
+        list_instance(instance).await,
+        [
+            ("a".to_owned(), "first".to_owned()),
+            ("c".to_owned(), "third".to_owned())
+        ]
+    );
+    // Each append is printed with the request it belongs to.
+    let output = system.logging[0].1.output();
+    assert!(
+        output
+            .lines()
+            .any(|l| l.contains("r5") && l.contains("third")),
+        "{output}"
+    );
+
+    // Too many appends in one call: the call is refused, nothing stored.
+    let many: Vec<_> = (0..=logging::service::MAX_BATCH_APPENDS)
+        .map(|i| serde_json::json!({"id": format!("m{i}"), "text": "x"}))
+        .collect();
+    let output = e2e::grpcurl(
+        instance,
+        "logging.v1.Logging/AppendBatch",
+        Some(&serde_json::json!({"appends": many}).to_string()),
+    );
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && said.contains("InvalidArgument"),
+        "{said}"
+    );
+    assert_eq!(list_instance(instance).await.len(), 2);
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use e2e::{curl, curl_post, eventually, get_lab, get_messages, seed_nats, Nats, System};
+use e2e::{curl_post, eventually, get_lab, get_messages, seed_nats, Nats, System};
 use proto::{
     facade::v1::{facade_client::FacadeClient, GetRequest},
     logging::v1::{logging_client::LoggingClient, AppendRequest},
@@ -115,11 +115,7 @@ fn serving_instance(system: &System, request_id: &str) -> Option<SocketAddr> {
 }
 
 fn metric(addr: SocketAddr, name: &str) -> f64 {
-    let (_, _, body) = curl("GET", &format!("http://{addr}/metrics"), &[]);
-    body.lines()
-        .find_map(|line| line.strip_prefix(&format!("{name} ")))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or(0.0)
+    e2e::metric(addr, name).unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

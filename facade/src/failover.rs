@@ -73,7 +73,7 @@ pub fn is_transient(code: Code) -> bool {
     )
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum FailoverError {
     /// Nobody could take the call within the budget.
     #[error("no {service} instance answered within {budget:?} ({attempts} attempts; last error: {last})")]
@@ -182,13 +182,33 @@ impl Failover {
         C: Fn(String) -> CF,
         CF: Future<Output = Result<T, Status>>,
     {
-        let deadline = Instant::now() + self.policy.budget;
+        self.run_since(Instant::now(), service, request_id, lookup, call)
+            .await
+    }
+
+    /// [`run`](Self::run) for a request that began at `began`: the budget counts from
+    /// then (a POST that waited for a batch has had part of it already).
+    pub async fn run_since<T, L, LF, C, CF>(
+        &self,
+        began: Instant,
+        service: &str,
+        request_id: &str,
+        lookup: L,
+        call: C,
+    ) -> Result<T, FailoverError>
+    where
+        L: Fn() -> LF,
+        LF: Future<Output = Vec<String>>,
+        C: Fn(String) -> CF,
+        CF: Future<Output = Result<T, Status>>,
+    {
+        let deadline = began + self.policy.budget;
         let attempts = AtomicUsize::new(0);
         let rounds = AtomicUsize::new(0);
         // Each round logs its failed attempts with the request id, so the loop is quiet.
         let retry = Retry::new(format!("calling {service}"), &self.shutdown)
             .backoff(self.policy.backoff_base, self.policy.backoff_cap)
-            .budget(self.policy.budget)
+            .budget(deadline.saturating_duration_since(Instant::now()))
             .quiet();
         let result = retry
             .run(

@@ -9,6 +9,7 @@
 //! [`message_path`] is what both APIs do; [`http_api`] and [`grpc_api`] are the two ways
 //! to ask for it.
 
+pub mod batch;
 mod coalesce;
 pub mod discovery;
 pub mod failover;
@@ -19,7 +20,7 @@ pub mod message_path;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{builder::TypedValueParser, Parser};
 use registry_client::RegistryArgs;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -29,7 +30,7 @@ use crate::{
     discovery::{Discovery, DiscoveryMode},
     failover::{Failover, Policy},
     grpc_api::{FacadeServer, FacadeService},
-    message_path::Facade,
+    message_path::{AppendBatching, Facade},
 };
 
 /// How long a registry lookup may take before the last known list is used instead.
@@ -61,6 +62,20 @@ pub struct Config {
     /// Longest message accepted, in bytes.
     #[arg(long, default_value_t = 64 * 1024)]
     pub max_message_bytes: usize,
+
+    /// Most calls to logging's AppendBatch in flight at once. POSTs that arrive while
+    /// all are busy wait for the next free one and go out together in it.
+    #[arg(long, env = "FACADE_APPEND_CALLS", default_value_t = AppendBatching::default().calls, value_parser = clap::value_parser!(u16).range(1..).map(usize::from))]
+    pub append_calls: usize,
+
+    /// A call to AppendBatch that has not answered within this stops counting against
+    /// --append-calls, so the POSTs behind a slow or hung instance go on in another call.
+    #[arg(long, env = "FACADE_APPEND_PATIENCE", default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub append_patience: Duration,
+
+    /// Most messages in one AppendBatch call; 1 sends every POST on its own.
+    #[arg(long, env = "FACADE_APPEND_BATCH", default_value_t = AppendBatching::default().messages, value_parser = clap::value_parser!(u16).range(1..=1000).map(usize::from))]
+    pub append_batch: usize,
 
     #[command(flatten)]
     pub log: telemetry::LogArgs,
@@ -106,7 +121,12 @@ pub async fn serve(
         &[message_path::LOGGING, message_path::MESSAGES],
         &shutdown,
     );
-    let facade = Facade::new(discovery, failover, config.max_message_bytes);
+    let batching = AppendBatching {
+        calls: config.append_calls,
+        messages: config.append_batch,
+        patience: config.append_patience,
+    };
+    let facade = Facade::new(discovery, failover, config.max_message_bytes, batching);
 
     let (routes, health) = rpc::routes()?;
     health.set_serving::<FacadeServer<FacadeService>>().await;

@@ -10,7 +10,7 @@
 use std::{
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::Duration,
 };
@@ -18,18 +18,21 @@ use std::{
 use dashmap::DashMap;
 use proto::{
     logging::v1::{
-        logging_client::LoggingClient, AppendRequest, ReadRequest, StreamRequest, StreamResponse,
+        logging_client::LoggingClient, AppendBatchRequest, BatchedAppend, ReadRequest,
+        StreamRequest, StreamResponse,
     },
     messages::v1::{messages_client::MessagesClient, GetRequest},
 };
 use rpc::request_id;
+use tokio::time::Instant;
 use tonic::{transport::Channel, Code, Status, Streaming};
 use tracing::{debug, warn};
 use uuid::Uuid;
 
 use crate::{
+    batch::{self, Batcher, Sink},
     discovery::Discovery,
-    failover::{Failover, FailoverError},
+    failover::{is_transient, Failover, FailoverError},
 };
 
 pub const LOGGING: &str = "logging";
@@ -43,6 +46,9 @@ pub const MAX_PAGE: u32 = 1000;
 /// How long a full read waits for the next batch before it calls the instance hung and
 /// resumes elsewhere.
 const READ_STALL: Duration = Duration::from_secs(3);
+/// Most bytes of text in one AppendBatch call (a message over it still goes, alone), far
+/// below the 4 MiB a gRPC peer accepts by default.
+const MAX_APPEND_BATCH_BYTES: usize = 1024 * 1024;
 /// Ids made from idempotency keys live in their own uuid v5 namespace.
 const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_3b8e_2a4d_4e0f_9c51_7d2b_8a3e_4f60);
 
@@ -129,10 +135,41 @@ pub struct Facade {
     pruned_at: AtomicU64,
     max_message_bytes: usize,
     messages_deadline: Duration,
+    /// POSTs on their way to logging: those that arrive while earlier calls are in
+    /// flight go out together, in one AppendBatch call.
+    appends: Batcher<Facade>,
+}
+
+/// How POSTs are grouped into calls to logging.
+#[derive(Debug, Clone, Copy)]
+pub struct AppendBatching {
+    /// Most AppendBatch calls in flight at once; POSTs that arrive while all are busy
+    /// wait for the next free one and go out together.
+    pub calls: usize,
+    /// Most messages in one call (1: every POST is its own call).
+    pub messages: usize,
+    /// A call that has not answered within this stops counting against `calls`, so
+    /// the POSTs behind it go on in another call.
+    pub patience: Duration,
+}
+
+impl Default for AppendBatching {
+    fn default() -> Self {
+        Self {
+            calls: 1,
+            messages: 64,
+            patience: Duration::from_millis(50),
+        }
+    }
 }
 
 impl Facade {
-    pub fn new(discovery: Discovery, failover: Failover, max_message_bytes: usize) -> Arc<Self> {
+    pub fn new(
+        discovery: Discovery,
+        failover: Failover,
+        max_message_bytes: usize,
+        batching: AppendBatching,
+    ) -> Arc<Self> {
         Arc::new(Self {
             discovery,
             failover,
@@ -140,6 +177,12 @@ impl Facade {
             pruned_at: AtomicU64::new(0),
             max_message_bytes,
             messages_deadline: Duration::from_secs(1),
+            appends: Batcher::new(batch::Limits {
+                in_flight: batching.calls,
+                items: batching.messages,
+                bytes: MAX_APPEND_BATCH_BYTES,
+                patience: batching.patience,
+            }),
         })
     }
 
@@ -242,9 +285,10 @@ impl Facade {
     }
 
     /// Stores `msg` through a live logging instance, failing over and retrying with the
-    /// same id; returns the id.
+    /// same id; returns the id. POSTs that arrive while the facade's calls to logging
+    /// are all in flight share the next one ([`batch`]).
     pub async fn post(
-        &self,
+        self: &Arc<Self>,
         msg: String,
         idempotency_key: Option<&str>,
         request_id: &str,
@@ -252,17 +296,16 @@ impl Facade {
         self.validate(&msg)?;
         let id = Self::message_id(idempotency_key)?;
         debug!(request_id, id, "posting");
-        let deadline = self.failover.policy().attempt_deadline;
-        self.call_logging(request_id, |_, mut client| {
-            let request = AppendRequest {
-                id: id.clone(),
-                text: msg.clone(),
-            };
-            let request = logging_request(request, Some(deadline), request_id);
-            async move { client.append(request).await }
-        })
-        .await
-        .map_err(|error| self.failed("store the message", request_id, error))?;
+        let append = BatchedAppend {
+            id: id.clone(),
+            text: msg,
+            request_id: request_id.to_owned(),
+        };
+        self.appends
+            .submit(self, append)
+            .await
+            .unwrap_or(Err(FailoverError::ShuttingDown))
+            .map_err(|error| self.failed("store the message", request_id, error))?;
         Ok(id)
     }
 
@@ -364,8 +407,24 @@ impl Facade {
         C: Fn(String, LoggingClient<Channel>) -> CF,
         CF: std::future::Future<Output = Result<T, Status>>,
     {
+        self.call_logging_since(Instant::now(), request_id, call)
+            .await
+    }
+
+    /// [`call_logging`](Self::call_logging) for a request that began at `began`.
+    async fn call_logging_since<T, C, CF>(
+        &self,
+        began: Instant,
+        request_id: &str,
+        call: C,
+    ) -> Result<T, FailoverError>
+    where
+        C: Fn(String, LoggingClient<Channel>) -> CF,
+        CF: std::future::Future<Output = Result<T, Status>>,
+    {
         self.failover
-            .run(
+            .run_since(
+                began,
                 LOGGING,
                 request_id,
                 || self.discovery.instances(LOGGING),
@@ -412,6 +471,92 @@ impl Facade {
             }
         }
     }
+}
+
+/// The facade sends POSTs to logging in batches: one AppendBatch call through the
+/// failover, each message answered on its own. A message the instance could not store
+/// now (a transient code) goes to the next instance with the others like it; a message
+/// with a final answer (stored, or refused) is not sent again.
+impl Sink for Facade {
+    type Item = BatchedAppend;
+    type Outcome = Result<(), FailoverError>;
+
+    async fn send(&self, items: Vec<(BatchedAppend, Instant)>) -> Vec<Result<(), FailoverError>> {
+        // The oldest request's budget is the batch's: nobody waits longer than a POST
+        // alone would have.
+        let began = items.iter().map(|(_, arrived)| *arrived).min();
+        let began = began.unwrap_or_else(Instant::now);
+        let appends: Vec<BatchedAppend> = items.into_iter().map(|(append, _)| append).collect();
+        let label = match appends.as_slice() {
+            [only] => only.request_id.clone(),
+            [first, rest @ ..] => format!("{} and {} more", first.request_id, rest.len()),
+            [] => return Vec::new(),
+        };
+        let answers: Mutex<Vec<Option<Result<(), Status>>>> = Mutex::new(vec![None; appends.len()]);
+        let deadline = self.failover.policy().attempt_deadline;
+        let result = self
+            .call_logging_since(began, &label, |address, mut client| {
+                let unanswered: Vec<usize> = lock(&answers)
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, answer)| answer.is_none().then_some(i))
+                    .collect();
+                let request = AppendBatchRequest {
+                    appends: unanswered.iter().map(|&i| appends[i].clone()).collect(),
+                };
+                let answers = &answers;
+                async move {
+                    let reply = client
+                        .append_batch(rpc::request(request, deadline))
+                        .await?
+                        .into_inner();
+                    if reply.results.len() != unanswered.len() {
+                        return Err(Status::internal(format!(
+                            "{address} answered {} results for {} appends",
+                            reply.results.len(),
+                            unanswered.len()
+                        )));
+                    }
+                    let mut answers = lock(answers);
+                    let mut again = None;
+                    for (i, result) in unanswered.into_iter().zip(reply.results) {
+                        match Code::from(result.code) {
+                            Code::Ok => answers[i] = Some(Ok(())),
+                            code if is_transient(code) => {
+                                again = Some(Status::new(code, result.error))
+                            }
+                            code => answers[i] = Some(Err(Status::new(code, result.error))),
+                        }
+                    }
+                    // Those not stored yet go to the next instance.
+                    again.map_or(Ok(()), Err)
+                }
+            })
+            .await;
+        let answers = answers.into_inner().unwrap_or_else(|p| p.into_inner());
+        answers
+            .into_iter()
+            .map(|answer| match (answer, &result) {
+                (Some(Ok(())), _) => Ok(()),
+                (Some(Err(status)), _) => Err(FailoverError::Rejected(status)),
+                (None, Err(error)) => Err(error.clone()),
+                // Unreachable: the call only succeeds once every append has an answer.
+                (None, Ok(())) => Err(FailoverError::Rejected(Status::internal(
+                    "an append was left without an answer",
+                ))),
+            })
+            .collect()
+    }
+
+    fn size(append: &BatchedAppend) -> usize {
+        append.text.len()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A read of the whole log, as it stood when it began, batch by batch. Holds one batch

@@ -2,11 +2,12 @@
 
 use std::sync::Arc;
 
+use futures_util::future::join_all;
 use proto::logging::v1 as pb;
 use rpc::request_id;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::store::{Appended, Message, MessageStore, StoreError, Stored, MAX_PAGE};
@@ -15,6 +16,8 @@ use crate::store::{Appended, Message, MessageStore, StoreError, Stored, MAX_PAGE
 pub const MAX_ID_BYTES: usize = 128;
 /// Longest message text accepted by default, in bytes (the facade's limit too).
 pub const DEFAULT_MAX_TEXT_BYTES: usize = 64 * 1024;
+/// Most appends in one AppendBatch call.
+pub const MAX_BATCH_APPENDS: usize = 1000;
 
 pub use pb::logging_server::LoggingServer;
 
@@ -31,27 +34,65 @@ impl<S: MessageStore> LoggingService<S> {
         }
     }
 
-    fn validate(&self, request: &pb::AppendRequest) -> Result<(), Status> {
-        if request.id.is_empty() {
+    fn validate(&self, id: &str, text: &str) -> Result<(), Status> {
+        if id.is_empty() {
             return Err(Status::invalid_argument("id is empty"));
         }
-        if request.id.len() > MAX_ID_BYTES {
+        if id.len() > MAX_ID_BYTES {
             return Err(Status::invalid_argument(format!(
                 "id is {} bytes, at most {MAX_ID_BYTES} allowed",
-                request.id.len()
+                id.len()
             )));
         }
-        if request.text.is_empty() {
+        if text.is_empty() {
             return Err(Status::invalid_argument("text is empty"));
         }
-        if request.text.len() > self.max_text_bytes {
+        if text.len() > self.max_text_bytes {
             return Err(Status::invalid_argument(format!(
                 "text is {} bytes, at most {} allowed",
-                request.text.len(),
+                text.len(),
                 self.max_text_bytes
             )));
         }
         Ok(())
+    }
+
+    /// Stores one message, as Append and each item of AppendBatch do: validates it,
+    /// stores it unless its id is, prints and counts what happened. `Ok(true)`: it was
+    /// already stored with this text.
+    async fn append_one(&self, request_id: &str, id: String, text: String) -> Result<bool, Status> {
+        self.validate(&id, &text)?;
+        let message = Message {
+            id: id.clone(),
+            text: text.clone(),
+        };
+        let outcome = self.store.append(message).await.map_err(|error| {
+            metrics::counter!("logging_appends_total", "outcome" => "unavailable").increment(1);
+            warn!(request_id, id, %error, "not stored");
+            status(error)
+        })?;
+        match outcome {
+            Appended::Inserted => {
+                metrics::counter!("logging_appends_total", "outcome" => "inserted").increment(1);
+                info!(request_id, id, text, "stored");
+                Ok(false)
+            }
+            Appended::Duplicate => {
+                metrics::counter!("logging_appends_total", "outcome" => "duplicate").increment(1);
+                info!(request_id, id, "duplicate: already stored, nothing changed");
+                Ok(true)
+            }
+            Appended::Conflict => {
+                metrics::counter!("logging_appends_total", "outcome" => "conflict").increment(1);
+                info!(
+                    request_id,
+                    id, "conflict: already stored with another text, nothing changed"
+                );
+                Err(Status::already_exists(format!(
+                    "id {id} is already stored with another text"
+                )))
+            }
+        }
     }
 }
 
@@ -80,41 +121,45 @@ impl<S: MessageStore> pb::logging_server::Logging for LoggingService<S> {
         request: Request<pb::AppendRequest>,
     ) -> Result<Response<pb::AppendResponse>, Status> {
         let request_id = request_id::of(&request).unwrap_or_default();
-        let request = request.into_inner();
-        self.validate(&request)?;
-        let pb::AppendRequest { id, text } = request;
-        let message = Message {
-            id: id.clone(),
-            text: text.clone(),
-        };
-        let outcome = self.store.append(message).await.map_err(|error| {
-            metrics::counter!("logging_appends_total", "outcome" => "unavailable").increment(1);
-            warn!(request_id, id, %error, "not stored");
-            status(error)
-        })?;
-        match outcome {
-            Appended::Inserted => {
-                metrics::counter!("logging_appends_total", "outcome" => "inserted").increment(1);
-                info!(request_id, id, text, "stored");
-            }
-            Appended::Duplicate => {
-                metrics::counter!("logging_appends_total", "outcome" => "duplicate").increment(1);
-                info!(request_id, id, "duplicate: already stored, nothing changed");
-            }
-            Appended::Conflict => {
-                metrics::counter!("logging_appends_total", "outcome" => "conflict").increment(1);
-                info!(
-                    request_id,
-                    id, "conflict: already stored with another text, nothing changed"
-                );
-                return Err(Status::already_exists(format!(
-                    "id {id} is already stored with another text"
-                )));
-            }
+        let pb::AppendRequest { id, text } = request.into_inner();
+        let duplicate = self.append_one(&request_id, id, text).await?;
+        Ok(Response::new(pb::AppendResponse { duplicate }))
+    }
+
+    async fn append_batch(
+        &self,
+        request: Request<pb::AppendBatchRequest>,
+    ) -> Result<Response<pb::AppendBatchResponse>, Status> {
+        let appends = request.into_inner().appends;
+        if appends.len() > MAX_BATCH_APPENDS {
+            return Err(Status::invalid_argument(format!(
+                "{} appends in one call, at most {MAX_BATCH_APPENDS} allowed",
+                appends.len()
+            )));
         }
-        Ok(Response::new(pb::AppendResponse {
-            duplicate: outcome == Appended::Duplicate,
+        // All at once: a shared store then has every write of the batch on the wire
+        // before it waits for the first acknowledgement.
+        let results = join_all(appends.into_iter().map(|append| async move {
+            let pb::BatchedAppend {
+                id,
+                text,
+                request_id,
+            } = append;
+            match self.append_one(&request_id, id, text).await {
+                Ok(duplicate) => pb::AppendResult {
+                    code: Code::Ok as i32,
+                    error: String::new(),
+                    duplicate,
+                },
+                Err(status) => pb::AppendResult {
+                    code: status.code() as i32,
+                    error: status.message().to_owned(),
+                    duplicate: false,
+                },
+            }
         }))
+        .await;
+        Ok(Response::new(pb::AppendBatchResponse { results }))
     }
 
     async fn read(
