@@ -1,7 +1,8 @@
 //! The facade: the system's front door, HTTP/JSON (curl) and gRPC (grpcurl) on one port.
 //!
 //! `POST` gives a message an id and stores it through a randomly chosen live logging
-//! instance, failing over and retrying with the same id ([`failover`]); `GET` returns
+//! instance, failing over and retrying with the same id ([`failover`]), in one call
+//! with the POSTs that arrived while the previous call was in flight ([`batch`]); `GET` returns
 //! every message plus the messages service's text. Instances are found through the
 //! registry ([`discovery`]): by default from a view the registry pushes, or with
 //! `--discovery per-call`, a lookup before every call.

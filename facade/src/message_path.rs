@@ -1,5 +1,6 @@
 //! The message path: what the facade does, independent of how it is asked (HTTP or
-//! gRPC). POST validates, makes the id and writes through [`Failover`]; a page read is
+//! gRPC). POST validates, makes the id and writes through [`Failover`], in a call
+//! shared with the POSTs that arrived meanwhile ([`crate::batch`]); a page read is
 //! one failover call; a full read ([`FullRead`]) streams the whole log from one
 //! instance and, if that instance fails midway, resumes on another that serves the same
 //! log (a shared NATS store), from the last position received.

@@ -737,9 +737,12 @@ struct Plan {
 /// with gets: about 0.3 MB in flight for short texts.
 const BLOCKS_IN_FLIGHT: usize = 32;
 /// From how many built blocks on a full read takes them through a consumer of the blocks
-/// stream rather than a get each (creating a consumer costs a round through the meta
-/// leader, a few gets' worth).
-const BLOCKS_BY_CONSUMER: u64 = 8;
+/// stream rather than a get each: creating a consumer costs a round through the meta
+/// leader, about what one round of [`BLOCKS_IN_FLIGHT`] gets costs. It was 8, and a GET
+/// of 1000 messages (10 blocks) then paid a consumer each time: `bench/run`'s GET of 1000
+/// through the facade made 187-205 req/s at one client and 475-509 at 16; with 32,
+/// 293-349 and 575-643 (with 64, 367-415 and 607-797: the same within the noise).
+const BLOCKS_BY_CONSUMER: u64 = 32;
 
 /// `start..=stop` cut where blocks begin: each piece lies within one block.
 fn block_pieces(start: u64, stop: u64) -> impl Iterator<Item = (u64, u64)> {
