@@ -330,15 +330,6 @@ pub fn get_messages(facade: SocketAddr) -> (u16, Vec<(String, String)>) {
     }
 }
 
-/// A metric without labels from the Prometheus page of the service at `addr`, read
-/// with curl; `None` when the page does not have it (yet).
-pub fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
-    let (_, _, body) = curl("GET", &format!("http://{addr}/metrics"), &[]);
-    body.lines()
-        .find_map(|line| line.strip_prefix(&format!("{name} ")))
-        .and_then(|value| value.trim().parse().ok())
-}
-
 /// The lab's `GET /messages` with curl: (status, the texts in `logs`, the whole body).
 pub fn get_lab(facade: SocketAddr) -> (u16, Vec<String>, serde_json::Value) {
     let (status, _, body) = curl("GET", &format!("http://{facade}/messages"), &[]);

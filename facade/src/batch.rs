@@ -1,13 +1,15 @@
 //! Group commit: the POSTs that arrive while earlier calls to logging are in flight go
 //! out together, as one call.
 //!
-//! A [`Batcher`] lets at most `in_flight` calls run at once. An item that arrives when
-//! a call slot is free goes out at once, alone (or with whatever else is waiting): no
-//! item ever waits for company. An item that arrives while every slot is busy waits, and
-//! the next slot to free takes everything waiting (up to `items` items and `bytes`
-//! bytes) in one call. So under light load every POST is its own call, as before, and
-//! under heavy load the cost of a call (a gRPC round trip, a lookup, the work per
-//! request on both sides) is shared by all the POSTs that queued meanwhile.
+//! A [`Batcher`] has `in_flight` call slots. An item that arrives when a slot is free
+//! goes out at once, alone (or with whatever else is waiting): no item ever waits for
+//! company. An item that arrives while every slot is busy waits, and the next slot to
+//! free takes everything waiting (up to `items` items and `bytes` bytes) in one call. So
+//! under light load every POST is its own call, as before, and under heavy load the cost
+//! of a call (a gRPC round trip, a lookup, the work per request on both sides) is shared
+//! by all the POSTs that queued meanwhile. A call that outlasts `patience` frees its
+//! slot and finishes on its own, so a hung peer holds a slot for that long, not for
+//! the call's whole deadline.
 //!
 //! The batcher knows nothing of gRPC: a [`Sink`] sends a batch and answers each item,
 //! so unit tests drive it with a fake one.
@@ -103,6 +105,7 @@ impl<S: Sink> Batcher<S> {
                 size,
                 reply,
             });
+            metrics::gauge!("facade_append_waiting").set(queue.waiting.len() as f64);
             queue.claim_slot(&self.shared.limits)
         };
         if start {
@@ -147,6 +150,8 @@ impl<S: Sink> Queue<S> {
         }
         if batch.is_empty() {
             self.slots -= 1;
+        } else {
+            metrics::gauge!("facade_append_waiting").set(self.waiting.len() as f64);
         }
         batch
     }
@@ -340,10 +345,10 @@ mod tests {
     async fn batches_keep_to_the_item_and_byte_limits_and_the_slot_count() {
         let sink = Recorder::new(true);
         let batcher = Arc::new(Batcher::new(limits(2, 3, 100)));
-        let mut tasks = vec![
-            spawn_submit(&batcher, &sink, 1),
-            spawn_submit(&batcher, &sink, 2),
-        ];
+        // One at a time, so each takes a slot of its own.
+        let mut tasks = vec![spawn_submit(&batcher, &sink, 1)];
+        until(|| sink.calls_running.load(Ordering::SeqCst) == 1).await;
+        tasks.push(spawn_submit(&batcher, &sink, 2));
         until(|| sink.calls_running.load(Ordering::SeqCst) == 2).await;
         // Waiting: four of 1 byte (three fill a batch), then 60 and 50 (110 > 100
         // bytes), then one of 500 (over the limit: alone), then 1.

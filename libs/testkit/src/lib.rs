@@ -331,6 +331,15 @@ pub fn grpcurl_json(addr: SocketAddr, method: &str, body: Option<&str>) -> serde
     })
 }
 
+/// A metric without labels from the Prometheus page of the service at `addr`, read
+/// with curl; `None` when the page does not have it (yet).
+pub fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
+    let (_, _, body) = curl("GET", &format!("http://{addr}/metrics"), &[]);
+    body.lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .and_then(|value| value.trim().parse().ok())
+}
+
 /// Runs curl and returns (HTTP status, headers, body). `args` go before the URL.
 pub fn curl(method: &str, url: &str, args: &[&str]) -> (u16, String, String) {
     let output = Command::new("curl")

@@ -1,0 +1,178 @@
+//! Group commit against a logging instance that answers some appends UNAVAILABLE: only
+//! those are sent again, and every POST is answered and stored once. The instance is
+//! the real logging service over a memory store, wrapped to hold its first call and to
+//! refuse each `flaky` message the first time it sees it.
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use config_server::RegistryConfig;
+use logging::{
+    service::{LoggingServer, LoggingService},
+    store::{MemoryStore, MessageStore},
+};
+use proto::logging::v1::{
+    logging_server::Logging, AppendBatchRequest, AppendBatchResponse, AppendRequest,
+    AppendResponse, AppendResult, ReadRequest, ReadResponse, StreamRequest,
+};
+use testkit::{curl_post, eventually, metric};
+use tokio::{net::TcpListener, sync::Notify};
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Request, Response, Status};
+
+struct Flaky {
+    inner: LoggingService<MemoryStore>,
+    /// The texts of every AppendBatch call, in order.
+    calls: Mutex<Vec<Vec<String>>>,
+    /// `flaky` texts already refused once.
+    refused: Mutex<HashSet<String>>,
+    first_call: Notify,
+    release_first: Notify,
+}
+
+#[tonic::async_trait]
+impl Logging for Flaky {
+    async fn append(
+        &self,
+        request: Request<AppendRequest>,
+    ) -> Result<Response<AppendResponse>, Status> {
+        self.inner.append(request).await
+    }
+
+    async fn append_batch(
+        &self,
+        request: Request<AppendBatchRequest>,
+    ) -> Result<Response<AppendBatchResponse>, Status> {
+        let appends = request.into_inner().appends;
+        let first = {
+            let mut calls = self.calls.lock().unwrap();
+            calls.push(appends.iter().map(|a| a.text.clone()).collect());
+            calls.len() == 1
+        };
+        if first {
+            // Hold the first call, so the POSTs sent meanwhile queue behind it.
+            self.first_call.notify_one();
+            self.release_first.notified().await;
+        }
+        let mut results = Vec::new();
+        for append in appends {
+            let refuse = append.text.starts_with("flaky")
+                && self.refused.lock().unwrap().insert(append.text.clone());
+            if refuse {
+                results.push(AppendResult {
+                    code: Code::Unavailable as i32,
+                    error: "not now".into(),
+                    duplicate: false,
+                });
+                continue;
+            }
+            let one = AppendBatchRequest {
+                appends: vec![append],
+            };
+            let answer = self.inner.append_batch(Request::new(one)).await?;
+            results.extend(answer.into_inner().results);
+        }
+        Ok(Response::new(AppendBatchResponse { results }))
+    }
+
+    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
+        self.inner.read(request).await
+    }
+
+    type StreamStream = <LoggingService<MemoryStore> as Logging>::StreamStream;
+
+    async fn stream(
+        &self,
+        request: Request<StreamRequest>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        self.inner.stream(request).await
+    }
+}
+
+async fn bind() -> (TcpListener, SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    (listener, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_answered_unavailable_are_sent_again_alone_and_stored_once() {
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let store = Arc::new(MemoryStore::default());
+    let flaky = Arc::new(Flaky {
+        inner: LoggingService::new(Arc::clone(&store), 64 * 1024),
+        calls: Mutex::default(),
+        refused: Mutex::default(),
+        first_call: Notify::new(),
+        release_first: Notify::new(),
+    });
+    let (logging_listener, logging) = bind().await;
+    let (routes, _health) = rpc::routes().expect("routes");
+    let routes = routes.add_service(LoggingServer::from_arc(Arc::clone(&flaky)));
+    tokio::spawn(rpc::serve(
+        logging_listener,
+        routes,
+        rpc::http_router(),
+        shutdown.clone(),
+    ));
+    let (registry_listener, registry) = bind().await;
+    let registry_config = RegistryConfig {
+        static_entries: vec![("logging".into(), logging.to_string())],
+        ..RegistryConfig::default()
+    };
+    tokio::spawn(config_server::serve(
+        registry_listener,
+        registry_config,
+        shutdown.clone(),
+    ));
+    let (facade_listener, facade) = bind().await;
+    let mut config = facade::Config::new(facade, &registry.to_string());
+    // One call at a time; the held first call keeps its slot and is not given up on.
+    config.append_calls = 1;
+    config.append_patience = Duration::from_secs(30);
+    config.attempt_deadline = Duration::from_secs(10);
+    config.retry_budget = Duration::from_secs(30);
+    tokio::spawn(facade::serve(facade_listener, config, shutdown.clone()));
+    testkit::wait_serving(facade).await;
+
+    let first = tokio::task::spawn_blocking(move || curl_post(facade, "first"));
+    flaky.first_call.notified().await;
+    let others: Vec<_> = ["ok", "flaky"]
+        .into_iter()
+        .map(|text| tokio::task::spawn_blocking(move || curl_post(facade, text)))
+        .collect();
+    eventually(
+        Duration::from_secs(10),
+        "two POSTs waiting in the facade",
+        || async { metric(facade, "facade_append_waiting") == Some(2.0) },
+    )
+    .await;
+    flaky.release_first.notify_one();
+    for post in std::iter::once(first).chain(others) {
+        let (status, reply) = post.await.expect("curl");
+        assert_eq!(status, 201, "{reply}");
+    }
+
+    let calls = flaky.calls.lock().unwrap().clone();
+    let mut second = calls.get(1).cloned().unwrap_or_default();
+    second.sort();
+    assert_eq!(
+        (calls.len(), calls[0].clone(), second, calls.get(2).cloned()),
+        (
+            3,
+            vec!["first".to_owned()],
+            vec!["flaky".to_owned(), "ok".to_owned()],
+            Some(vec!["flaky".to_owned()])
+        ),
+        "the two POSTs sent during the first call share the second; only the refused one goes again: {calls:?}"
+    );
+    let page = store.read(0, 10).await.expect("read");
+    let mut stored: Vec<String> = page.messages.into_iter().map(|m| m.text).collect();
+    stored.sort();
+    assert_eq!(stored, ["first", "flaky", "ok"]);
+}
