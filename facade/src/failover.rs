@@ -168,27 +168,10 @@ impl Failover {
     }
 
     /// Runs `call` on instances from `lookup` until one answers, or the budget is spent.
-    /// `request_id` only labels the log lines of failed attempts.
+    /// The budget counts from `began`, when the request began (a POST that waited for a
+    /// batch has had part of it already). `request_id` only labels the log lines of
+    /// failed attempts.
     pub async fn run<T, L, LF, C, CF>(
-        &self,
-        service: &str,
-        request_id: &str,
-        lookup: L,
-        call: C,
-    ) -> Result<T, FailoverError>
-    where
-        L: Fn() -> LF,
-        LF: Future<Output = Vec<String>>,
-        C: Fn(String) -> CF,
-        CF: Future<Output = Result<T, Status>>,
-    {
-        self.run_since(Instant::now(), service, request_id, lookup, call)
-            .await
-    }
-
-    /// [`run`](Self::run) for a request that began at `began`: the budget counts from
-    /// then (a POST that waited for a batch has had part of it already).
-    pub async fn run_since<T, L, LF, C, CF>(
         &self,
         began: Instant,
         service: &str,
@@ -262,6 +245,10 @@ impl Failover {
         for address in self.order(lookup().await) {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
+                if attempts.load(Ordering::Relaxed) == 0 {
+                    // A request that waited its whole budget for a call (a batch).
+                    last = "the time budget was spent before any attempt".to_owned();
+                }
                 break;
             }
             attempts.fetch_add(1, Ordering::Relaxed);
@@ -341,18 +328,24 @@ mod tests {
         let dead_calls = AtomicUsize::new(0);
         for _ in 0..40 {
             let result = failover
-                .run("logging", "test", instances(&["dead", "live"]), |address| {
-                    if address == "dead" {
-                        dead_calls.fetch_add(1, Ordering::SeqCst);
-                    }
-                    async move {
+                .run(
+                    Instant::now(),
+                    "logging",
+                    "test",
+                    instances(&["dead", "live"]),
+                    |address| {
                         if address == "dead" {
-                            Err(Status::unavailable("connection refused"))
-                        } else {
-                            Ok(address)
+                            dead_calls.fetch_add(1, Ordering::SeqCst);
                         }
-                    }
-                })
+                        async move {
+                            if address == "dead" {
+                                Err(Status::unavailable("connection refused"))
+                            } else {
+                                Ok(address)
+                            }
+                        }
+                    },
+                )
                 .await;
             assert_eq!(result.expect("served by the live one"), "live");
         }
@@ -373,6 +366,7 @@ mod tests {
         let started = Instant::now();
         let result = failover
             .run(
+                Instant::now(),
                 "logging",
                 "test",
                 instances(&["hung", "live"]),
@@ -393,10 +387,16 @@ mod tests {
         let failover = Failover::new(policy(), &CancellationToken::new());
         let calls = AtomicUsize::new(0);
         let result: Result<(), _> = failover
-            .run("logging", "test", instances(&["a", "b", "c"]), |_| {
-                calls.fetch_add(1, Ordering::SeqCst);
-                async { Err(Status::invalid_argument("text is empty")) }
-            })
+            .run(
+                Instant::now(),
+                "logging",
+                "test",
+                instances(&["a", "b", "c"]),
+                |_| {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    async { Err(Status::invalid_argument("text is empty")) }
+                },
+            )
             .await;
         assert!(
             matches!(result, Err(FailoverError::Rejected(s)) if s.code() == Code::InvalidArgument)
@@ -412,6 +412,7 @@ mod tests {
         let started = Instant::now();
         let result: Result<(), _> = failover
             .run(
+                Instant::now(),
                 "logging",
                 "test",
                 || {
@@ -451,13 +452,36 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_budget_counts_from_when_the_request_began() {
+        let failover = Failover::new(policy(), &CancellationToken::new());
+        let calls = AtomicUsize::new(0);
+        // A request that began a budget ago (it waited for a batch that long): no attempt.
+        tokio::time::advance(policy().budget * 2).await;
+        let began = Instant::now() - policy().budget;
+        let result: Result<(), _> = failover
+            .run(began, "logging", "test", instances(&["a"]), |_| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Ok(()) }
+            })
+            .await;
+        match result {
+            Err(FailoverError::Exhausted { attempts, last, .. }) => {
+                assert_eq!(attempts, 0);
+                assert!(last.contains("budget was spent"), "{last}");
+            }
+            other => panic!("expected Exhausted, got {other:?}"),
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn shutdown_ends_the_retries_at_once() {
         let shutdown = CancellationToken::new();
         let failover = Failover::new(policy(), &shutdown);
         let stopper = shutdown.clone();
         let started = Instant::now();
         let result: Result<(), _> = failover
-            .run("logging", "test", instances(&["a"]), |_| {
+            .run(Instant::now(), "logging", "test", instances(&["a"]), |_| {
                 stopper.cancel();
                 async { Err(Status::unavailable("down")) }
             })
@@ -475,6 +499,7 @@ mod tests {
         let lookups = AtomicUsize::new(0);
         let result = failover
             .run(
+                Instant::now(),
                 "logging",
                 "test",
                 || {

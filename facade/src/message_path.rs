@@ -325,7 +325,7 @@ impl Facade {
         let after = after.map(position).transpose()?.unwrap_or(0);
         let deadline = self.failover.policy().attempt_deadline;
         let reply = self
-            .call_logging(request_id, |_, mut client| {
+            .call_logging(Instant::now(), request_id, |_, mut client| {
                 let request =
                     logging_request(ReadRequest { after, limit }, Some(deadline), request_id);
                 async move { client.read(request).await }
@@ -380,7 +380,7 @@ impl Facade {
         until: u64,
         log: Option<&str>,
     ) -> Result<(Streaming<StreamResponse>, StreamResponse), FailoverError> {
-        self.call_logging(request_id, |address, mut client| {
+        self.call_logging(Instant::now(), request_id, |address, mut client| {
             // No deadline in the header: it would bound the whole stream. The failover
             // bounds opening it (to the first answer) locally.
             let request = logging_request(StreamRequest { after, until }, None, request_id);
@@ -401,19 +401,10 @@ impl Facade {
         .await
     }
 
-    /// One call to a live logging instance through the failover: `call` gets the
-    /// instance's address and a client on its pooled channel.
-    async fn call_logging<T, C, CF>(&self, request_id: &str, call: C) -> Result<T, FailoverError>
-    where
-        C: Fn(String, LoggingClient<Channel>) -> CF,
-        CF: std::future::Future<Output = Result<T, Status>>,
-    {
-        self.call_logging_since(Instant::now(), request_id, call)
-            .await
-    }
-
-    /// [`call_logging`](Self::call_logging) for a request that began at `began`.
-    async fn call_logging_since<T, C, CF>(
+    /// One call to a live logging instance through the failover, for a request that
+    /// began at `began`: `call` gets the instance's address and a client on its pooled
+    /// channel.
+    async fn call_logging<T, C, CF>(
         &self,
         began: Instant,
         request_id: &str,
@@ -424,7 +415,7 @@ impl Facade {
         CF: std::future::Future<Output = Result<T, Status>>,
     {
         self.failover
-            .run_since(
+            .run(
                 began,
                 LOGGING,
                 request_id,
@@ -496,7 +487,7 @@ impl Sink for Facade {
         let answers: Mutex<Vec<Option<Result<(), Status>>>> = Mutex::new(vec![None; appends.len()]);
         let deadline = self.failover.policy().attempt_deadline;
         let result = self
-            .call_logging_since(began, &label, |address, mut client| {
+            .call_logging(began, &label, |address, mut client| {
                 let unanswered: Vec<usize> = lock(&answers)
                     .iter()
                     .enumerate()
