@@ -17,10 +17,11 @@ use std::{
 };
 
 use dashmap::DashMap;
+use futures_util::future::join_all;
 use proto::{
     logging::v1::{
-        logging_client::LoggingClient, AppendBatchRequest, BatchedAppend, ReadRequest,
-        StreamRequest, StreamResponse,
+        logging_client::LoggingClient, AppendBatchRequest, AppendRequest, AppendResult,
+        BatchedAppend, ReadRequest, StreamRequest, StreamResponse,
     },
     messages::v1::{messages_client::MessagesClient, GetRequest},
 };
@@ -496,22 +497,28 @@ impl Sink for Facade {
                 let request = AppendBatchRequest {
                     appends: unanswered.iter().map(|&i| appends[i].clone()).collect(),
                 };
-                let answers = &answers;
+                let (answers, appends) = (&answers, &appends);
                 async move {
-                    let reply = client
-                        .append_batch(rpc::request(request, deadline))
-                        .await?
-                        .into_inner();
-                    if reply.results.len() != unanswered.len() {
+                    let results = match client.append_batch(rpc::request(request, deadline)).await {
+                        Ok(reply) => reply.into_inner().results,
+                        // An instance from before AppendBatch (a rolling upgrade): the
+                        // same appends, a call each.
+                        Err(status) if status.code() == Code::Unimplemented => {
+                            let one_by_one = unanswered.iter().map(|&i| appends[i].clone());
+                            append_one_by_one(&client, one_by_one, deadline).await
+                        }
+                        Err(status) => return Err(status),
+                    };
+                    if results.len() != unanswered.len() {
                         return Err(Status::internal(format!(
                             "{address} answered {} results for {} appends",
-                            reply.results.len(),
+                            results.len(),
                             unanswered.len()
                         )));
                     }
                     let mut answers = lock(answers);
                     let mut again = None;
-                    for (i, result) in unanswered.into_iter().zip(reply.results) {
+                    for (i, result) in unanswered.into_iter().zip(results) {
                         match Code::from(result.code) {
                             Code::Ok => answers[i] = Some(Ok(())),
                             code if is_transient(code) => {
@@ -543,6 +550,38 @@ impl Sink for Facade {
     fn size(append: &BatchedAppend) -> usize {
         append.text.len()
     }
+}
+
+/// Sends each append as its own `Append` call, all at once, and answers as
+/// `AppendBatch` would.
+async fn append_one_by_one(
+    client: &LoggingClient<Channel>,
+    appends: impl Iterator<Item = BatchedAppend>,
+    deadline: Duration,
+) -> Vec<AppendResult> {
+    join_all(appends.map(|append| {
+        let mut client = client.clone();
+        async move {
+            let message = AppendRequest {
+                id: append.id,
+                text: append.text,
+            };
+            let request = logging_request(message, Some(deadline), &append.request_id);
+            match client.append(request).await {
+                Ok(reply) => AppendResult {
+                    code: Code::Ok as i32,
+                    error: String::new(),
+                    duplicate: reply.into_inner().duplicate,
+                },
+                Err(status) => AppendResult {
+                    code: status.code() as i32,
+                    error: status.message().to_owned(),
+                    duplicate: false,
+                },
+            }
+        }
+    }))
+    .await
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

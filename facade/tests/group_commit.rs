@@ -3,14 +3,14 @@
 //! the real logging service over a memory store, wrapped to hold its first call and to
 //! refuse each `flaky` message the first time it sees it.
 
+mod support;
+
 use std::{
     collections::HashSet,
-    net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use config_server::RegistryConfig;
 use logging::{
     service::{LoggingServer, LoggingService},
     store::{MemoryStore, MessageStore},
@@ -20,7 +20,7 @@ use proto::logging::v1::{
     AppendResponse, AppendResult, ReadRequest, ReadResponse, StreamRequest,
 };
 use testkit::{curl_post, eventually, metric};
-use tokio::{net::TcpListener, sync::Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
 
@@ -93,12 +93,6 @@ impl Logging for Flaky {
     }
 }
 
-async fn bind() -> (TcpListener, SocketAddr) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    (listener, addr)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_answered_unavailable_are_sent_again_alone_and_stored_once() {
     let shutdown = CancellationToken::new();
@@ -111,34 +105,19 @@ async fn appends_answered_unavailable_are_sent_again_alone_and_stored_once() {
         first_call: Notify::new(),
         release_first: Notify::new(),
     });
-    let (logging_listener, logging) = bind().await;
-    let (routes, _health) = rpc::routes().expect("routes");
-    let routes = routes.add_service(LoggingServer::from_arc(Arc::clone(&flaky)));
-    tokio::spawn(rpc::serve(
-        logging_listener,
-        routes,
-        rpc::http_router(),
-        shutdown.clone(),
-    ));
-    let (registry_listener, registry) = bind().await;
-    let registry_config = RegistryConfig {
-        static_entries: vec![("logging".into(), logging.to_string())],
-        ..RegistryConfig::default()
-    };
-    tokio::spawn(config_server::serve(
-        registry_listener,
-        registry_config,
-        shutdown.clone(),
-    ));
-    let (facade_listener, facade) = bind().await;
-    let mut config = facade::Config::new(facade, &registry.to_string());
-    // One call at a time; the held first call keeps its slot and is not given up on.
-    config.append_calls = 1;
-    config.append_patience = Duration::from_secs(30);
-    config.attempt_deadline = Duration::from_secs(10);
-    config.retry_budget = Duration::from_secs(30);
-    tokio::spawn(facade::serve(facade_listener, config, shutdown.clone()));
-    testkit::wait_serving(facade).await;
+    let facade = support::facade_over(
+        LoggingServer::from_arc(Arc::clone(&flaky)),
+        &shutdown,
+        |config| {
+            // One call at a time; the held first call keeps its slot and is not given
+            // up on.
+            config.append_calls = 1;
+            config.append_patience = Duration::from_secs(30);
+            config.attempt_deadline = Duration::from_secs(10);
+            config.retry_budget = Duration::from_secs(30);
+        },
+    )
+    .await;
 
     let first = tokio::task::spawn_blocking(move || curl_post(facade, "first"));
     flaky.first_call.notified().await;
