@@ -12,20 +12,21 @@ use std::{
 };
 
 use logging::{
-    service::{LoggingServer, LoggingService},
+    service::LoggingService,
     store::{MemoryStore, MessageStore},
 };
 use proto::logging::v1::{
-    logging_server::Logging, AppendBatchRequest, AppendBatchResponse, AppendRequest,
-    AppendResponse, AppendResult, ReadRequest, ReadResponse, StreamRequest,
+    logging_server::Logging as _, AppendBatchRequest, AppendBatchResponse, AppendResult,
 };
+use support::{AppendBatch, Wrapped};
 use testkit::{curl_post, eventually, metric};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
 
+/// Holds its first call until released, and refuses each `flaky` text once.
+#[derive(Default)]
 struct Flaky {
-    inner: LoggingService<MemoryStore>,
     /// The texts of every AppendBatch call, in order.
     calls: Mutex<Vec<Vec<String>>>,
     /// `flaky` texts already refused once.
@@ -35,16 +36,10 @@ struct Flaky {
 }
 
 #[tonic::async_trait]
-impl Logging for Flaky {
-    async fn append(
-        &self,
-        request: Request<AppendRequest>,
-    ) -> Result<Response<AppendResponse>, Status> {
-        self.inner.append(request).await
-    }
-
+impl AppendBatch for Flaky {
     async fn append_batch(
         &self,
+        real: &LoggingService<MemoryStore>,
         request: Request<AppendBatchRequest>,
     ) -> Result<Response<AppendBatchResponse>, Status> {
         let appends = request.into_inner().appends;
@@ -73,23 +68,10 @@ impl Logging for Flaky {
             let one = AppendBatchRequest {
                 appends: vec![append],
             };
-            let answer = self.inner.append_batch(Request::new(one)).await?;
+            let answer = real.append_batch(Request::new(one)).await?;
             results.extend(answer.into_inner().results);
         }
         Ok(Response::new(AppendBatchResponse { results }))
-    }
-
-    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
-        self.inner.read(request).await
-    }
-
-    type StreamStream = <LoggingService<MemoryStore> as Logging>::StreamStream;
-
-    async fn stream(
-        &self,
-        request: Request<StreamRequest>,
-    ) -> Result<Response<Self::StreamStream>, Status> {
-        self.inner.stream(request).await
     }
 }
 
@@ -98,25 +80,16 @@ async fn appends_answered_unavailable_are_sent_again_alone_and_stored_once() {
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
     let store = Arc::new(MemoryStore::default());
-    let flaky = Arc::new(Flaky {
-        inner: LoggingService::new(Arc::clone(&store), 64 * 1024),
-        calls: Mutex::default(),
-        refused: Mutex::default(),
-        first_call: Notify::new(),
-        release_first: Notify::new(),
-    });
-    let facade = support::facade_over(
-        LoggingServer::from_arc(Arc::clone(&flaky)),
-        &shutdown,
-        |config| {
-            // One call at a time; the held first call keeps its slot and is not given
-            // up on.
-            config.append_calls = 1;
-            config.append_patience = Duration::from_secs(30);
-            config.attempt_deadline = Duration::from_secs(10);
-            config.retry_budget = Duration::from_secs(30);
-        },
-    )
+    let wrapped = Wrapped::new(&store, Flaky::default());
+    let flaky = &wrapped.batch;
+    let facade = support::facade_over(&wrapped, &shutdown, |config| {
+        // One call at a time; the held first call keeps its slot and is not given
+        // up on.
+        config.append_calls = 1;
+        config.append_patience = Duration::from_secs(30);
+        config.attempt_deadline = Duration::from_secs(10);
+        config.retry_budget = Duration::from_secs(30);
+    })
     .await;
 
     let first = tokio::task::spawn_blocking(move || curl_post(facade, "first"));

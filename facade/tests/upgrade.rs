@@ -8,49 +8,26 @@ mod support;
 use std::sync::Arc;
 
 use logging::{
-    service::{LoggingServer, LoggingService},
+    service::LoggingService,
     store::{MemoryStore, MessageStore},
 };
-use proto::logging::v1::{
-    logging_server::Logging, AppendBatchRequest, AppendBatchResponse, AppendRequest,
-    AppendResponse, ReadRequest, ReadResponse, StreamRequest,
-};
+use proto::logging::v1::{AppendBatchRequest, AppendBatchResponse};
+use support::{AppendBatch, Wrapped};
 use testkit::curl_post;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 /// A logging instance from before AppendBatch: tonic answers UNIMPLEMENTED for it.
-struct Old {
-    inner: LoggingService<MemoryStore>,
-}
+struct Old;
 
 #[tonic::async_trait]
-impl Logging for Old {
-    async fn append(
-        &self,
-        request: Request<AppendRequest>,
-    ) -> Result<Response<AppendResponse>, Status> {
-        self.inner.append(request).await
-    }
-
+impl AppendBatch for Old {
     async fn append_batch(
         &self,
+        _: &LoggingService<MemoryStore>,
         _: Request<AppendBatchRequest>,
     ) -> Result<Response<AppendBatchResponse>, Status> {
         Err(Status::unimplemented("this logging predates AppendBatch"))
-    }
-
-    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
-        self.inner.read(request).await
-    }
-
-    type StreamStream = <LoggingService<MemoryStore> as Logging>::StreamStream;
-
-    async fn stream(
-        &self,
-        request: Request<StreamRequest>,
-    ) -> Result<Response<Self::StreamStream>, Status> {
-        self.inner.stream(request).await
     }
 }
 
@@ -59,10 +36,7 @@ async fn a_logging_instance_without_append_batch_still_takes_every_post() {
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
     let store = Arc::new(MemoryStore::default());
-    let old = Old {
-        inner: LoggingService::new(Arc::clone(&store), 64 * 1024),
-    };
-    let facade = support::facade_over(LoggingServer::new(old), &shutdown, |_| {}).await;
+    let facade = support::facade_over(&Wrapped::new(&store, Old), &shutdown, |_| {}).await;
 
     let posts: Vec<_> = (0..8)
         .map(|i| tokio::task::spawn_blocking(move || curl_post(facade, &format!("old {i}"))))
