@@ -275,7 +275,7 @@ impl StorePlan {
             (StoreMode::Memory, _) => return Ok(Self::Memory),
             (StoreMode::Nats | StoreMode::Auto, Some(program)) => program,
             (StoreMode::Nats, None) => anyhow::bail!(
-                "--store nats needs nats-server: run scripts/setup (or apt-get install nats-server)"
+                "--store nats needs nats-server 2.12 or newer: run scripts/setup (it installs 2.15.1 under .tools/), or set NATS_SERVER"
             ),
             (StoreMode::Auto, None) => {
                 println!(

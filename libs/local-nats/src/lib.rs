@@ -10,20 +10,20 @@ use std::{
 use retry::{Retry, RetryError};
 use tokio_util::sync::CancellationToken;
 
-/// The `nats-server` binary: `$NATS_SERVER`, else on PATH, else the one scripts/setup
-/// linked under `.tools/bin` of the repository.
+/// The `nats-server` binary: `$NATS_SERVER`, else the one scripts/setup installed under
+/// `.tools/bin` of the repository (the version the store is tested on), else one on PATH.
 pub fn server_path() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("NATS_SERVER") {
         return Some(PathBuf::from(path));
     }
-    let on_path = std::env::var_os("PATH").and_then(|paths| {
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools/bin/nats-server");
+    if local.is_file() {
+        return Some(local);
+    }
+    std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|dir| dir.join("nats-server"))
             .find(|candidate| candidate.is_file())
-    });
-    on_path.or_else(|| {
-        let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools/bin/nats-server");
-        local.is_file().then_some(local)
     })
 }
 

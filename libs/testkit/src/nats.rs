@@ -16,6 +16,7 @@ pub struct Nats {
     pub nodes: Vec<local_nats::Node>,
     procs: Vec<Option<Proc>>,
     dir: PathBuf,
+    program: PathBuf,
 }
 
 impl Nats {
@@ -30,6 +31,13 @@ impl Nats {
 
     /// One JetStream server (R1).
     pub async fn single() -> Self {
+        let program =
+            local_nats::server_path().expect("nats-server is not installed: run scripts/setup");
+        Self::single_of(program).await
+    }
+
+    /// One JetStream server (R1) of the binary `program`.
+    pub async fn single_of(program: PathBuf) -> Self {
         let dir = Self::data_dir();
         let nodes = vec![local_nats::Node {
             name: "nats-1".into(),
@@ -37,23 +45,26 @@ impl Nats {
             cluster_port: None,
             data_dir: dir.join("node-1"),
         }];
-        Self::start(nodes, dir).await
+        Self::start(nodes, dir, program).await
     }
 
     /// A cluster of `size` nodes (R3 streams need three).
     pub async fn cluster(size: usize) -> Self {
+        let program =
+            local_nats::server_path().expect("nats-server is not installed: run scripts/setup");
         let dir = Self::data_dir();
         let client: Vec<u16> = (0..size).map(|_| free_port()).collect();
         let cluster: Vec<u16> = (0..size).map(|_| free_port()).collect();
         let nodes = local_nats::cluster(&client, &cluster, &dir);
-        Self::start(nodes, dir).await
+        Self::start(nodes, dir, program).await
     }
 
-    async fn start(nodes: Vec<local_nats::Node>, dir: PathBuf) -> Self {
+    async fn start(nodes: Vec<local_nats::Node>, dir: PathBuf, program: PathBuf) -> Self {
         let mut nats = Self {
             procs: nodes.iter().map(|_| None).collect(),
             nodes,
             dir,
+            program,
         };
         for i in 0..nats.nodes.len() {
             nats.start_node(i);
@@ -74,12 +85,10 @@ impl Nats {
 
     /// Starts node `i` (again, after a kill: same ports, same data).
     pub fn start_node(&mut self, i: usize) {
-        let program =
-            local_nats::server_path().expect("nats-server is not installed: run scripts/setup");
         let node = &self.nodes[i];
         let args = node.args(&self.nodes);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.procs[i] = Some(Proc::spawn(&node.name, &program, &args));
+        self.procs[i] = Some(Proc::spawn(&node.name, &self.program, &args));
     }
 
     /// kill -9 of node `i`.
