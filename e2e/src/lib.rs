@@ -370,7 +370,7 @@ pub async fn seed_nats(
         let id = format!("{prefix}-{i}");
         let body = text(i);
         let message = PublishMessage::build()
-            .message_id(&id)
+            .expected_last_subject_sequence(0)
             .payload(body.clone().into());
         let ack = jetstream
             .send_publish(format!("messages.{id}"), message)

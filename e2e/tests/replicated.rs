@@ -291,3 +291,31 @@ async fn a_read_right_after_an_acknowledged_write_sees_it_through_every_instance
         );
     }
 }
+
+/// A nats-server older than the store needs (2.11, installed by `SETUP_TEST=1
+/// scripts/setup`) is refused at start-up: logging exits with an error naming the
+/// minimum version and where to get one, instead of failing on the first batch.
+#[tokio::test]
+async fn logging_refuses_a_nats_server_older_than_2_12_and_says_why() {
+    let old = e2e::repo_root().join(".tools/nats-server-2.11.11/nats-server");
+    assert!(
+        old.is_file(),
+        "{} is missing: run SETUP_TEST=1 scripts/setup (scripts/test does)",
+        old.display()
+    );
+    let nats = Nats::single_of(old).await;
+    let port = e2e::free_port().to_string();
+    let registry = format!("http://127.0.0.1:{}", e2e::free_port());
+    let store = nats.urls();
+    let mut logging = e2e::Proc::start(
+        "logging",
+        "logging",
+        &[&port, "--store", &store, "--registry", &registry],
+    );
+    let status = logging.wait_exit(Duration::from_secs(20)).await;
+    let output = logging.output();
+    assert!(!status.success(), "{status}; output:\n{output}");
+    for says in ["nats-server 2.11.11", "too old", "2.12.0 or newer", "scripts/setup"] {
+        assert!(output.contains(says), "says {says:?}:\n{output}");
+    }
+}

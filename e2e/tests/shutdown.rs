@@ -38,7 +38,7 @@ async fn logging_with_an_unreachable_store_stops_on_sigint_and_sigterm() {
         let port = free_port().to_string();
         let took = stops_while_waiting(
             &[&port, "--store", &store, "--registry", &registry],
-            &format!("store: opening stream MESSAGES on JetStream at {store}"),
+            &format!("store: reaching JetStream at {store}"),
             signal,
         )
         .await;

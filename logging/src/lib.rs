@@ -19,10 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use service::{LoggingServer, LoggingService, DEFAULT_MAX_TEXT_BYTES};
-use store::{
-    nats::DEFAULT_CACHE_BLOCKS, CacheLimits, MemoryLimits, MemoryStore, MessageStore, NatsConfig,
-    NatsStore, Retention,
-};
+use store::{MemoryLimits, MemoryStore, MessageStore, NatsConfig, NatsStore, Retention};
 
 /// The name instances register under.
 pub const SERVICE: &str = "logging";
@@ -77,20 +74,6 @@ pub struct Config {
     /// NATS store: keep at most this many messages, dropping the oldest [default: all].
     #[arg(long)]
     pub retention_max_messages: Option<u64>,
-
-    /// NATS store: how many of the newest messages to keep in memory for reads of the
-    /// end of the log (0: none).
-    #[arg(long, default_value_t = CacheLimits::default().max_messages)]
-    pub cache_messages: usize,
-
-    /// NATS store: most bytes of message text in that cache.
-    #[arg(long, default_value_t = CacheLimits::default().max_bytes)]
-    pub cache_bytes: usize,
-
-    /// NATS store: how many blocks of 100 messages that pages read to keep in memory,
-    /// so a client walking the log page by page reads each from the cluster once (0: none).
-    #[arg(long, default_value_t = DEFAULT_CACHE_BLOCKS)]
-    pub cache_blocks: usize,
 
     #[command(flatten)]
     pub log: telemetry::LogArgs,
@@ -213,11 +196,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 max_bytes: config.retention_max_bytes,
                 max_messages: config.retention_max_messages,
             };
-            nats.cache = CacheLimits {
-                max_messages: config.cache_messages,
-                max_bytes: config.cache_bytes,
-            };
-            nats.cache_blocks = config.cache_blocks;
             let store = match NatsStore::connect(nats, &shutdown).await {
                 Ok(store) => Arc::new(store),
                 Err(_) if shutdown.is_cancelled() => {

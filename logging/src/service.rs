@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use futures_util::future::join_all;
 use proto::logging::v1 as pb;
 use rpc::request_id;
 use tokio::sync::mpsc;
@@ -57,16 +56,15 @@ impl<S: MessageStore> LoggingService<S> {
         Ok(())
     }
 
-    /// Stores one message, as Append and each item of AppendBatch do: validates it,
-    /// stores it unless its id is, prints and counts what happened. `Ok(true)`: it was
-    /// already stored with this text.
-    async fn append_one(&self, request_id: &str, id: String, text: String) -> Result<bool, Status> {
-        self.validate(&id, &text)?;
-        let message = Message {
-            id: id.clone(),
-            text: text.clone(),
-        };
-        let outcome = self.store.append(message).await.map_err(|error| {
+    /// Prints and counts what happened to one append (of Append, or an item of
+    /// AppendBatch) and answers it: `Ok(true)` when it was already stored with this text.
+    fn answer(
+        request_id: &str,
+        message: &Message,
+        outcome: Result<Appended, StoreError>,
+    ) -> Result<bool, Status> {
+        let Message { id, text } = message;
+        let outcome = outcome.map_err(|error| {
             metrics::counter!("logging_appends_total", "outcome" => "unavailable").increment(1);
             warn!(request_id, id, %error, "not stored");
             status(error)
@@ -122,7 +120,10 @@ impl<S: MessageStore> pb::logging_server::Logging for LoggingService<S> {
     ) -> Result<Response<pb::AppendResponse>, Status> {
         let request_id = request_id::of(&request).unwrap_or_default();
         let pb::AppendRequest { id, text } = request.into_inner();
-        let duplicate = self.append_one(&request_id, id, text).await?;
+        self.validate(&id, &text)?;
+        let message = Message { id, text };
+        let outcome = self.store.append(message.clone()).await;
+        let duplicate = Self::answer(&request_id, &message, outcome)?;
         Ok(Response::new(pb::AppendResponse { duplicate }))
     }
 
@@ -137,28 +138,52 @@ impl<S: MessageStore> pb::logging_server::Logging for LoggingService<S> {
                 appends.len()
             )));
         }
-        // All at once: a shared store then has every write of the batch on the wire
-        // before it waits for the first acknowledgement.
-        let results = join_all(appends.into_iter().map(|append| async move {
-            let pb::BatchedAppend {
-                id,
-                text,
-                request_id,
-            } = append;
-            match self.append_one(&request_id, id, text).await {
-                Ok(duplicate) => pb::AppendResult {
-                    code: Code::Ok as i32,
-                    error: String::new(),
-                    duplicate,
-                },
-                Err(status) => pb::AppendResult {
-                    code: status.code() as i32,
-                    error: status.message().to_owned(),
-                    duplicate: false,
-                },
+        // Every valid append goes to the store in one call (one atomic batch for the
+        // NATS store); an invalid one is answered on its own and stores nothing.
+        let mut checked = Vec::with_capacity(appends.len());
+        let mut valid = Vec::new();
+        for pb::BatchedAppend {
+            id,
+            text,
+            request_id,
+        } in appends
+        {
+            let check = self.validate(&id, &text);
+            if check.is_ok() {
+                valid.push(Message {
+                    id: id.clone(),
+                    text: text.clone(),
+                });
             }
-        }))
-        .await;
+            checked.push((request_id, Message { id, text }, check));
+        }
+        let mut outcomes = self.store.append_batch(valid).await.into_iter();
+        let results = checked
+            .into_iter()
+            .map(|(request_id, message, check)| {
+                let answer = check.and_then(|()| {
+                    let outcome = outcomes.next().unwrap_or_else(|| {
+                        Err(StoreError::unavailable(
+                            "append",
+                            "the store gave no answer",
+                        ))
+                    });
+                    Self::answer(&request_id, &message, outcome)
+                });
+                match answer {
+                    Ok(duplicate) => pb::AppendResult {
+                        code: Code::Ok as i32,
+                        error: String::new(),
+                        duplicate,
+                    },
+                    Err(status) => pb::AppendResult {
+                        code: status.code() as i32,
+                        error: status.message().to_owned(),
+                        duplicate: false,
+                    },
+                }
+            })
+            .collect();
         Ok(Response::new(pb::AppendBatchResponse { results }))
     }
 

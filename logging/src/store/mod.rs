@@ -13,18 +13,16 @@
 //! - A backend that cannot reach its data answers [`StoreError::Unavailable`] promptly,
 //!   so callers can fail over instead of hanging.
 
-pub mod blocks;
 pub mod memory;
 pub mod nats;
-pub mod recent;
 
 use std::future::Future;
 
+use futures_util::future::join_all;
 use tokio::sync::mpsc;
 
 pub use memory::{MemoryLimits, MemoryStore};
 pub use nats::{NatsConfig, NatsStore, Retention};
-pub use recent::CacheLimits;
 
 /// Most messages per batch of a [`MessageStore::stream`].
 pub const STREAM_BATCH: usize = 512;
@@ -117,10 +115,27 @@ pub enum StoreError {
     PastTheEnd { after: u64, last: u64 },
 }
 
+impl StoreError {
+    /// The store could not do `what`, for `reason`.
+    pub fn unavailable(what: &str, reason: impl std::fmt::Display) -> Self {
+        Self::Unavailable(format!("{what}: {reason}"))
+    }
+}
+
 pub trait MessageStore: Send + Sync + 'static {
     /// Stores `message` unless its id is already stored.
     fn append(&self, message: Message)
         -> impl Future<Output = Result<Appended, StoreError>> + Send;
+
+    /// Stores each of `messages` as [`MessageStore::append`] would, and answers each on
+    /// its own, in order. By default they are appended concurrently; a backend that can
+    /// store many at once (the NATS store's atomic batches) does so.
+    fn append_batch(
+        &self,
+        messages: Vec<Message>,
+    ) -> impl Future<Output = Vec<Result<Appended, StoreError>>> + Send {
+        join_all(messages.into_iter().map(|message| self.append(message)))
+    }
 
     /// Up to `limit` (at most [`MAX_PAGE`]) messages after position `after`; fewer when
     /// they hold more than [`MAX_BATCH_BYTES`] of text (`more` then says so).
