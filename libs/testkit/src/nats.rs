@@ -98,6 +98,21 @@ impl Nats {
         }
     }
 
+    /// Freezes node `i` (SIGSTOP): its connections stay open and silent, as a host cut
+    /// off from the others would look to them.
+    pub fn freeze(&self, i: usize) {
+        if let Some(proc) = &self.procs[i] {
+            proc.signal(nix::sys::signal::Signal::SIGSTOP);
+        }
+    }
+
+    /// Resumes node `i` after [`Nats::freeze`] (SIGCONT).
+    pub fn resume(&self, i: usize) {
+        if let Some(proc) = &self.procs[i] {
+            proc.signal(nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+
     /// kill -9 of every node, then all started again on the same ports and data.
     pub async fn restart_all(&mut self) {
         for i in 0..self.nodes.len() {

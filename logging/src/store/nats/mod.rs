@@ -73,6 +73,8 @@ pub const STREAM: &str = "MESSAGES";
 /// The oldest nats-server the store runs on: atomic batch publish came in 2.12 (batched
 /// direct gets in 2.11).
 pub const MIN_SERVER_VERSION: (u64, u64, u64) = (2, 12, 0);
+/// How often the connection asks its server for a sign of life.
+const PING_INTERVAL: Duration = Duration::from_secs(1);
 /// How long one piece of a full read may take before the read is called stalled.
 const STREAM_STALL: Duration = Duration::from_secs(5);
 /// Requests of a full read in flight at once.
@@ -176,6 +178,9 @@ impl NatsStore {
             .connection_timeout(config.timeout)
             .retry_on_initial_connect()
             .max_reconnects(None)
+            // A server that stops answering (frozen, or cut off with its connection
+            // open) is left after two unanswered pings: about 2-3 s, not minutes.
+            .ping_interval(PING_INTERVAL)
             .event_callback(move |event| {
                 let was_disconnected = Arc::clone(&was_disconnected);
                 async move { report(event, &was_disconnected) }
@@ -200,7 +205,7 @@ impl NatsStore {
                 "nats-server {version} at {urls} is too old: the store needs \
                  {major}.{minor}.{patch} or newer (atomic batch publish, batched direct \
                  gets). scripts/setup installs 2.15.1 under .tools/ (the runner uses it); \
-                 for your own cluster see the README, \"The message store\""
+                 upgrade your own cluster, or point --store at one that runs it"
             );
         }
 
