@@ -1,32 +1,44 @@
-//! The bare JetStream publisher the NATS store is measured against (`bench/run`): an
+//! The bare JetStream publishers the NATS store is measured against (`bench/run`): an
 //! async-nats client publishing to a file stream with as many replicas as URLs (R3 on the
-//! runner's cluster), a `Nats-Msg-Id` per message, IN_FLIGHT publishers each waiting for
-//! its ack, for SECONDS. Prints `rate p50_ms p99_ms`.
+//! runner's cluster), IN_FLIGHT publishers each waiting for its ack, for SECONDS. Prints
+//! `messages_per_second p50_ms p99_ms` (latency of one publish, or of one batch).
 //!
-//! With `per-id`, each message goes as the NATS store sends it: its own subject
-//! (`<stream>.<id>`) and `Nats-Expected-Last-Subject-Sequence: 0` (stored only if the
-//! subject holds nothing: exactly once for good), which is JetStream's cost of that
-//! guarantee.
+//! Each message goes as the NATS store sends it: its own subject (`<stream>.<id>`) and
+//! `Nats-Expected-Last-Subject-Sequence: 0` (stored only if the subject holds nothing:
+//! exactly once for good), which is JetStream's cost of that guarantee. With
+//! `--atomic N`, each publisher sends atomic batches of N such messages (headers
+//! `Nats-Batch-Id`, `Nats-Batch-Sequence`, and `Nats-Batch-Commit: 1` on the last, the
+//! only one that waits for an answer), as the store does for the facade's group commit.
 //!
-//!     bare_publish NATS_URLS IN_FLIGHT SECONDS [per-id]
+//!     bare_publish NATS_URLS IN_FLIGHT SECONDS [--atomic N]
 
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, message::PublishMessage, stream};
+use async_nats::{
+    jetstream::{self, message::PublishMessage, stream},
+    HeaderMap,
+};
+use clap::Parser;
+
+#[derive(Parser)]
+struct Args {
+    /// Comma-separated `nats://host:port` URLs of the cluster.
+    urls: String,
+    /// Publishers at once, each waiting for its ack.
+    in_flight: usize,
+    /// How long to publish.
+    seconds: f64,
+    /// Messages per atomic batch (1: a publish per message).
+    #[arg(long, default_value_t = 1)]
+    atomic: usize,
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    anyhow::ensure!(
-        args.len() == 4 || (args.len() == 5 && args[4] == "per-id"),
-        "usage: bare_publish NATS_URLS IN_FLIGHT SECONDS [per-id]"
-    );
-    let per_id = args.len() == 5;
-    let servers: Vec<&str> = args[1].split(',').collect();
-    let in_flight: usize = args[2].parse()?;
-    let seconds: f64 = args[3].parse()?;
+    let args = Args::parse();
+    let servers: Vec<&str> = args.urls.split(',').collect();
     let client = async_nats::connect(servers.as_slice()).await?;
-    let jetstream = jetstream::new(client);
+    let jetstream = jetstream::new(client.clone());
     let name = format!("BARE{}", std::process::id());
     jetstream
         .get_or_create_stream(stream::Config {
@@ -34,46 +46,66 @@ async fn main() -> anyhow::Result<()> {
             subjects: vec![format!("{}.>", name.to_lowercase())],
             storage: stream::StorageType::File,
             num_replicas: servers.len().clamp(1, 3),
+            allow_atomic_publish: args.atomic > 1,
             ..Default::default()
         })
         .await?;
-    let until = Instant::now() + Duration::from_secs_f64(seconds);
+    let until = Instant::now() + Duration::from_secs_f64(args.seconds);
     let mut tasks = Vec::new();
-    for publisher in 0..in_flight {
-        let jetstream = jetstream.clone();
-        let subject = format!("{}.{publisher}", name.to_lowercase());
+    for publisher in 0..args.in_flight {
+        let (client, jetstream) = (client.clone(), jetstream.clone());
+        let prefix = format!("{}.{publisher}", name.to_lowercase());
+        let size = args.atomic.max(1);
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut n = 0u64;
             while Instant::now() < until {
                 let started = Instant::now();
-                let id = format!("{publisher}-{n}");
-                let mut message = PublishMessage::build()
-                    .message_id(&id)
-                    .payload("hello from the bare publisher".into());
-                let subject = if per_id {
-                    message = message.expected_last_subject_sequence(0);
-                    format!("{subject}-{id}")
-                } else {
-                    subject.clone()
-                };
-                jetstream.send_publish(subject, message).await?.await?;
+                let batch = format!("{publisher}-{n}");
+                for i in 1..=size {
+                    let subject = format!("{prefix}-{n}");
+                    let payload = "hello from the bare publisher".into();
+                    n += 1;
+                    let mut headers = HeaderMap::new();
+                    headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+                    if size > 1 {
+                        headers.insert("Nats-Batch-Id", batch.as_str());
+                        headers.insert("Nats-Batch-Sequence", i.to_string().as_str());
+                    }
+                    if i < size {
+                        client
+                            .publish_with_headers(subject, headers, payload)
+                            .await?;
+                        continue;
+                    }
+                    let mut last = PublishMessage::build().payload(payload);
+                    for (name, values) in headers.iter() {
+                        for value in values {
+                            last = last.header(name.clone(), value.clone());
+                        }
+                    }
+                    if size > 1 {
+                        last = last.header("Nats-Batch-Commit", "1");
+                    }
+                    jetstream.send_publish(subject, last).await?.await?;
+                }
                 latencies.push(started.elapsed());
-                n += 1;
             }
-            anyhow::Ok(latencies)
+            anyhow::Ok((n, latencies))
         }));
     }
-    let mut all = Vec::new();
+    let (mut messages, mut all) = (0, Vec::new());
     for task in tasks {
-        all.extend(task.await??);
+        let (n, latencies) = task.await??;
+        messages += n;
+        all.extend(latencies);
     }
     jetstream.delete_stream(&name).await?;
     all.sort();
     let ms = |p: f64| all[((all.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1000.0;
     println!(
         "{:.0} {:.2} {:.2}",
-        all.len() as f64 / seconds,
+        messages as f64 / args.seconds,
         ms(0.5),
         ms(0.99)
     );

@@ -3,35 +3,62 @@
 //!
 //! - a full read by a bare ordered consumer (JetStream's own delivery), and through
 //!   logging's gRPC `Stream`: where a `GET /messages` spends its time;
-//! - page reads by a bare client, 200 times at the middle of the log: one stream-info
-//!   request plus 100 pipelined direct gets (how the store reads messages no block holds
-//!   yet), and one stream-info request plus direct gets of two blocks at once (how it
-//!   reads the rest), each time other blocks of those within 100,000 positions of the
-//!   middle.
+//! - pages of 100 at 1000 spots around the middle of the log: a bare batched direct get
+//!   of 100 messages (one request, as the store reads a page), and logging's gRPC `Read`
+//!   of the same page right after it, without the facade in the way.
 //!
-//!     read_speed NATS_URLS LOGGING_ADDR [PAGE_CONCURRENCY]
-//!
-//! PAGE_CONCURRENCY (default 128, as the store) is how many gets a page keeps in flight.
+//!     read_speed NATS_URLS LOGGING_ADDR
 
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use clap::Parser;
 use futures_util::StreamExt;
 use proto::logging::v1::{logging_client::LoggingClient, ReadRequest, StreamRequest};
 
-/// Messages per block in `MESSAGES_BLOCKS` (logging's `store::blocks::BLOCK`).
-const BLOCK: u64 = 100;
+#[derive(Parser)]
+struct Args {
+    /// Comma-separated `nats://host:port` URLs of the cluster.
+    nats_urls: String,
+    /// A logging instance on that cluster (`host:port`).
+    logging: String,
+}
+
+/// A bare batched direct get of `count` messages of `stream` from position `from`:
+/// one request, a reply per message and an end-of-batch status. Returns how many
+/// messages came.
+async fn batched_get(
+    client: &async_nats::Client,
+    stream: &str,
+    from: u64,
+    count: usize,
+) -> anyhow::Result<usize> {
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await?;
+    let request = serde_json::json!({ "seq": from, "batch": count });
+    client
+        .publish_with_reply(
+            format!("$JS.API.DIRECT.GET.{stream}"),
+            inbox,
+            request.to_string().into(),
+        )
+        .await?;
+    let mut received = 0;
+    while let Some(reply) = replies.next().await {
+        match reply.status {
+            None => received += 1,
+            Some(_) => return Ok(received), // 204 EOB (or 404: nothing there)
+        }
+    }
+    anyhow::bail!("the connection closed")
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    anyhow::ensure!(
-        args.len() == 3 || args.len() == 4,
-        "usage: read_speed NATS_URLS LOGGING_ADDR [PAGE_CONCURRENCY]"
-    );
-    let concurrency: usize = args.get(3).map_or(Ok(128), |c| c.parse())?;
-    let servers: Vec<&str> = args[1].split(',').collect();
-    let jetstream = async_nats::jetstream::new(async_nats::connect(servers.as_slice()).await?);
+    let args = Args::parse();
+    let servers: Vec<&str> = args.nats_urls.split(',').collect();
+    let client = async_nats::connect(servers.as_slice()).await?;
+    let jetstream = async_nats::jetstream::new(client.clone());
     let mut stream = jetstream.get_stream("MESSAGES").await?;
     let last = stream.info().await?.state.last_sequence;
 
@@ -56,7 +83,7 @@ async fn main() -> anyhow::Result<()> {
     report("ordered consumer", count, bytes, started);
 
     let started = Instant::now();
-    let channel = rpc::channel(&args[2])?;
+    let channel = rpc::channel(&args.logging)?;
     let mut batches = LoggingClient::new(channel)
         .stream(StreamRequest { after: 0, until: 0 })
         .await?
@@ -68,60 +95,28 @@ async fn main() -> anyhow::Result<()> {
     }
     report("logging Stream (gRPC)", count, bytes, started);
 
-    // Pages as the store reads them, without logging and the facade in the way.
+    // Pages at the same spots: the bare batched get, then logging's Read of the same
+    // page, alternating so both meet the same state of the machine.
     let middle = last / 2;
-    let mut times = Vec::new();
-    for _ in 0..200 {
-        let started = Instant::now();
-        let state = stream.info().await?.state.clone();
-        let stop = (middle + 100).min(state.last_sequence);
-        let fetched: Vec<_> = futures_util::stream::iter(middle + 1..=stop)
-            .map(|sequence| stream.direct_get(sequence))
-            .buffered(concurrency)
-            .collect()
-            .await;
-        anyhow::ensure!(fetched.iter().all(Result::is_ok), "a direct get failed");
-        times.push(started.elapsed());
-    }
-    print_percentiles("bare page of 100 at the middle", times);
-
-    let blocks = jetstream.get_stream("MESSAGES_BLOCKS").await?;
-    let built = blocks.get_info().await?.state.last_sequence;
-    if built > 1 {
-        let around = (middle / BLOCK).min(built - 2);
-        let span = 1000.min(built - 1);
-        let first = around.saturating_sub(span / 2).min(built - 1 - span);
-        let mut times = Vec::new();
-        for i in 0..200u64 {
-            // A page of 100 not aligned to a block is two blocks, fetched at once; in a
-            // scattered order (a stride coprime to most spans), not the same again.
-            let block = first + (i * 37) % span;
-            let started = Instant::now();
-            stream.info().await?;
-            let (one, two) =
-                tokio::join!(blocks.direct_get(block + 1), blocks.direct_get(block + 2));
-            one?;
-            two?;
-            times.push(started.elapsed());
-        }
-        print_percentiles("bare block page at the middle", times);
-    }
-
-    // The same pages through logging's gRPC `Read`, without the facade in the way.
-    let mut client = LoggingClient::new(rpc::channel(&args[2])?);
+    let mut logging = LoggingClient::new(rpc::channel(&args.logging)?);
     let span = 100_000.min(last / 2).max(1);
-    let mut times = Vec::new();
-    for i in 0..200u64 {
+    let (mut bare, mut ours) = (Vec::new(), Vec::new());
+    for i in 0..1000u64 {
         let after = middle.saturating_sub(span / 2) + (i * 7919) % span;
         let started = Instant::now();
-        let page = client
+        let received = batched_get(&client, "MESSAGES", after + 1, 100).await?;
+        bare.push(started.elapsed());
+        anyhow::ensure!(received > 0, "a bare get after {after} found nothing");
+        let started = Instant::now();
+        let page = logging
             .read(ReadRequest { after, limit: 100 })
             .await?
             .into_inner();
+        ours.push(started.elapsed());
         anyhow::ensure!(!page.messages.is_empty(), "an empty page after {after}");
-        times.push(started.elapsed());
     }
-    print_percentiles("logging Read page at the middle", times);
+    print_percentiles("bare batched get of 100 at the middle", bare);
+    print_percentiles("logging Read page at the middle", ours);
     Ok(())
 }
 

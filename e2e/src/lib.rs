@@ -346,8 +346,8 @@ pub fn get_lab(facade: SocketAddr) -> (u16, Vec<String>, serde_json::Value) {
 }
 
 /// Writes messages `range` straight into the store's JetStream stream, as the NATS store
-/// does (subject `messages.<id>`, `Nats-Msg-Id`), pipelined with 1024 acks in flight:
-/// far faster than posting them. Ids are `{prefix}-{i}`, texts come from `text(i)`.
+/// does (subject `messages.<id>`, `Nats-Expected-Last-Subject-Sequence: 0`), pipelined
+/// with 1024 acks in flight: far faster than posting them. Ids are `{prefix}-{i}`, texts come from `text(i)`.
 /// Returns (id, text) in order.
 pub async fn seed_nats(
     urls: &str,

@@ -315,7 +315,12 @@ async fn logging_refuses_a_nats_server_older_than_2_12_and_says_why() {
     let status = logging.wait_exit(Duration::from_secs(20)).await;
     let output = logging.output();
     assert!(!status.success(), "{status}; output:\n{output}");
-    for says in ["nats-server 2.11.11", "too old", "2.12.0 or newer", "scripts/setup"] {
+    for says in [
+        "nats-server 2.11.11",
+        "too old",
+        "2.12.0 or newer",
+        "scripts/setup",
+    ] {
         assert!(output.contains(says), "says {says:?}:\n{output}");
     }
 }

@@ -53,6 +53,32 @@ async fn read_from(store: &NatsStore, after: u64) -> Vec<Stored> {
     all
 }
 
+/// Appends `messages` in one batch, and again those answered unavailable (as the facade
+/// retries, same ids) until every one is stored; returns the ids, each acknowledged
+/// (inserted, or already stored by an earlier attempt).
+async fn append_until_stored(store: &NatsStore, messages: Vec<Message>) -> Vec<String> {
+    let mut acknowledged = Vec::new();
+    let mut pending = messages;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !pending.is_empty() {
+        assert!(Instant::now() < deadline, "never stored");
+        let outcomes = store.append_batch(pending.clone()).await;
+        let mut again = Vec::new();
+        for (message, outcome) in pending.into_iter().zip(outcomes) {
+            match outcome {
+                Ok(Appended::Inserted | Appended::Duplicate) => acknowledged.push(message.id),
+                Ok(Appended::Conflict) => panic!("conflict for {}", message.id),
+                Err(_) => again.push(message),
+            }
+        }
+        pending = again;
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    acknowledged
+}
+
 /// The stored message at `position`, asked of the stream's leader.
 async fn leader_get(
     store: &NatsStore,
@@ -550,27 +576,8 @@ async fn batches_cut_by_a_leader_kill_are_stored_whole_or_retried_exactly_once()
                 let mut acknowledged = Vec::new();
                 for round in 0..40 {
                     let first = 1000 + (w * 40 + round) * 20;
-                    let batch = numbered(first..first + 20);
-                    let mut pending = batch.clone();
-                    let deadline = Instant::now() + Duration::from_secs(30);
-                    while !pending.is_empty() {
-                        assert!(Instant::now() < deadline, "never stored");
-                        let outcomes = store.append_batch(pending.clone()).await;
-                        let mut again = Vec::new();
-                        for (message, outcome) in pending.into_iter().zip(outcomes) {
-                            match outcome {
-                                Ok(Appended::Inserted | Appended::Duplicate) => {
-                                    acknowledged.push(message.id)
-                                }
-                                Ok(Appended::Conflict) => panic!("conflict for {}", message.id),
-                                Err(_) => again.push(message),
-                            }
-                        }
-                        pending = again;
-                        if !pending.is_empty() {
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    }
+                    acknowledged
+                        .extend(append_until_stored(&store, numbered(first..first + 20)).await);
                 }
                 acknowledged
             })
@@ -623,26 +630,9 @@ async fn a_frozen_leader_loses_nothing_and_every_node_reads_the_same_log() {
         tokio::spawn(async move {
             let mut acknowledged = Vec::new();
             for round in 0..150 {
-                let mut pending = numbered(1000 + round * 10..1000 + round * 10 + 10);
-                let deadline = Instant::now() + Duration::from_secs(30);
-                while !pending.is_empty() {
-                    assert!(Instant::now() < deadline, "never stored");
-                    let outcomes = writer.append_batch(pending.clone()).await;
-                    let mut again = Vec::new();
-                    for (message, outcome) in pending.into_iter().zip(outcomes) {
-                        match outcome {
-                            Ok(Appended::Inserted | Appended::Duplicate) => {
-                                acknowledged.push(message.id)
-                            }
-                            Ok(Appended::Conflict) => panic!("conflict for {}", message.id),
-                            Err(_) => again.push(message),
-                        }
-                    }
-                    pending = again;
-                    if !pending.is_empty() {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
+                let first = 1000 + round * 10;
+                acknowledged
+                    .extend(append_until_stored(&writer, numbered(first..first + 10)).await);
             }
             acknowledged
         })
