@@ -56,8 +56,8 @@ async fn the_walkthrough_on_the_replicated_store_survives_instances_nodes_and_re
     sent.push((reply["id"].as_str().expect("id").to_owned(), "msg11".into()));
 
     // Lose one store node (kill -9): two of three are still a quorum. If it led the
-    // stream, JetStream elects a new leader first (measured 4.6-6.3 s with nats-server
-    // 2.9), and a POST in that window may get 503 + Retry-After; the client retries with
+    // stream, JetStream elects a new leader first (measured 5.4-7.8 s with nats-server
+    // 2.15.1), and a POST in that window may get 503 + Retry-After; the client retries with
     // the same Idempotency-Key, which stores it exactly once.
     nats.kill9(0).await;
     let killed = Instant::now();

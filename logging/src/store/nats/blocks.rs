@@ -61,7 +61,8 @@ use crate::store::{StoreError, Stored};
 /// Messages per block. A hundred: a block is about 10 KB of short texts.
 pub(super) const BLOCK: u64 = 100;
 /// Blocks are built ten at a time, when an append stores a position that is a multiple
-/// of this, so building costs the servers two stream-info requests per ten blocks.
+/// of this: two stream-info requests for the ten, and for each block a batched get of its
+/// messages, a get from the leader to confirm them and a publish.
 pub(super) const BUILD_EVERY: u64 = 10 * BLOCK;
 pub const STREAM: &str = "MESSAGES_BLOCKS";
 const SUBJECT_PREFIX: &str = "blocks.";
