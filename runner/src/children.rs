@@ -30,6 +30,14 @@ const COLOURS: &[&str] = &["36", "33", "35", "32", "34", "91", "96", "93", "95",
 
 /// nats-server's log levels worth a person's attention.
 const PROBLEMS: &[&str] = &["[WRN]", "[ERR]", "[FTL]"];
+/// Warnings nats-server 2.15 logs in routine operation (a snapshot of the cluster's
+/// metadata, twice per node at start-up and now and then after), kept in the log file only.
+const ROUTINE: &[&str] = &["Metalayer blocking snapshot"];
+
+/// Whether a nats-server log line goes to the terminal as well as to its file.
+fn worth_showing(line: &str) -> bool {
+    PROBLEMS.iter().any(|p| line.contains(p)) && !ROUTINE.iter().any(|r| line.contains(r))
+}
 
 /// A child that exited while it was not being stopped.
 #[derive(Debug)]
@@ -320,7 +328,7 @@ async fn to_log_file(
 ) {
     let mut writable = true;
     while let Some(line) = lines.recv().await {
-        if show_problems.load(Ordering::Relaxed) && PROBLEMS.iter().any(|p| line.contains(p)) {
+        if show_problems.load(Ordering::Relaxed) && worth_showing(&line) {
             println!("{label} {line}");
         }
         if writable {
@@ -352,6 +360,22 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
+
+    #[test]
+    fn nats_problems_reach_the_terminal_and_routine_warnings_do_not() {
+        let line = |text: &str| format!("[30084] 2026/11/27 16:58:46.562664 {text}");
+        assert!(worth_showing(&line("[ERR] Error listening on router port")));
+        assert!(worth_showing(&line(
+            "[WRN] JetStream cluster stream has no quorum"
+        )));
+        assert!(!worth_showing(&line("[INF] Server is ready")));
+        assert!(!worth_showing(&line(
+            "[WRN] Metalayer blocking snapshot starting"
+        )));
+        assert!(!worth_showing(&line(
+            "[WRN] Metalayer blocking snapshot took 0.001s (streams: 2, consumers: 0)"
+        )));
+    }
 
     #[test]
     fn output_is_labelled_line_by_line_across_reads() {
