@@ -75,7 +75,7 @@ const SIZE_HEADER: &str = "Block-Size";
 const SKIPPED_HEADER: &str = "Block-Skipped";
 /// Blocks asked for in one batched get, and the bytes it may send: about 100 KB for short
 /// texts, a few MiB at most.
-const BLOCKS_PER_GET: usize = 10;
+pub(super) const BLOCKS_PER_GET: usize = 10;
 const BLOCK_GET_BYTES: usize = 2 * 1024 * 1024;
 /// How long building waits for a complete block's messages.
 const BUILD_WAIT: Duration = Duration::from_secs(5);

@@ -16,6 +16,7 @@ use std::time::Duration;
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use futures_util::StreamExt;
+use retry::Backoff;
 use tokio::time::Instant;
 
 use super::subject::id_of;
@@ -51,8 +52,11 @@ pub(super) struct Answer {
     pub(super) pending: u64,
 }
 
-/// How long to wait before asking a replica that is behind again, at first and at most.
-const BEHIND_PAUSE: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(50));
+/// The pauses before asking a replica that is behind again: 1 ms at first, doubling to
+/// 50 ms (jittered).
+pub(super) fn behind() -> Backoff {
+    Backoff::new(Duration::from_millis(1), Duration::from_millis(50))
+}
 
 /// Asks for up to `count` messages of `stream` from position `from` on, at most about
 /// `max_bytes` (always at least one message), within `timeout`.
@@ -88,13 +92,13 @@ pub(super) async fn batch(
             Err(_) => return Err(unavailable(&"timed out")),
         };
         let headers = reply.headers.unwrap_or_default();
+        let number = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|value| value.as_str().parse::<u64>().ok())
+        };
         match reply.status.map(|status| status.as_u16()) {
             None => {
-                let number = |name: &str| {
-                    headers
-                        .get(name)
-                        .and_then(|value| value.as_str().parse::<u64>().ok())
-                };
                 let (Some(sequence), Some(subject)) = (
                     number("Nats-Sequence"),
                     headers.get("Nats-Subject").map(|v| v.as_str().to_owned()),
@@ -110,10 +114,7 @@ pub(super) async fn batch(
                 });
             }
             Some(204) => {
-                answer.pending = headers
-                    .get("Nats-Num-Pending")
-                    .and_then(|value| value.as_str().parse().ok())
-                    .unwrap_or(answer.pending);
+                answer.pending = number("Nats-Num-Pending").unwrap_or(answer.pending);
                 return Ok(answer);
             }
             Some(404) => return Ok(answer),
@@ -140,12 +141,12 @@ pub(super) async fn range(
 ) -> Result<Vec<Raw>, StoreError> {
     let mut messages = Vec::new();
     let mut next = from;
-    let mut pause = BEHIND_PAUSE.0;
+    let mut behind = behind();
     while next <= to {
         let count = usize::try_from(to - next + 1).map_or(per_request, |n| n.min(per_request));
         let timeout = deadline.saturating_duration_since(Instant::now());
         let answer = batch(client, stream, next, count, max_bytes, timeout).await?;
-        let behind = answer.pending == 0;
+        let replica_ended = answer.pending == 0;
         for message in answer.messages {
             if message.sequence > to {
                 return Ok(messages);
@@ -153,7 +154,8 @@ pub(super) async fn range(
             next = message.sequence + 1;
             messages.push(message);
         }
-        if next <= to && behind {
+        if next <= to && replica_ended {
+            let pause = behind.next_delay();
             if Instant::now() + pause >= deadline {
                 return Err(StoreError::unavailable(
                     "read",
@@ -161,7 +163,6 @@ pub(super) async fn range(
                 ));
             }
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(BEHIND_PAUSE.1);
         }
     }
     Ok(messages)

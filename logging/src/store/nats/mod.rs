@@ -60,7 +60,7 @@ pub use self::{
     subject::{id_of, subject_for},
 };
 use self::{
-    blocks::{block_of, range_of, Blocks, BLOCK},
+    blocks::{block_of, range_of, Blocks, BLOCK, BLOCKS_PER_GET},
     direct::Raw,
     publish::{Batched, Published},
 };
@@ -81,8 +81,6 @@ const STREAM_STALL: Duration = Duration::from_secs(5);
 const READS_IN_FLIGHT: usize = 4;
 /// Messages one request of a full read asks for, after the built blocks.
 const MESSAGES_PER_GET: usize = 1000;
-/// Blocks one piece of a full read covers (one or two requests).
-const BLOCKS_PER_PIECE: u64 = 10;
 
 /// How much of the log the stream keeps. Everything, by default; a limit makes the
 /// stream drop its oldest messages (and with them their ids: see the module docs).
@@ -227,7 +225,7 @@ impl NatsStore {
                 |_| false,
             )
             .await?;
-        let existing = stream.info().await?.config.clone();
+        let existing = stream.cached_info().config.clone();
         if !(existing.allow_direct && existing.allow_atomic_publish) {
             info!(
                 stream = STREAM,
@@ -265,10 +263,6 @@ impl NatsStore {
                 |_| false,
             )
             .await?;
-        // Reads use the blocks built so far at once.
-        if let Err(error) = blocks.built().await {
-            debug!(%error, "store: the blocks stream does not answer yet");
-        }
         let (completed, completions) = mpsc::channel(1);
         let building = CancellationToken::new();
         if config.build_blocks {
@@ -380,7 +374,7 @@ impl NatsStore {
     /// asked again).
     async fn page(&self, after: u64, limit: usize) -> Result<Page, StoreError> {
         let limit = limit.clamp(1, MAX_PAGE);
-        let mut pause = Duration::from_millis(1);
+        let mut behind = direct::behind();
         loop {
             let answer = direct::batch(
                 &self.client,
@@ -403,8 +397,7 @@ impl NatsStore {
                 }
                 if reached < last && messages.len() < limit {
                     // The replica that answered is behind the leader: ask again.
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(50));
+                    tokio::time::sleep(behind.next_delay()).await;
                     continue;
                 }
                 reached < last
@@ -510,16 +503,17 @@ enum Piece {
     Messages((u64, u64)),
 }
 
-/// Positions `start..=until` cut into pieces: those in the first `built` blocks, a few
-/// blocks a piece, then the rest, [`MESSAGES_PER_GET`] a piece.
+/// Positions `start..=until` cut into pieces: those in the first `built` blocks,
+/// [`BLOCKS_PER_GET`] blocks a piece (one request), then the rest, [`MESSAGES_PER_GET`]
+/// a piece.
 fn pieces(start: u64, until: u64, built: u64) -> impl Iterator<Item = Piece> {
     let in_blocks = (built * BLOCK).min(until);
     let blocks = (start <= in_blocks)
-        .then(|| (block_of(start)..=block_of(in_blocks)).step_by(BLOCKS_PER_PIECE as usize))
+        .then(|| (block_of(start)..=block_of(in_blocks)).step_by(BLOCKS_PER_GET))
         .into_iter()
         .flatten()
         .map(move |first| {
-            let last = (first + BLOCKS_PER_PIECE - 1).min(block_of(in_blocks));
+            let last = (first + BLOCKS_PER_GET as u64 - 1).min(block_of(in_blocks));
             Piece::Blocks {
                 blocks: (first, last),
                 positions: (

@@ -7,11 +7,11 @@
 //! append while an earlier attempt with the same id still waits for its quorum (the
 //! caller tells the two apart by reading the id back).
 //!
-//! An atomic batch is one Raft proposal for up to [`MAX_BATCH`] messages: messages
-//! `1..n` carry `Nats-Batch-Id` and `Nats-Batch-Sequence` and are sent without waiting,
-//! the last adds `Nats-Batch-Commit: 1` and is a request, answered once the whole batch
-//! is stored on a quorum (its ack's sequence is the batch's last position) or refused
-//! whole: nothing of a refused batch is stored.
+//! An atomic batch is one Raft proposal for up to [`MAX_BATCH`] messages: every message
+//! carries `Nats-Batch-Id` and its `Nats-Batch-Sequence`, those before the last are sent
+//! without waiting, and the last adds `Nats-Batch-Commit: 1` and is a request, answered
+//! once the whole batch is stored on a quorum (its ack's sequence is the batch's last
+//! position) or refused whole: nothing of a refused batch is stored.
 
 use async_nats::{
     jetstream::{self, context::PublishErrorKind, message::PublishMessage},
@@ -93,17 +93,12 @@ pub(super) async fn batch(
             .await
             .map_err(|e| StoreError::unavailable("publish", e))?;
     }
-    let mut commit = PublishMessage::build().payload(last.text.clone().into());
-    for (name, values) in headers(messages.len()).iter() {
-        for value in values {
-            commit = commit.header(name.clone(), value.clone());
-        }
-    }
+    let commit = PublishMessage::build()
+        .headers(headers(messages.len()))
+        .header("Nats-Batch-Commit", "1")
+        .payload(last.text.clone().into());
     let ack = jetstream
-        .send_publish(
-            subject_for(&last.id),
-            commit.header("Nats-Batch-Commit", "1"),
-        )
+        .send_publish(subject_for(&last.id), commit)
         .await
         .map_err(|e| StoreError::unavailable("publish", e))?;
     batched(ack.await)

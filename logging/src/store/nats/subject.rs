@@ -1,5 +1,5 @@
 //! Where a message lives in the stream: one subject per id, `messages.<token>`, so the
-//! stream itself can refuse a second message for an id (see [`super::publish`]).
+//! stream itself can refuse a second message for an id (appends rely on it).
 
 /// Every message's subject starts with this.
 pub(super) const SUBJECT_PREFIX: &str = "messages.";
