@@ -3,6 +3,7 @@
 //! ```toml
 //! heartbeat_interval = "1s"   # optional; flags win
 //! ttl = "3s"
+//! session_grace = "0s"        # a broken session's instance stays listed this long
 //!
 //! [static]                    # never evicted
 //! messages = ["127.0.0.1:50060"]
@@ -65,6 +66,11 @@ pub struct Config {
     #[arg(long, value_parser = humantime::parse_duration)]
     pub ttl: Option<Duration>,
 
+    /// How long an instance whose session stream broke stays listed, waiting for it to
+    /// open a new one; 0s removes it at once [default: 0s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub session_grace: Option<Duration>,
+
     /// Most instances one service may have.
     #[arg(long, default_value_t = Limits::default().max_instances_per_service)]
     pub max_instances_per_service: usize,
@@ -94,6 +100,8 @@ struct ConfigFile {
     heartbeat_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde_opt")]
     ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    session_grace: Option<Duration>,
     #[serde(default, rename = "static")]
     static_entries: BTreeMap<String, Vec<String>>,
     #[serde(default)]
@@ -155,6 +163,17 @@ impl Config {
             .or(file.heartbeat_interval)
             .unwrap_or(defaults.heartbeat_interval);
         let ttl = self.ttl.or(file.ttl).unwrap_or(defaults.ttl);
+        let session_grace = self
+            .session_grace
+            .or(file.session_grace)
+            .unwrap_or(defaults.session_grace);
+        anyhow::ensure!(
+            session_grace < ttl,
+            "the session grace ({}) must be shorter than the ttl ({}): a crashed instance \
+             would otherwise stay listed longer than a hung one",
+            humantime::format_duration(session_grace),
+            humantime::format_duration(ttl),
+        );
         anyhow::ensure!(
             !heartbeat_interval.is_zero() && ttl > heartbeat_interval,
             "the ttl ({}) must be longer than the heartbeat interval ({}), or every instance \
@@ -185,6 +204,7 @@ impl Config {
         Ok(RegistryConfig {
             heartbeat_interval,
             ttl,
+            session_grace,
             limits: Limits {
                 max_instances_per_service: self.max_instances_per_service,
                 max_instances: self.max_instances,

@@ -1,24 +1,28 @@
 //! The `registry.v1.Registry` gRPC service over the [`Registry`] core.
 //!
-//! This layer converts between protobuf and the core's types, logs one line per change,
-//! and maps [`RegistryError`] to a gRPC status in exactly one function.
+//! This layer checks the token, calls the core, logs one line per change, and converts
+//! with [`crate::convert`]. The `Session` stream's own loop is in [`crate::session`].
 
 use std::{
     collections::BTreeMap,
-    sync::Arc,
-    time::{SystemTime, UNIX_EPOCH},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
 };
 
 use proto::registry::v1 as pb;
 use tokio::{sync::mpsc, time::Instant};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 use crate::{
     auth::{Access, Auth},
-    registry::{Instance, Registry, RegistryError, Snapshot},
+    convert::{lease_to_proto, snapshot_to_proto, status},
+    registry::Registry,
+    session::Session,
 };
 
 pub(crate) use pb::registry_server::RegistryServer;
@@ -27,6 +31,8 @@ pub(crate) struct RegistryService {
     registry: Arc<Registry>,
     shutdown: CancellationToken,
     auth: Option<Auth>,
+    /// The number of the next session.
+    sessions: AtomicU64,
 }
 
 impl RegistryService {
@@ -39,6 +45,7 @@ impl RegistryService {
             registry,
             shutdown,
             auth,
+            sessions: AtomicU64::new(0),
         }
     }
 
@@ -48,60 +55,6 @@ impl RegistryService {
             None => Ok(()),
         }
     }
-}
-
-/// The one place registry errors become gRPC statuses.
-pub(crate) fn status(error: RegistryError) -> Status {
-    let message = error.to_string();
-    match error {
-        RegistryError::InvalidService(_)
-        | RegistryError::InvalidAddress(_)
-        | RegistryError::UnspecifiedAddress(_)
-        | RegistryError::InvalidMetadata(_)
-        | RegistryError::EmptyInstanceId
-        | RegistryError::InvalidInstanceId(_) => Status::invalid_argument(message),
-        RegistryError::UnknownInstance(_) | RegistryError::UnknownSetting(_) => {
-            Status::not_found(message)
-        }
-        RegistryError::StaticInstance(_) => Status::failed_precondition(message),
-        RegistryError::ServiceFull { .. } | RegistryError::RegistryFull { .. } => {
-            Status::resource_exhausted(message)
-        }
-    }
-}
-
-fn unix_ms(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH).map_or(0, |since| {
-        u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-    })
-}
-
-pub(crate) fn instance_to_proto(instance: &Instance) -> pb::Instance {
-    pb::Instance {
-        instance_id: instance.id.clone(),
-        service: instance.service.clone(),
-        address: instance.address.clone(),
-        metadata: instance
-            .metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        is_static: instance.is_static,
-        registered_at_unix_ms: unix_ms(instance.registered_at),
-        last_heartbeat_unix_ms: unix_ms(instance.last_heartbeat),
-    }
-}
-
-pub(crate) fn snapshot_to_proto(snapshot: &Snapshot) -> pb::LookupResponse {
-    pb::LookupResponse {
-        service: snapshot.service.clone(),
-        instances: snapshot.instances.iter().map(instance_to_proto).collect(),
-        revision: snapshot.revision,
-    }
-}
-
-fn millis(duration: std::time::Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[tonic::async_trait]
@@ -128,11 +81,7 @@ impl pb::registry_server::Registry for RegistryService {
         }
         metrics::counter!("registry_registrations_total").increment(1);
         info!(service, address, instance_id = %lease.instance_id, "registered");
-        Ok(Response::new(pb::RegisterResponse {
-            instance_id: lease.instance_id,
-            heartbeat_interval_ms: millis(lease.heartbeat_interval),
-            ttl_ms: millis(lease.ttl),
-        }))
+        Ok(Response::new(lease_to_proto(lease)))
     }
 
     async fn heartbeat(
@@ -195,6 +144,24 @@ impl pb::registry_server::Registry for RegistryService {
         let key = request.into_inner().key;
         let value = self.registry.setting(&key).map_err(status)?;
         Ok(Response::new(pb::GetSettingResponse { value }))
+    }
+
+    type SessionStream = ReceiverStream<Result<pb::SessionResponse, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::SessionRequest>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        self.authorize(&request, Access::Write)?;
+        let (replies, rx) = mpsc::channel(4);
+        let session = Session {
+            id: self.sessions.fetch_add(1, Ordering::Relaxed),
+            registry: Arc::clone(&self.registry),
+            replies,
+            held: None,
+        };
+        tokio::spawn(session.run(request.into_inner(), self.shutdown.clone()));
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     type WatchStream = ReceiverStream<Result<pb::LookupResponse, Status>>;

@@ -10,16 +10,19 @@
 //!
 //! - `registry`: the core, a pure state machine (leases, static entries, revisions).
 //! - `sweeper`: evicts expired leases, sleeping until the next deadline.
-//! - `grpc_api`: `registry.v1.Registry` over the core.
+//! - `grpc_api`: `registry.v1.Registry` over the core; `convert`: its types to protobuf.
+//! - `session`: the `Session` stream, a registration held by a live connection.
 //! - `status_page`: the live HTML page and `/v1/services`.
 //! - `peers`: the other replicas (`--replica`), health-checked for the status page.
 //! - `auth`: the bearer-token check; `config`: flags and the TOML file.
 
 mod auth;
 mod config;
+mod convert;
 mod grpc_api;
 mod peers;
 mod registry;
+mod session;
 mod status_page;
 mod sweeper;
 

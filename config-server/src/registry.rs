@@ -11,14 +11,25 @@
 //!
 //! Changes bump a global revision and are announced on a `watch` channel. Heartbeats are
 //! not changes: they move a deadline, not membership, so watchers are not woken by them.
+//!
+//! A registration made on a session stream is held by that session: when the stream
+//! ends without a deregister, [`Registry::session_lost`] removes it at once (or, with a
+//! grace, moves its deadline to the grace's end and wakes the sweeper). An instance may
+//! be held by more than one session at a time (it reached this replica by two addresses,
+//! or its new session registered before the old one's end was noticed); it leaves when
+//! the last one ends. The last removals, with their reasons, are kept for the status
+//! page.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     sync::{Mutex, MutexGuard},
     time::{Duration, SystemTime},
 };
 
-use tokio::{sync::watch, time::Instant};
+use tokio::{
+    sync::{watch, Notify},
+    time::Instant,
+};
 
 /// Limits on what one registration may claim; each is a flag on the binary.
 #[derive(Debug, Clone)]
@@ -48,6 +59,63 @@ pub(crate) const MAX_METADATA_VALUE: usize = 1024;
 pub(crate) const MAX_INSTANCE_ID: usize = 128;
 /// Longest host part of an address, in bytes (the DNS limit).
 const MAX_HOST: usize = 253;
+/// How many removals the status page shows.
+const REMOVALS_KEPT: usize = 20;
+
+/// Sessions are numbered as they open; a registration remembers the ones holding it.
+pub(crate) type SessionId = u64;
+
+/// What keeps a dynamic instance listed besides its lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Holder {
+    /// Nothing: a static entry, or a registration kept by unary heartbeats alone.
+    Lease,
+    /// Live session streams, the end of the last of which removes the instance.
+    Session,
+    /// Its last session ended without a deregister; removed when the grace is over,
+    /// unless it registers again first.
+    Lost,
+}
+
+/// Why an instance left the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Removal {
+    Deregistered,
+    /// No heartbeat within the TTL.
+    Expired,
+    /// Its session stream ended without a deregister.
+    ConnectionLost,
+}
+
+impl Removal {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Deregistered => "deregistered",
+            Self::Expired => "no heartbeat within the ttl",
+            Self::ConnectionLost => "connection lost",
+        }
+    }
+}
+
+/// One past removal, for the status page.
+#[derive(Debug, Clone)]
+pub(crate) struct Removed {
+    pub(crate) instance: Instance,
+    pub(crate) reason: Removal,
+    pub(crate) at: SystemTime,
+}
+
+/// What ending a session did to the instance it held.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum SessionEnd {
+    /// Removed at once.
+    Removed(Instance),
+    /// Removed when the grace is over, unless it registers again first.
+    Grace(Instance),
+    /// Nothing: the session held nothing, or another session or a unary registration
+    /// holds the id too.
+    NotHeld,
+}
 
 /// What the registry refuses, and why. Mapped to a gRPC status in one place (`grpc_api::status`).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -89,6 +157,7 @@ pub(crate) struct Instance {
     pub(crate) is_static: bool,
     pub(crate) registered_at: SystemTime,
     pub(crate) last_heartbeat: SystemTime,
+    pub(crate) holder: Holder,
 }
 
 /// A consistent view of one service.
@@ -124,6 +193,9 @@ pub(crate) struct Lease {
 pub struct RegistryConfig {
     pub heartbeat_interval: Duration,
     pub ttl: Duration,
+    /// How long an instance whose session broke stays listed, waiting for it to register
+    /// again; zero removes it at once.
+    pub session_grace: Duration,
     pub limits: Limits,
     /// `(service, address)` pairs that are always listed and never evicted.
     pub static_entries: Vec<(String, String)>,
@@ -135,6 +207,7 @@ impl Default for RegistryConfig {
         Self {
             heartbeat_interval: Duration::from_secs(1),
             ttl: Duration::from_secs(3),
+            session_grace: Duration::ZERO,
             limits: Limits::default(),
             static_entries: Vec::new(),
             settings: BTreeMap::new(),
@@ -147,6 +220,9 @@ pub(crate) struct Registry {
     state: Mutex<State>,
     /// The global revision, announced after every change.
     changes: watch::Sender<u64>,
+    /// Woken when a deadline moves earlier (a session lost with a grace), which only
+    /// the sweeper cares about.
+    sooner: Notify,
 }
 
 #[derive(Default)]
@@ -158,11 +234,15 @@ struct State {
     /// The dynamic instances' deadlines, ordered, for the sweeper.
     expirations: BTreeSet<(Instant, String)>,
     dynamic: usize,
+    /// The last removals, newest last.
+    removals: VecDeque<Removed>,
 }
 
 struct Entry {
     service: String,
     deadline: Option<Instant>,
+    /// The sessions holding the registration (none for static entries and unary ones).
+    sessions: Vec<SessionId>,
 }
 
 #[derive(Default)]
@@ -206,7 +286,7 @@ impl State {
         self.revision
     }
 
-    fn insert(&mut self, instance: Instance, deadline: Option<Instant>) {
+    fn insert(&mut self, instance: Instance, deadline: Option<Instant>, sessions: Vec<SessionId>) {
         if let Some(deadline) = deadline {
             self.expirations.insert((deadline, instance.id.clone()));
             self.dynamic += 1;
@@ -216,6 +296,7 @@ impl State {
             Entry {
                 service: instance.service.clone(),
                 deadline,
+                sessions,
             },
         );
         self.services
@@ -244,6 +325,31 @@ impl State {
         let entry = self.index.get(id)?;
         self.services.get_mut(&entry.service)?.instances.get_mut(id)
     }
+
+    /// Moves a dynamic instance's deadline; returns the old one.
+    fn move_deadline(&mut self, id: &str, deadline: Instant) -> Option<Instant> {
+        let entry = self.index.get_mut(id)?;
+        let old = entry.deadline?;
+        entry.deadline = Some(deadline);
+        self.expirations.remove(&(old, id.to_owned()));
+        self.expirations.insert((deadline, id.to_owned()));
+        Some(old)
+    }
+
+    /// Removes an instance for `reason`, bumps the revision and remembers the removal.
+    fn remove_for(&mut self, id: &str, reason: Removal) -> Option<Instance> {
+        let removed = self.remove(id)?;
+        self.bump(&removed.service);
+        if self.removals.len() == REMOVALS_KEPT {
+            self.removals.pop_front();
+        }
+        self.removals.push_back(Removed {
+            instance: removed.clone(),
+            reason,
+            at: SystemTime::now(),
+        });
+        Some(removed)
+    }
 }
 
 impl Registry {
@@ -262,8 +368,9 @@ impl Registry {
                 is_static: true,
                 registered_at: now,
                 last_heartbeat: now,
+                holder: Holder::Lease,
             };
-            state.insert(instance, None);
+            state.insert(instance, None, Vec::new());
             state.bump(service);
         }
         let (changes, _) = watch::channel(state.revision);
@@ -271,6 +378,7 @@ impl Registry {
             config,
             state: Mutex::new(state),
             changes,
+            sooner: Notify::new(),
         })
     }
 
@@ -280,6 +388,10 @@ impl Registry {
 
     pub(crate) fn ttl(&self) -> Duration {
         self.config.ttl
+    }
+
+    pub(crate) fn session_grace(&self) -> Duration {
+        self.config.session_grace
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -299,11 +411,31 @@ impl Registry {
         self.changes.subscribe()
     }
 
+    /// Resolves when a deadline has moved earlier since the last time it resolved.
+    pub(crate) async fn deadline_moved_earlier(&self) {
+        self.sooner.notified().await;
+    }
+
     /// Registers an instance under `id` (the instance's own choice, so it is the same on
     /// every replica) or, when `id` is `None`, under a new uuid. An address already live
     /// for the service is replaced, and so is an instance registering its id again.
     pub(crate) fn register(
         &self,
+        service: &str,
+        address: &str,
+        metadata: BTreeMap<String, String>,
+        id: Option<&str>,
+        now: Instant,
+    ) -> Result<(Lease, Option<Instance>), RegistryError> {
+        self.register_held(None, service, address, metadata, id, now)
+    }
+
+    /// [`Registry::register`], held by `session` if given: such a registration is
+    /// removed when [`Registry::session_lost`] says the last session holding it ended.
+    /// A unary registration (`None`) is held by its lease alone.
+    pub(crate) fn register_held(
+        &self,
+        session: Option<SessionId>,
         service: &str,
         address: &str,
         metadata: BTreeMap<String, String>,
@@ -326,6 +458,18 @@ impl Registry {
                 .map(|instance| instance.id.clone())
         });
         let same_id = id.filter(|id| state.index.contains_key(*id));
+        // Sessions still holding the id keep holding it, with this one.
+        let mut sessions: Vec<SessionId> = match (session, same_id) {
+            (Some(_), Some(same_id)) => state
+                .index
+                .get(same_id)
+                .map(|entry| entry.sessions.clone())
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        if let Some(session) = session.filter(|session| !sessions.contains(session)) {
+            sessions.push(session);
+        }
         let mut replaced = same_address.and_then(|old| state.remove(&old));
         if let Some(same_id) = same_id {
             // Its own earlier registration (a retry whose reply was lost, or a move).
@@ -361,8 +505,14 @@ impl Registry {
                 is_static: false,
                 registered_at: wall,
                 last_heartbeat: wall,
+                holder: if sessions.is_empty() {
+                    Holder::Lease
+                } else {
+                    Holder::Session
+                },
             },
             Some(now + self.config.ttl),
+            sessions,
         );
         let revision = state.bump(service);
         drop(state);
@@ -378,26 +528,65 @@ impl Registry {
     }
 
     /// Extends an instance's lease to `now + ttl`. Static entries need no heartbeat and
-    /// accept one.
+    /// accept one. A unary heartbeat for an instance whose session was lost keeps it by
+    /// heartbeats from then on.
     pub(crate) fn heartbeat(&self, id: &str, now: Instant) -> Result<(), RegistryError> {
         if id.is_empty() {
             return Err(RegistryError::EmptyInstanceId);
         }
         let mut state = self.lock();
-        let Some(entry) = state.index.get_mut(id) else {
+        let Some(entry) = state.index.get(id) else {
             return Err(RegistryError::UnknownInstance(id.to_owned()));
         };
-        let Some(old) = entry.deadline else {
+        if entry.deadline.is_none() {
             return Ok(()); // a static entry: nothing to extend
-        };
-        let deadline = now + self.config.ttl;
-        entry.deadline = Some(deadline);
-        state.expirations.remove(&(old, id.to_owned()));
-        state.expirations.insert((deadline, id.to_owned()));
+        }
+        state.move_deadline(id, now + self.config.ttl);
         if let Some(instance) = state.get_mut(id) {
             instance.last_heartbeat = SystemTime::now();
+            if instance.holder == Holder::Lost {
+                instance.holder = Holder::Lease;
+            }
         }
         Ok(())
+    }
+
+    /// The session `session` ended without a deregister. If it was the last session
+    /// holding `id`, the instance is removed at once, or with a grace its deadline moves
+    /// to the grace's end (never later than it was).
+    pub(crate) fn session_lost(&self, id: &str, session: SessionId, now: Instant) -> SessionEnd {
+        let mut state = self.lock();
+        let Some(entry) = state.index.get_mut(id) else {
+            return SessionEnd::NotHeld;
+        };
+        let before = entry.sessions.len();
+        entry.sessions.retain(|held| *held != session);
+        if entry.sessions.len() == before || !entry.sessions.is_empty() {
+            return SessionEnd::NotHeld;
+        }
+        let Some(instance) = state.get_mut(id) else {
+            return SessionEnd::NotHeld;
+        };
+        let grace = self.config.session_grace;
+        if !grace.is_zero() {
+            instance.holder = Holder::Lost;
+            let instance = instance.clone();
+            let end = now + grace;
+            if state.index.get(id).and_then(|entry| entry.deadline) > Some(end) {
+                state.move_deadline(id, end);
+                self.sooner.notify_one();
+            }
+            return SessionEnd::Grace(instance);
+        }
+        match state.remove_for(id, Removal::ConnectionLost) {
+            Some(removed) => {
+                let revision = state.revision;
+                drop(state);
+                self.announce(revision);
+                SessionEnd::Removed(removed)
+            }
+            None => SessionEnd::NotHeld,
+        }
     }
 
     /// Removes an instance at once.
@@ -414,27 +603,29 @@ impl Registry {
             Some(_) => {}
         }
         let removed = state
-            .remove(id)
+            .remove_for(id, Removal::Deregistered)
             .ok_or_else(|| RegistryError::UnknownInstance(id.to_owned()))?;
-        let revision = state.bump(&removed.service);
+        let revision = state.revision;
         drop(state);
         self.announce(revision);
         Ok(removed)
     }
 
-    /// Evicts every instance whose lease ended at or before `now`.
-    pub(crate) fn evict_expired(&self, now: Instant) -> Vec<Instance> {
+    /// Evicts every instance whose lease ended at or before `now`, or whose session's
+    /// grace did, with the reason.
+    pub(crate) fn evict_expired(&self, now: Instant) -> Vec<(Instance, Removal)> {
         let mut state = self.lock();
         let mut evicted = Vec::new();
         while let Some((deadline, id)) = state.expirations.first().cloned() {
             if deadline > now {
                 break;
             }
-            match state.remove(&id) {
-                Some(instance) => {
-                    state.bump(&instance.service);
-                    evicted.push(instance);
-                }
+            let reason = match state.get_mut(&id).map(|instance| instance.holder) {
+                Some(Holder::Lost) => Removal::ConnectionLost,
+                _ => Removal::Expired,
+            };
+            match state.remove_for(&id, reason) {
+                Some(instance) => evicted.push((instance, reason)),
                 // Unreachable while the indexes agree; never loop on a stray entry.
                 None => {
                     state.expirations.remove(&(deadline, id));
@@ -504,6 +695,11 @@ impl Registry {
     /// How many instances are registered, static entries included.
     pub(crate) fn len(&self) -> usize {
         self.lock().index.len()
+    }
+
+    /// The last removals, newest first.
+    pub(crate) fn removals(&self) -> Vec<Removed> {
+        self.lock().removals.iter().rev().cloned().collect()
     }
 
     pub(crate) fn setting(&self, key: &str) -> Result<String, RegistryError> {
@@ -661,7 +857,8 @@ mod tests {
 
         let evicted = registry.evict_expired(t0 + TTL);
         assert_eq!(evicted.len(), 1);
-        assert_eq!(evicted[0].address, "127.0.0.1:50051");
+        assert_eq!(evicted[0].0.address, "127.0.0.1:50051");
+        assert_eq!(evicted[0].1, Removal::Expired);
         assert!(addresses(&registry, "logging").is_empty());
         assert_eq!(registry.next_deadline(), None);
     }
@@ -935,6 +1132,137 @@ mod tests {
         assert!(validate_metadata(&big).is_err());
         let empty_key = BTreeMap::from([(String::new(), "v".to_owned())]);
         assert!(validate_metadata(&empty_key).is_err());
+    }
+
+    fn registry_with_grace(grace: Duration) -> Registry {
+        Registry::new(RegistryConfig {
+            ttl: TTL,
+            session_grace: grace,
+            ..RegistryConfig::default()
+        })
+        .expect("valid config")
+    }
+
+    fn register_in(registry: &Registry, session: SessionId, address: &str, now: Instant) {
+        registry
+            .register_held(
+                Some(session),
+                "logging",
+                address,
+                BTreeMap::new(),
+                Some("logging-1"),
+                now,
+            )
+            .expect("register");
+    }
+
+    #[test]
+    fn a_lost_session_removes_its_instance_at_once_and_says_why() {
+        let registry = registry();
+        let t0 = Instant::now();
+        register_in(&registry, 7, "127.0.0.1:50051", t0);
+        let before = registry.lookup("logging").expect("lookup").revision;
+
+        let end = registry.session_lost("logging-1", 7, t0);
+        assert!(
+            matches!(end, SessionEnd::Removed(ref gone) if gone.id == "logging-1"),
+            "{end:?}"
+        );
+        let after = registry.lookup("logging").expect("lookup");
+        assert!(after.instances.is_empty());
+        assert!(after.revision > before, "watchers hear of it");
+        assert_eq!(registry.next_deadline(), None);
+        let removals = registry.removals();
+        assert_eq!(removals[0].reason, Removal::ConnectionLost);
+        assert_eq!(removals[0].instance.address, "127.0.0.1:50051");
+    }
+
+    #[test]
+    fn an_instance_held_by_two_sessions_leaves_when_the_last_one_ends() {
+        let registry = registry();
+        let t0 = Instant::now();
+        register_in(&registry, 1, "127.0.0.1:50051", t0);
+        // A blip: the instance opened session 2 and registered again before the
+        // registry noticed that session 1 had broken.
+        register_in(&registry, 2, "127.0.0.1:50051", t0);
+        assert_eq!(
+            registry.session_lost("logging-1", 1, t0),
+            SessionEnd::NotHeld
+        );
+        assert_eq!(addresses(&registry, "logging"), ["127.0.0.1:50051"]);
+        assert_eq!(
+            registry.session_lost("logging-1", 1, t0),
+            SessionEnd::NotHeld,
+            "ending twice changes nothing"
+        );
+        assert!(matches!(
+            registry.session_lost("logging-1", 2, t0),
+            SessionEnd::Removed(_)
+        ));
+        assert!(addresses(&registry, "logging").is_empty());
+    }
+
+    #[test]
+    fn a_lost_session_leaves_a_registration_it_no_longer_holds() {
+        let registry = registry();
+        let t0 = Instant::now();
+        register_in(&registry, 1, "127.0.0.1:50051", t0);
+        // A unary registration of the id is held by heartbeats alone.
+        registry
+            .register(
+                "logging",
+                "127.0.0.1:50051",
+                BTreeMap::new(),
+                Some("logging-1"),
+                t0,
+            )
+            .expect("register");
+        assert_eq!(
+            registry.session_lost("logging-1", 1, t0),
+            SessionEnd::NotHeld
+        );
+        assert_eq!(registry.len(), 1);
+        assert_eq!(registry.session_lost("nobody", 1, t0), SessionEnd::NotHeld);
+    }
+
+    #[test]
+    fn with_a_grace_a_lost_session_is_removed_when_the_grace_ends_unless_it_comes_back() {
+        let grace = Duration::from_millis(500);
+        let registry = registry_with_grace(grace);
+        let t0 = Instant::now();
+        register_in(&registry, 1, "127.0.0.1:50051", t0);
+        assert!(matches!(
+            registry.session_lost("logging-1", 1, t0),
+            SessionEnd::Grace(_)
+        ));
+        assert_eq!(registry.next_deadline(), Some(t0 + grace), "moved earlier");
+        assert_eq!(addresses(&registry, "logging"), ["127.0.0.1:50051"]);
+        let evicted = registry.evict_expired(t0 + grace);
+        assert_eq!(evicted.len(), 1);
+        assert_eq!(evicted[0].1, Removal::ConnectionLost);
+
+        // Back within the grace: a new session holds it, and the old deadline is gone.
+        register_in(&registry, 2, "127.0.0.1:50051", t0);
+        registry.session_lost("logging-1", 2, t0);
+        register_in(&registry, 3, "127.0.0.1:50051", t0 + grace / 2);
+        assert!(registry.evict_expired(t0 + grace).is_empty());
+        assert_eq!(registry.next_deadline(), Some(t0 + grace / 2 + TTL));
+    }
+
+    #[test]
+    fn a_session_whose_lease_ran_out_is_evicted_by_the_ttl_and_may_register_again() {
+        let registry = registry();
+        let t0 = Instant::now();
+        register_in(&registry, 1, "127.0.0.1:50051", t0);
+        // A hang: the session stays open, but no heartbeat comes.
+        let evicted = registry.evict_expired(t0 + TTL);
+        assert_eq!(evicted[0].1, Removal::Expired);
+        assert_eq!(
+            registry.heartbeat("logging-1", t0 + TTL),
+            Err(RegistryError::UnknownInstance("logging-1".into()))
+        );
+        register_in(&registry, 1, "127.0.0.1:50051", t0 + TTL);
+        assert_eq!(addresses(&registry, "logging"), ["127.0.0.1:50051"]);
     }
 
     #[test]

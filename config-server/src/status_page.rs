@@ -1,12 +1,10 @@
 //! The HTTP side of the config server, on the gRPC port: a live status page at `/`
 //! (plain HTML, CSS and JS compiled into the binary; it polls `/v1/services` every
-//! second) and `/v1/services`, every service with its instances as JSON, and the
-//! registry's replicas with whether each answers.
+//! second) and `/v1/services`, every service with its instances as JSON (each with what
+//! keeps it listed: a session, or heartbeats alone), the registry's replicas with
+//! whether each answers, and the last removals with their reasons.
 
-use std::{
-    sync::Arc,
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::{sync::Arc, time::SystemTime};
 
 use axum::{
     extract::State,
@@ -19,9 +17,9 @@ use serde_json::json;
 
 use crate::{
     auth::{Access, Auth},
-    grpc_api::instance_to_proto,
+    convert::{instance_to_proto, unix_ms},
     peers::Peers,
-    registry::Registry,
+    registry::{Holder, Registry},
 };
 
 const PAGE: &str = include_str!("status_page.html");
@@ -65,9 +63,7 @@ async fn services(State(page): State<StatusPage>, headers: HeaderMap) -> Respons
         }
     }
     let (services, revision) = page.registry.list_services();
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| since.as_millis());
+    let now = unix_ms(SystemTime::now());
     let services: Vec<_> = services
         .iter()
         .map(|snapshot| {
@@ -83,10 +79,30 @@ async fn services(State(page): State<StatusPage>, headers: HeaderMap) -> Respons
                         "is_static": pb.is_static,
                         "registered_at_unix_ms": pb.registered_at_unix_ms,
                         "last_heartbeat_unix_ms": pb.last_heartbeat_unix_ms,
+                        "held_by": match instance.holder {
+                            _ if instance.is_static => "configuration",
+                            Holder::Lease => "heartbeats",
+                            Holder::Session => "session",
+                            Holder::Lost => "connection lost",
+                        },
                     })
                 })
                 .collect();
             json!({ "service": snapshot.service, "revision": snapshot.revision, "instances": instances })
+        })
+        .collect();
+    let removed: Vec<_> = page
+        .registry
+        .removals()
+        .iter()
+        .map(|removed| {
+            json!({
+                "service": removed.instance.service,
+                "address": removed.instance.address,
+                "instance_id": removed.instance.id,
+                "reason": removed.reason.as_str(),
+                "at_unix_ms": unix_ms(removed.at),
+            })
         })
         .collect();
     Json(json!({
@@ -96,6 +112,7 @@ async fn services(State(page): State<StatusPage>, headers: HeaderMap) -> Respons
         "ttl_ms": page.registry.ttl().as_millis(),
         "services": services,
         "replicas": page.peers.list(),
+        "removed": removed,
     }))
     .into_response()
 }

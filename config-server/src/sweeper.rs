@@ -1,8 +1,9 @@
 //! Evicts instances whose lease has ended.
 //!
 //! The task sleeps until the earliest deadline and no longer; a change in the registry
-//! (such as the first registration) wakes it to look again. With a fixed TTL, deadlines
-//! only ever move later, so nothing else can make it oversleep.
+//! (such as the first registration) wakes it to look again. Deadlines move later with
+//! every heartbeat; the one thing that moves one earlier, a session lost with a grace,
+//! wakes it too, so it never oversleeps.
 //!
 //! Except a pause of the whole process. If it wakes more than a heartbeat interval after
 //! the deadline it slept for, the process was frozen (SIGSTOP, a paused VM, swapped
@@ -17,7 +18,7 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::registry::Registry;
+use crate::registry::{Registry, Removal};
 
 /// The smallest lateness taken for a pause: a busy scheduler is late by milliseconds.
 const MIN_PAUSE: Duration = Duration::from_millis(100);
@@ -41,6 +42,7 @@ pub(crate) async fn run(registry: Arc<Registry>, shutdown: CancellationToken) {
                 }
                 metrics::gauge!("registry_instances").set(registry.len() as f64);
             }
+            () = registry.deadline_moved_earlier() => {}
             () = due => {
                 let now = Instant::now();
                 let late = next.map_or(Duration::ZERO, |planned| now.saturating_duration_since(planned));
@@ -56,16 +58,31 @@ pub(crate) async fn run(registry: Arc<Registry>, shutdown: CancellationToken) {
                     continue;
                 }
                 let ttl = humantime::format_duration(registry.ttl()).to_string();
-                let evicted = registry.evict_expired(now);
-                metrics::counter!("registry_evictions_total").increment(evicted.len() as u64);
-                for instance in evicted {
-                    info!(
-                        service = instance.service,
-                        address = instance.address,
-                        instance_id = %instance.id,
-                        ttl,
-                        "evicted: no heartbeat within the ttl"
-                    );
+                let grace = humantime::format_duration(registry.session_grace()).to_string();
+                for (instance, reason) in registry.evict_expired(now) {
+                    match reason {
+                        Removal::ConnectionLost => {
+                            metrics::counter!("registry_connections_lost_total").increment(1);
+                            info!(
+                                service = instance.service,
+                                address = instance.address,
+                                instance_id = %instance.id,
+                                grace,
+                                "removed: connection lost (its session ended without a \
+                                 deregister, and it did not register again within the grace)"
+                            );
+                        }
+                        _ => {
+                            metrics::counter!("registry_evictions_total").increment(1);
+                            info!(
+                                service = instance.service,
+                                address = instance.address,
+                                instance_id = %instance.id,
+                                ttl,
+                                "evicted: no heartbeat within the ttl"
+                            );
+                        }
+                    }
                 }
             }
         }
@@ -110,6 +127,46 @@ mod tests {
             .heartbeat(&lease.instance_id, Instant::now())
             .is_err());
         assert!(Instant::now() - started <= Duration::from_millis(10));
+
+        shutdown.cancel();
+        sweeper.await.expect("sweeper stops");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_session_with_a_grace_wakes_the_sweeper_to_evict_when_the_grace_ends() {
+        let grace = Duration::from_millis(300);
+        let registry = Arc::new(
+            Registry::new(RegistryConfig {
+                session_grace: grace,
+                ..RegistryConfig::default()
+            })
+            .expect("registry"),
+        );
+        let shutdown = CancellationToken::new();
+        let sweeper = tokio::spawn(run(Arc::clone(&registry), shutdown.clone()));
+        registry
+            .register_held(
+                Some(1),
+                "logging",
+                "127.0.0.1:50051",
+                BTreeMap::new(),
+                Some("logging-1"),
+                Instant::now(),
+            )
+            .expect("register");
+        // Let the sweeper go to sleep until the ttl's end.
+        tokio::time::advance(Duration::from_millis(10)).await;
+        tokio::task::yield_now().await;
+
+        let lost = Instant::now();
+        let mut changes = registry.subscribe();
+        changes.borrow_and_update();
+        registry.session_lost("logging-1", 1, lost);
+        changes.changed().await.expect("eviction announced");
+        assert_eq!(registry.len(), 0);
+        // Without the wake-up it would have slept until the ttl (3 s).
+        assert!(Instant::now() - lost <= grace + Duration::from_millis(10));
+        assert_eq!(registry.removals()[0].reason, Removal::ConnectionLost);
 
         shutdown.cancel();
         sweeper.await.expect("sweeper stops");

@@ -243,6 +243,8 @@ async fn follow(
             let addresses: Vec<String> =
                 snapshot.instances.into_iter().map(|i| i.address).collect();
             let changed = *pushed.borrow().addresses != addresses;
+            metrics::gauge!("facade_watched_instances", "service" => service.clone())
+                .set(addresses.len() as f64);
             pushed.send_replace(Pushed {
                 live: true,
                 addresses: Arc::new(addresses),

@@ -4,8 +4,10 @@
 //!   over lazily connected channels to every registry replica it knows; a replica that
 //!   does not answer is passed over within the call (see [`replicas`]).
 //! - [`Registration`]: registers an instance with every replica under an id it chose,
-//!   and keeps it registered (see [`registration`]).
-//! - [`RegistryArgs`] and [`DiscoveryMode`]: the flags every service shares.
+//!   and keeps it registered, in a session stream per replica or by unary heartbeats
+//!   ([`RegistrationMode`]; see [`registration`]).
+//! - [`RegistryArgs`], [`DiscoveryMode`] and [`RegistrationMode`]: the flags every
+//!   service shares.
 //! - [`token`]: the bearer-token file the runner writes and both sides read; [`replicas`]
 //!   has the replica file it writes next to it.
 //!
@@ -20,7 +22,8 @@ use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 use anyhow::Context;
 
 use proto::registry::v1 as pb;
-use tokio::task::JoinHandle;
+use tokio::{sync::mpsc, task::JoinHandle};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{
     metadata::{Ascii, MetadataValue},
@@ -57,11 +60,24 @@ impl DiscoveryMode {
     }
 }
 
+/// How an instance keeps its registration.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum RegistrationMode {
+    /// A `Session` stream per replica: a crash (the connection closing) removes the
+    /// instance at once; heartbeats on the stream still catch a hang within the TTL.
+    #[default]
+    Session,
+    /// Unary Register and Heartbeat calls: a crash is noticed after the TTL. For
+    /// registries without sessions (the client also falls back to it by itself there).
+    Unary,
+}
+
 #[derive(Clone)]
 pub struct RegistryClient {
     replicas: Arc<Replicas>,
     deadline: Duration,
     token: Option<MetadataValue<Ascii>>,
+    registration: RegistrationMode,
 }
 
 impl std::fmt::Debug for RegistryClient {
@@ -86,6 +102,11 @@ pub struct RegistryArgs {
     /// exists].
     #[arg(long = "registry-token-file", value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+
+    /// How this instance keeps its registration: `session` (a crash leaves the registry
+    /// at once) or `unary` (heartbeat calls; a crash leaves it after the TTL).
+    #[arg(long = "registration", value_enum, default_value_t = RegistrationMode::Session)]
+    pub registration: RegistrationMode,
 }
 
 impl RegistryArgs {
@@ -94,6 +115,7 @@ impl RegistryArgs {
         Self {
             urls: url.split(',').map(str::to_owned).collect(),
             token_file: None,
+            registration: RegistrationMode::Session,
         }
     }
 
@@ -113,7 +135,8 @@ impl RegistryArgs {
     pub fn client(&self) -> anyhow::Result<RegistryClient> {
         let seeds = self.seeds()?;
         let client = RegistryClient::with_replicas(&seeds)
-            .with_context(|| format!("invalid registry address in {}", seeds.join(",")))?;
+            .with_context(|| format!("invalid registry address in {}", seeds.join(",")))?
+            .with_registration(self.registration);
         match token::token_file(self.token_file.as_ref()) {
             Some(path) => client.with_token(&token::read_token(&path)?),
             None => Ok(client),
@@ -136,6 +159,7 @@ impl RegistryClient {
             replicas: Arc::new(Replicas::new(urls)?),
             deadline: CALL_DEADLINE,
             token: None,
+            registration: RegistrationMode::Session,
         })
     }
 
@@ -150,6 +174,7 @@ impl RegistryClient {
                     replicas: Arc::new(Replicas::of(replica.clone())),
                     deadline: self.deadline,
                     token: self.token.clone(),
+                    registration: self.registration,
                 };
                 (replica.address.clone(), only)
             })
@@ -160,6 +185,12 @@ impl RegistryClient {
     pub fn with_token(mut self, token: &str) -> anyhow::Result<Self> {
         self.token = Some(token::bearer(token)?);
         Ok(self)
+    }
+
+    /// The same client, keeping registrations made with it in `mode`.
+    pub fn with_registration(mut self, mode: RegistrationMode) -> Self {
+        self.registration = mode;
+        self
     }
 
     /// The same client with another deadline for lookups and settings (default 1 s).
@@ -290,6 +321,45 @@ impl RegistryClient {
             .await
     }
 
+    /// Opens a `Session` stream with the first replica this client knows (a keeper's
+    /// client knows one), registers on it, and waits for the registration's reply.
+    pub(crate) async fn open_session(
+        &self,
+        register: pb::RegisterRequest,
+    ) -> Result<OpenSession, Status> {
+        let Some(replica) = self.replicas.known().first().cloned() else {
+            return Err(Status::unavailable("no registry replica is known"));
+        };
+        let (requests, outbound) = mpsc::channel(4);
+        let first = pb::SessionRequest {
+            kind: Some(pb::session_request::Kind::Register(register)),
+        };
+        if requests.try_send(first).is_err() {
+            return Err(Status::internal(
+                "the new session's queue refused its first message",
+            ));
+        }
+        let request = self.request(ReceiverStream::new(outbound), None);
+        let mut client = replica.client;
+        rpc::call(CALL_DEADLINE, async move {
+            let mut replies = client.session(request).await?.into_inner();
+            match replies.message().await?.and_then(|reply| reply.kind) {
+                Some(pb::session_response::Kind::Registered(lease)) => Ok(OpenSession {
+                    requests,
+                    replies,
+                    lease,
+                }),
+                Some(other) => Err(Status::internal(format!(
+                    "the registry answered a registration with {other:?}"
+                ))),
+                None => Err(Status::unavailable(
+                    "the registry ended the session before answering its registration",
+                )),
+            }
+        })
+        .await
+    }
+
     pub(crate) async fn heartbeat(
         &self,
         instance_id: &str,
@@ -327,6 +397,14 @@ impl RegistryClient {
             })
             .await
     }
+}
+
+/// A registered `Session` stream: where to send, what the registry answers, and the
+/// lease its registration was given.
+pub(crate) struct OpenSession {
+    pub(crate) requests: mpsc::Sender<pb::SessionRequest>,
+    pub(crate) replies: Streaming<pb::SessionResponse>,
+    pub(crate) lease: pb::RegisterResponse,
 }
 
 #[cfg(test)]

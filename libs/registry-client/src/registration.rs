@@ -2,12 +2,22 @@
 //! replica, under an id the instance chose, so every replica lists it the same way.
 //!
 //! A supervisor task keeps one keeper per known replica and asks for the list of
-//! replicas every [`REFRESH`]. Each keeper registers with its replica (retrying with
-//! capped jittered backoff while it is unreachable), heartbeats at the pace the replica
-//! sets, registers again at once when the replica answers `NOT_FOUND` (it restarted or
-//! evicted us), and deregisters on shutdown with a short deadline. The instance counts as
-//! registered while any replica holds it, and keeps serving throughout: an unreachable
-//! registry only means others cannot find it for a while.
+//! replicas every [`REFRESH`]. Each keeper holds a `Session` stream with its replica
+//! ([`RegistrationMode::Session`], the default): it registers as the stream's first
+//! message, heartbeats on it at the pace the replica sets, registers again on it when
+//! the replica asks (it evicted us after a hang), and deregisters on it on shutdown,
+//! with a short deadline. If this process dies, its connection closes and every replica
+//! drops the instance at once. When a session breaks while we live (a reset connection,
+//! a replica restart), the keeper opens a new one at once, and then with capped jittered
+//! backoff while the replica is unreachable.
+//!
+//! With [`RegistrationMode::Unary`], or against a replica without sessions, the keeper
+//! uses the unary calls instead: Register, a Heartbeat call per interval, registering
+//! again when a heartbeat answers `NOT_FOUND`, and Deregister on shutdown; a crash is
+//! then noticed only after the TTL.
+//!
+//! The instance counts as registered while any replica holds it, and keeps serving
+//! throughout: an unreachable registry only means others cannot find it for a while.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -15,13 +25,16 @@ use std::{
     time::Duration,
 };
 
-use retry::Retry;
-use tokio::{sync::watch, task::JoinHandle};
+use proto::registry::v1 as pb;
+use retry::{Retry, RetryError};
+use tokio::{sync::watch, task::JoinHandle, time::MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tracing::{debug, info, warn};
 
-use crate::{replicas::REFRESH, RegistryClient};
+use crate::{
+    replicas::REFRESH, OpenSession, RegistrationMode, RegistryClient, DEREGISTER_DEADLINE,
+};
 
 /// First retry delay while a replica is unreachable.
 const RETRY_BASE: Duration = Duration::from_millis(100);
@@ -171,6 +184,14 @@ struct Keeper {
     holders: Arc<watch::Sender<BTreeSet<String>>>,
 }
 
+/// How a session ended.
+enum SessionEnd {
+    /// The stream broke or the replica ended it: open a new one.
+    Broken(String),
+    /// Shutdown: deregister on it.
+    Stopped(Box<OpenSession>),
+}
+
 /// How a registered instance's heartbeats ended.
 enum Heartbeats {
     /// The replica no longer knows the instance: register again.
@@ -180,9 +201,198 @@ enum Heartbeats {
 }
 
 impl Keeper {
+    /// Keeps the instance registered with this keeper's replica until `stop`, then
+    /// deregisters. Returns whether it deregistered.
+    async fn run(self, stop: CancellationToken) -> bool {
+        if self.client.registration == RegistrationMode::Unary {
+            return self.run_unary(stop).await;
+        }
+        self.run_sessions(stop).await
+    }
+
+    fn register_request(&self) -> pb::RegisterRequest {
+        let instance = &self.instance;
+        pb::RegisterRequest {
+            service: instance.service.clone(),
+            address: instance.address.clone(),
+            metadata: instance.metadata.clone(),
+            instance_id: instance.id.clone(),
+        }
+    }
+
+    fn join_holders(&self, lease: &pb::RegisterResponse, again: bool) {
+        let instance = &self.instance;
+        let mut first = false;
+        self.holders.send_modify(|holders| {
+            first = holders.is_empty();
+            holders.insert(self.replica.clone());
+        });
+        if first || again {
+            info!(
+                service = instance.service,
+                address = instance.address,
+                instance_id = instance.id,
+                replica = self.replica,
+                heartbeat_interval = %humantime::format_duration(Duration::from_millis(lease.heartbeat_interval_ms)),
+                ttl = %humantime::format_duration(Duration::from_millis(lease.ttl_ms)),
+                "registered with the registry"
+            );
+        } else {
+            debug!(
+                instance_id = instance.id,
+                replica = self.replica,
+                "registered with another replica"
+            );
+        }
+    }
+
+    /// Opens a session (retrying until the replica accepts one), holds it until it
+    /// breaks, and again; on `stop`, deregisters on it.
+    async fn run_sessions(self, stop: CancellationToken) -> bool {
+        let instance = &self.instance;
+        let open = Retry::new(
+            format!(
+                "registering {} at {} with registry replica {}",
+                instance.service, instance.address, self.replica
+            ),
+            &stop,
+        )
+        .backoff(RETRY_BASE, RETRY_CAP);
+        let mut again = false;
+        let deregistered = loop {
+            let session = open
+                .run(
+                    || async {
+                        self.client
+                            .open_session(self.register_request())
+                            .await
+                            .map_err(rpc::CallError)
+                    },
+                    // An older registry: no sessions there, so unary calls it is.
+                    |error| error.0.code() == Code::Unimplemented,
+                )
+                .await;
+            let session = match session {
+                Ok(session) => session,
+                Err(RetryError::Permanent(_)) => {
+                    info!(
+                        replica = self.replica,
+                        "registry replica has no Session call; keeping the registration with unary heartbeats"
+                    );
+                    return self.run_unary(stop).await;
+                }
+                Err(_) => break false, // only cancellation ends the retry
+            };
+            self.join_holders(&session.lease, again);
+            match self.hold(session, &stop).await {
+                SessionEnd::Broken(why) => {
+                    self.leave_holders();
+                    warn!(
+                        service = instance.service,
+                        instance_id = instance.id,
+                        replica = self.replica,
+                        why,
+                        "registry session broke; opening a new one"
+                    );
+                    again = true;
+                }
+                SessionEnd::Stopped(session) => break self.deregister_session(*session).await,
+            }
+        };
+        self.leave_holders();
+        deregistered
+    }
+
+    /// Heartbeats on the session every interval and reads the replica's answers, until
+    /// the stream breaks or `stop` fires.
+    async fn hold(&self, session: OpenSession, stop: &CancellationToken) -> SessionEnd {
+        use pb::session_response::Kind;
+        let OpenSession {
+            requests,
+            mut replies,
+            lease,
+        } = session;
+        let interval = Duration::from_millis(lease.heartbeat_interval_ms.max(1));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let heartbeat = || pb::SessionRequest {
+            kind: Some(pb::session_request::Kind::Heartbeat(
+                pb::SessionHeartbeat {},
+            )),
+        };
+        loop {
+            let reply = tokio::select! {
+                () = stop.cancelled() => {
+                    return SessionEnd::Stopped(Box::new(OpenSession { requests, replies, lease }));
+                }
+                _ = tick.tick() => {
+                    if requests.send(heartbeat()).await.is_err() {
+                        return SessionEnd::Broken("the stream closed".to_owned());
+                    }
+                    continue;
+                }
+                reply = replies.message() => reply,
+            };
+            match reply.map(|reply| reply.and_then(|reply| reply.kind)) {
+                Ok(Some(Kind::HeartbeatAck(_))) => {}
+                Ok(Some(Kind::RegisterAgain(_))) => {
+                    self.leave_holders();
+                    info!(
+                        service = self.instance.service,
+                        instance_id = self.instance.id,
+                        replica = self.replica,
+                        "registry replica no longer holds this instance (it missed heartbeats for the ttl); registering again"
+                    );
+                    let register = pb::SessionRequest {
+                        kind: Some(pb::session_request::Kind::Register(self.register_request())),
+                    };
+                    if requests.send(register).await.is_err() {
+                        return SessionEnd::Broken("the stream closed".to_owned());
+                    }
+                }
+                Ok(Some(Kind::Registered(lease))) => self.join_holders(&lease, true),
+                Ok(None) => return SessionEnd::Broken("the replica ended the session".to_owned()),
+                Err(status) => return SessionEnd::Broken(rpc::CallError(status).to_string()),
+            }
+        }
+    }
+
+    /// Deregisters on the session and waits for the replica to end it. Ending the
+    /// stream without that would remove the instance too, as a lost connection.
+    async fn deregister_session(&self, session: OpenSession) -> bool {
+        let OpenSession {
+            requests,
+            mut replies,
+            ..
+        } = session;
+        let goodbye = pb::SessionRequest {
+            kind: Some(pb::session_request::Kind::Deregister(
+                pb::SessionDeregister {},
+            )),
+        };
+        let ended = async {
+            requests.send(goodbye).await.ok()?;
+            // The replica ends the stream once the instance is removed.
+            while replies.message().await.ok()?.is_some() {}
+            Some(())
+        };
+        match tokio::time::timeout(DEREGISTER_DEADLINE, ended).await {
+            Ok(Some(())) => true,
+            _ => {
+                warn!(
+                    service = self.instance.service,
+                    instance_id = self.instance.id,
+                    replica = self.replica,
+                    "no answer to the deregistration; closing the session removes the instance anyway"
+                );
+                false
+            }
+        }
+    }
+
     /// Register (retrying until accepted), heartbeat until the replica forgets us,
     /// again; on `stop`, deregister. Returns whether it deregistered.
-    async fn run(self, stop: CancellationToken) -> bool {
+    async fn run_unary(self, stop: CancellationToken) -> bool {
         let instance = &self.instance;
         let register = Retry::new(
             format!(
@@ -213,28 +423,7 @@ impl Keeper {
                 .await;
             let Ok(lease) = lease else { break }; // only cancellation ends the retry
             let interval = Duration::from_millis(lease.heartbeat_interval_ms.max(1));
-            let mut first = false;
-            self.holders.send_modify(|holders| {
-                first = holders.is_empty();
-                holders.insert(self.replica.clone());
-            });
-            if first || forgotten {
-                info!(
-                    service = instance.service,
-                    address = instance.address,
-                    instance_id = instance.id,
-                    replica = self.replica,
-                    heartbeat_interval = %humantime::format_duration(interval),
-                    ttl = %humantime::format_duration(Duration::from_millis(lease.ttl_ms)),
-                    "registered with the registry"
-                );
-            } else {
-                debug!(
-                    instance_id = instance.id,
-                    replica = self.replica,
-                    "registered with another replica"
-                );
-            }
+            self.join_holders(&lease, forgotten);
             match self.heartbeat(interval, &stop).await {
                 Heartbeats::Forgotten => {
                     self.leave_holders();

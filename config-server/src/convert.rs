@@ -1,0 +1,72 @@
+//! Between the core's types and protobuf, and from [`RegistryError`] to a gRPC status,
+//! each in one place.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use proto::registry::v1 as pb;
+use tonic::Status;
+
+use crate::registry::{Holder, Instance, Lease, RegistryError, Snapshot};
+
+/// The one place registry errors become gRPC statuses.
+pub(crate) fn status(error: RegistryError) -> Status {
+    let message = error.to_string();
+    match error {
+        RegistryError::InvalidService(_)
+        | RegistryError::InvalidAddress(_)
+        | RegistryError::UnspecifiedAddress(_)
+        | RegistryError::InvalidMetadata(_)
+        | RegistryError::EmptyInstanceId
+        | RegistryError::InvalidInstanceId(_) => Status::invalid_argument(message),
+        RegistryError::UnknownInstance(_) | RegistryError::UnknownSetting(_) => {
+            Status::not_found(message)
+        }
+        RegistryError::StaticInstance(_) => Status::failed_precondition(message),
+        RegistryError::ServiceFull { .. } | RegistryError::RegistryFull { .. } => {
+            Status::resource_exhausted(message)
+        }
+    }
+}
+
+pub(crate) fn unix_ms(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |since| {
+        u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+    })
+}
+
+pub(crate) fn instance_to_proto(instance: &Instance) -> pb::Instance {
+    pb::Instance {
+        instance_id: instance.id.clone(),
+        service: instance.service.clone(),
+        address: instance.address.clone(),
+        metadata: instance
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        is_static: instance.is_static,
+        registered_at_unix_ms: unix_ms(instance.registered_at),
+        last_heartbeat_unix_ms: unix_ms(instance.last_heartbeat),
+        in_session: instance.holder == Holder::Session,
+    }
+}
+
+pub(crate) fn snapshot_to_proto(snapshot: &Snapshot) -> pb::LookupResponse {
+    pb::LookupResponse {
+        service: snapshot.service.clone(),
+        instances: snapshot.instances.iter().map(instance_to_proto).collect(),
+        revision: snapshot.revision,
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+pub(crate) fn lease_to_proto(lease: Lease) -> pb::RegisterResponse {
+    pb::RegisterResponse {
+        instance_id: lease.instance_id,
+        heartbeat_interval_ms: millis(lease.heartbeat_interval),
+        ttl_ms: millis(lease.ttl),
+    }
+}
