@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use crate::{
     auth::{Access, Auth},
     convert::{lease_to_proto, snapshot_to_proto, status},
+    pause::Pauses,
     registry::Registry,
     session::Session,
 };
@@ -29,6 +30,7 @@ pub(crate) use pb::registry_server::RegistryServer;
 
 pub(crate) struct RegistryService {
     registry: Arc<Registry>,
+    pauses: Arc<Pauses>,
     shutdown: CancellationToken,
     auth: Option<Auth>,
     /// The number of the next session.
@@ -38,11 +40,13 @@ pub(crate) struct RegistryService {
 impl RegistryService {
     pub(crate) fn new(
         registry: Arc<Registry>,
+        pauses: Arc<Pauses>,
         shutdown: CancellationToken,
         auth: Option<Auth>,
     ) -> Self {
         Self {
             registry,
+            pauses,
             shutdown,
             auth,
             sessions: AtomicU64::new(0),
@@ -157,6 +161,7 @@ impl pb::registry_server::Registry for RegistryService {
         let session = Session {
             id: self.sessions.fetch_add(1, Ordering::Relaxed),
             registry: Arc::clone(&self.registry),
+            pauses: Arc::clone(&self.pauses),
             replies,
             held: None,
         };

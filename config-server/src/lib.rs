@@ -10,6 +10,7 @@
 //!
 //! - `registry`: the core, a pure state machine (leases, static entries, revisions).
 //! - `sweeper`: evicts expired leases, sleeping until the next deadline.
+//! - `pause`: notices that the whole process was paused, for lost sessions.
 //! - `grpc_api`: `registry.v1.Registry` over the core; `convert`: its types to protobuf.
 //! - `session`: the `Session` stream, a registration held by a live connection.
 //! - `status_page`: the live HTML page and `/v1/services`.
@@ -20,6 +21,7 @@ mod auth;
 mod config;
 mod convert;
 mod grpc_api;
+mod pause;
 mod peers;
 mod registry;
 mod session;
@@ -91,6 +93,12 @@ pub async fn serve_with_auth(
     );
 
     let sweeper = tokio::spawn(sweeper::run(Arc::clone(&registry), shutdown.clone()));
+    let pauses = Arc::new(pause::Pauses::new());
+    let ticker = tokio::spawn({
+        let pauses = Arc::clone(&pauses);
+        let shutdown = shutdown.clone();
+        async move { pauses.run(shutdown).await }
+    });
     let probe = tokio::spawn(peers.clone().probe(shutdown.clone()));
     let (routes, health) = rpc::routes()?;
     health
@@ -100,11 +108,13 @@ pub async fn serve_with_auth(
         .merge(telemetry::metrics_router());
     let routes = routes.add_service(RegistryServer::new(RegistryService::new(
         registry,
+        pauses,
         shutdown.clone(),
         auth,
     )));
     rpc::serve(listener, routes, http, shutdown).await?;
     sweeper.await?;
+    ticker.await?;
     probe.await?;
     info!("config server stopped");
     Ok(())

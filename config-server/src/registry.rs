@@ -552,9 +552,16 @@ impl Registry {
     }
 
     /// The session `session` ended without a deregister. If it was the last session
-    /// holding `id`, the instance is removed at once, or with a grace its deadline moves
-    /// to the grace's end (never later than it was).
-    pub(crate) fn session_lost(&self, id: &str, session: SessionId, now: Instant) -> SessionEnd {
+    /// holding `id`, the instance is removed at once, or with a `grace` (normally
+    /// [`Registry::session_grace`]) its deadline moves to the grace's end (never later
+    /// than it was).
+    pub(crate) fn session_lost(
+        &self,
+        id: &str,
+        session: SessionId,
+        now: Instant,
+        grace: Duration,
+    ) -> SessionEnd {
         let mut state = self.lock();
         let Some(entry) = state.index.get_mut(id) else {
             return SessionEnd::NotHeld;
@@ -567,7 +574,6 @@ impl Registry {
         let Some(instance) = state.get_mut(id) else {
             return SessionEnd::NotHeld;
         };
-        let grace = self.config.session_grace;
         if !grace.is_zero() {
             instance.holder = Holder::Lost;
             let instance = instance.clone();
@@ -1163,7 +1169,7 @@ mod tests {
         register_in(&registry, 7, "127.0.0.1:50051", t0);
         let before = registry.lookup("logging").expect("lookup").revision;
 
-        let end = registry.session_lost("logging-1", 7, t0);
+        let end = registry.session_lost("logging-1", 7, t0, registry.session_grace());
         assert!(
             matches!(end, SessionEnd::Removed(ref gone) if gone.id == "logging-1"),
             "{end:?}"
@@ -1186,17 +1192,17 @@ mod tests {
         // registry noticed that session 1 had broken.
         register_in(&registry, 2, "127.0.0.1:50051", t0);
         assert_eq!(
-            registry.session_lost("logging-1", 1, t0),
+            registry.session_lost("logging-1", 1, t0, registry.session_grace()),
             SessionEnd::NotHeld
         );
         assert_eq!(addresses(&registry, "logging"), ["127.0.0.1:50051"]);
         assert_eq!(
-            registry.session_lost("logging-1", 1, t0),
+            registry.session_lost("logging-1", 1, t0, registry.session_grace()),
             SessionEnd::NotHeld,
             "ending twice changes nothing"
         );
         assert!(matches!(
-            registry.session_lost("logging-1", 2, t0),
+            registry.session_lost("logging-1", 2, t0, registry.session_grace()),
             SessionEnd::Removed(_)
         ));
         assert!(addresses(&registry, "logging").is_empty());
@@ -1218,11 +1224,14 @@ mod tests {
             )
             .expect("register");
         assert_eq!(
-            registry.session_lost("logging-1", 1, t0),
+            registry.session_lost("logging-1", 1, t0, registry.session_grace()),
             SessionEnd::NotHeld
         );
         assert_eq!(registry.len(), 1);
-        assert_eq!(registry.session_lost("nobody", 1, t0), SessionEnd::NotHeld);
+        assert_eq!(
+            registry.session_lost("nobody", 1, t0, registry.session_grace()),
+            SessionEnd::NotHeld
+        );
     }
 
     #[test]
@@ -1232,7 +1241,7 @@ mod tests {
         let t0 = Instant::now();
         register_in(&registry, 1, "127.0.0.1:50051", t0);
         assert!(matches!(
-            registry.session_lost("logging-1", 1, t0),
+            registry.session_lost("logging-1", 1, t0, registry.session_grace()),
             SessionEnd::Grace(_)
         ));
         assert_eq!(registry.next_deadline(), Some(t0 + grace), "moved earlier");
@@ -1243,7 +1252,7 @@ mod tests {
 
         // Back within the grace: a new session holds it, and the old deadline is gone.
         register_in(&registry, 2, "127.0.0.1:50051", t0);
-        registry.session_lost("logging-1", 2, t0);
+        registry.session_lost("logging-1", 2, t0, registry.session_grace());
         register_in(&registry, 3, "127.0.0.1:50051", t0 + grace / 2);
         assert!(registry.evict_expired(t0 + grace).is_empty());
         assert_eq!(registry.next_deadline(), Some(t0 + grace / 2 + TTL));

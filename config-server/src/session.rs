@@ -9,6 +9,10 @@
 //! A process that hangs keeps its connection open, so the session does not end; its
 //! lease runs out one TTL after its last heartbeat and the sweeper evicts it, as for the
 //! unary calls. If it wakes up, its next heartbeat is answered "register again".
+//!
+//! When it is the registry that was paused, its clients gave up on it and closed their
+//! connections meanwhile; those sessions end the moment it resumes, through no fault of
+//! the instances, so each gets one TTL to register again ([`crate::pause`]).
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -20,6 +24,7 @@ use tracing::{debug, info};
 
 use crate::{
     convert::{lease_to_proto, status},
+    pause::Pauses,
     registry::{Registry, RegistryError, SessionEnd, SessionId},
 };
 
@@ -36,6 +41,7 @@ enum Step {
 pub(crate) struct Session {
     pub(crate) id: SessionId,
     pub(crate) registry: Arc<Registry>,
+    pub(crate) pauses: Arc<Pauses>,
     pub(crate) replies: Replies,
     /// The instance this session registered, while it holds one.
     pub(crate) held: Option<String>,
@@ -71,7 +77,14 @@ impl Session {
     }
 
     fn lost(&self, id: &str, why: &str) {
-        match self.registry.session_lost(id, self.id, Instant::now()) {
+        let now = Instant::now();
+        let paused = self.pauses.just_resumed(now);
+        let grace = if paused {
+            self.registry.ttl()
+        } else {
+            self.registry.session_grace()
+        };
+        match self.registry.session_lost(id, self.id, now, grace) {
             SessionEnd::Removed(instance) => {
                 metrics::counter!("registry_connections_lost_total").increment(1);
                 info!(
@@ -87,8 +100,13 @@ impl Session {
                 address = instance.address,
                 instance_id = %instance.id,
                 why,
-                grace = %humantime::format_duration(self.registry.session_grace()),
-                "connection lost; removing the instance unless it registers again within the grace"
+                grace = %humantime::format_duration(grace),
+                "{}",
+                if paused {
+                    "connection lost while this registry was paused; removing the instance unless it registers again within the grace (one ttl)"
+                } else {
+                    "connection lost; removing the instance unless it registers again within the grace"
+                }
             ),
             SessionEnd::NotHeld => debug!(
                 instance_id = id,

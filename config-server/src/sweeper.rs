@@ -161,7 +161,7 @@ mod tests {
         let lost = Instant::now();
         let mut changes = registry.subscribe();
         changes.borrow_and_update();
-        registry.session_lost("logging-1", 1, lost);
+        registry.session_lost("logging-1", 1, lost, grace);
         changes.changed().await.expect("eviction announced");
         assert_eq!(registry.len(), 0);
         // Without the wake-up it would have slept until the ttl (3 s).

@@ -245,6 +245,16 @@ async fn a_frozen_registry_evicts_nobody_when_it_resumes() {
     let log = system.registry_proc.output();
     assert!(!log.contains("evicted"), "{log}");
     assert!(log.contains("the registry was paused"), "{log}");
+    // The instances' clients gave up on the frozen registry and closed their sessions.
+    // Whether it saw those end before or after their new sessions registered, it
+    // removed nobody for it.
+    let (first, _) = system.logging[0];
+    let instance_log = system.logging_proc(first).output();
+    assert!(
+        instance_log.contains("registry session broke"),
+        "{instance_log}"
+    );
+    assert!(!log.contains("removed: connection lost"), "{log}");
     // The instances heartbeat again; a crash after the resume is still evicted in time.
     let (dead, _) = system.logging[0];
     system.logging_proc(dead).kill9().await;

@@ -211,8 +211,9 @@ async fn a_reset_connection_of_a_living_instance_registers_it_again() {
     let replica = replicas[0].0;
     let proxy = Proxy::start(replica).await;
     let (instance, proc) = logging(&format!("http://{}", proxy.addr())).await;
-    eventually(Duration::from_secs(10), "listed", || async {
-        is_listed(replica, instance)
+    // Registered from the instance's side too: it has the registry's answer.
+    eventually(Duration::from_secs(10), "registered", || async {
+        is_listed(replica, instance) && proc.output().contains("registered with the registry")
     })
     .await;
     let id = |replica| {

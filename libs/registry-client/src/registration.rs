@@ -250,16 +250,17 @@ impl Keeper {
     /// breaks, and again; on `stop`, deregisters on it.
     async fn run_sessions(self, stop: CancellationToken) -> bool {
         let instance = &self.instance;
-        let open = Retry::new(
-            format!(
-                "registering {} at {} with registry replica {}",
-                instance.service, instance.address, self.replica
-            ),
-            &stop,
-        )
-        .backoff(RETRY_BASE, RETRY_CAP);
+        let what = format!(
+            "registering {} at {} with registry replica {}",
+            instance.service, instance.address, self.replica
+        );
+        // Once registered, retries come at least once per heartbeat interval, as unary
+        // heartbeats would: back within an interval of the replica's return, well inside
+        // the TTL a paused replica allows after it resumes.
+        let mut cap = RETRY_CAP;
         let mut again = false;
         let deregistered = loop {
+            let open = Retry::new(what.as_str(), &stop).backoff(RETRY_BASE.min(cap), cap);
             let session = open
                 .run(
                     || async {
@@ -284,6 +285,9 @@ impl Keeper {
                 Err(_) => break false, // only cancellation ends the retry
             };
             self.join_holders(&session.lease, again);
+            cap = RETRY_CAP.min(Duration::from_millis(
+                session.lease.heartbeat_interval_ms.max(1),
+            ));
             match self.hold(session, &stop).await {
                 SessionEnd::Broken(why) => {
                     self.leave_holders();
