@@ -23,7 +23,7 @@ use crate::{
     convert::{lease_to_proto, snapshot_to_proto, status},
     pause::Pauses,
     registry::Registry,
-    session::Session,
+    session::{Replies, Session},
 };
 
 pub(crate) use pb::registry_server::RegistryServer;
@@ -150,23 +150,20 @@ impl pb::registry_server::Registry for RegistryService {
         Ok(Response::new(pb::GetSettingResponse { value }))
     }
 
-    type SessionStream = ReceiverStream<Result<pb::SessionResponse, Status>>;
+    type SessionStream = Replies;
 
     async fn session(
         &self,
         request: Request<Streaming<pb::SessionRequest>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         self.authorize(&request, Access::Write)?;
-        let (replies, rx) = mpsc::channel(4);
-        let session = Session {
-            id: self.sessions.fetch_add(1, Ordering::Relaxed),
-            registry: Arc::clone(&self.registry),
-            pauses: Arc::clone(&self.pauses),
-            replies,
-            held: None,
-        };
-        tokio::spawn(session.run(request.into_inner(), self.shutdown.clone()));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let session = Session::new(
+            self.sessions.fetch_add(1, Ordering::Relaxed),
+            Arc::clone(&self.registry),
+            Arc::clone(&self.pauses),
+        );
+        let replies = session.replies(request.into_inner(), self.shutdown.clone());
+        Ok(Response::new(replies))
     }
 
     type WatchStream = ReceiverStream<Result<pb::LookupResponse, Status>>;

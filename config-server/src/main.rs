@@ -1,7 +1,7 @@
 use clap::Parser;
 use config_server::Config;
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     telemetry::init(config.log.log_format);

@@ -1,10 +1,11 @@
 //! The `Session` stream: one instance's registration, held by a live connection.
 //!
 //! The first message registers the instance; heartbeats follow at the pace the reply
-//! sets, each acknowledged; a deregister removes it and ends the stream. When the stream
-//! ends any other way (the process died and its kernel closed the connection, or the
-//! connection was reset), the instance leaves the registry at once, or after the
-//! configured grace, through [`Registry::session_lost`], and watchers hear of it.
+//! sets, unanswered (the connection's pings tell the client whether the registry is
+//! there); a deregister removes it and ends the stream. When the stream ends any other way
+//! (the process died and its kernel closed the connection, or the connection was
+//! reset), the instance leaves the registry at once, or after the configured grace,
+//! through [`Registry::session_lost`], and watchers hear of it.
 //!
 //! A process that hangs keeps its connection open, so the session does not end; its
 //! lease runs out one TTL after its last heartbeat and the sweeper evicts it, as for the
@@ -13,11 +14,17 @@
 //! When it is the registry that was paused, its clients gave up on it and closed their
 //! connections meanwhile; those sessions end the moment it resumes, through no fault of
 //! the instances, so each gets one TTL to register again ([`crate::pause`]).
+//!
+//! The session runs inside the response stream itself (no task or channel of its own),
+//! so a heartbeat costs one wake-up of the stream's task; and its end is in `Drop`, so
+//! however the stream goes (the client's end, a reset, the server dropping it), the
+//! instance it held is let go.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{collections::BTreeMap, pin::Pin, sync::Arc};
 
+use futures_util::{Stream, StreamExt};
 use proto::registry::v1 as pb;
-use tokio::{sync::mpsc, time::Instant};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 use tracing::{debug, info};
@@ -28,131 +35,113 @@ use crate::{
     registry::{Registry, RegistryError, SessionEnd, SessionId},
 };
 
-type Replies = mpsc::Sender<Result<pb::SessionResponse, Status>>;
+/// The replies of one session, as tonic sends them.
+pub(crate) type Replies = Pin<Box<dyn Stream<Item = Result<pb::SessionResponse, Status>> + Send>>;
 
-/// What one message did to the session.
+/// What one message asks of the stream.
 enum Step {
-    Continue,
-    /// The instance deregistered, or the client broke the protocol: end the stream.
+    Reply(pb::session_response::Kind),
+    /// Nothing to say: a heartbeat that extended the lease.
+    Quiet,
+    /// End the stream with this status (the client broke the protocol, or the registry
+    /// refused the registration).
+    Refuse(Status),
+    /// The instance deregistered: end the stream.
     End,
 }
 
-/// One session, from its first message until the stream ends or the registry stops.
+/// One session, from its first message until its stream is dropped.
 pub(crate) struct Session {
-    pub(crate) id: SessionId,
-    pub(crate) registry: Arc<Registry>,
-    pub(crate) pauses: Arc<Pauses>,
-    pub(crate) replies: Replies,
+    id: SessionId,
+    registry: Arc<Registry>,
+    pauses: Arc<Pauses>,
     /// The instance this session registered, while it holds one.
-    pub(crate) held: Option<String>,
+    held: Option<String>,
+    /// How the stream ended, for the log line when that lets go of an instance.
+    why: &'static str,
 }
 
 impl Session {
-    pub(crate) async fn run(
-        mut self,
-        mut inbound: Streaming<pb::SessionRequest>,
-        shutdown: CancellationToken,
-    ) {
+    pub(crate) fn new(id: SessionId, registry: Arc<Registry>, pauses: Arc<Pauses>) -> Self {
         metrics::gauge!("registry_sessions").increment(1.0);
-        let why = loop {
-            let next = tokio::select! {
-                next = inbound.message() => next,
-                // The registry is stopping: its whole list goes with it.
-                () = shutdown.cancelled() => break None,
-                () = self.replies.closed() => Err(Status::cancelled("the client went away")),
-            };
-            match next {
-                Ok(Some(request)) => match self.handle(request).await {
-                    Step::Continue => {}
-                    Step::End => break None,
-                },
-                Ok(None) => break Some("the stream ended without a deregister".to_owned()),
-                Err(error) => break Some(error.message().to_owned()),
-            }
-        };
-        metrics::gauge!("registry_sessions").decrement(1.0);
-        if let (Some(why), Some(id)) = (why, self.held.take()) {
-            self.lost(&id, &why);
+        Self {
+            id,
+            registry,
+            pauses,
+            held: None,
+            why: "the connection closed",
         }
     }
 
-    fn lost(&self, id: &str, why: &str) {
-        let now = Instant::now();
-        let paused = self.pauses.just_resumed(now);
-        let grace = if paused {
-            self.registry.ttl()
-        } else {
-            self.registry.session_grace()
-        };
-        match self.registry.session_lost(id, self.id, now, grace) {
-            SessionEnd::Removed(instance) => {
-                metrics::counter!("registry_connections_lost_total").increment(1);
-                info!(
-                    service = instance.service,
-                    address = instance.address,
-                    instance_id = %instance.id,
-                    why,
-                    "removed: connection lost (its session ended without a deregister)"
-                );
-            }
-            SessionEnd::Grace(instance) => info!(
-                service = instance.service,
-                address = instance.address,
-                instance_id = %instance.id,
-                why,
-                grace = %humantime::format_duration(grace),
-                "{}",
-                if paused {
-                    "connection lost while this registry was paused; removing the instance unless it registers again within the grace (one ttl)"
-                } else {
-                    "connection lost; removing the instance unless it registers again within the grace"
+    /// The replies to `inbound`, computed as tonic asks for them, until the stream ends
+    /// or `shutdown` (the registry stopping: its whole list goes with it).
+    pub(crate) fn replies(
+        self,
+        inbound: Streaming<pb::SessionRequest>,
+        shutdown: CancellationToken,
+    ) -> Replies {
+        // One wait for the shutdown per session, polled with each message, rather than a
+        // new one per message.
+        let inbound = Box::pin(inbound.take_until(shutdown.clone().cancelled_owned()));
+        let state = Some((self, inbound));
+        Box::pin(futures_util::stream::unfold(state, move |state| {
+            let shutdown = shutdown.clone();
+            async move {
+                let (mut session, mut inbound) = state?;
+                loop {
+                    let request = match inbound.next().await {
+                        Some(Ok(request)) => request,
+                        None if shutdown.is_cancelled() => {
+                            session.held = None;
+                            return None;
+                        }
+                        None => {
+                            session.why = "the stream ended without a deregister";
+                            return None;
+                        }
+                        Some(Err(_)) => return None, // the connection closed or was reset
+                    };
+                    match session.handle(request) {
+                        Step::Reply(kind) => {
+                            let reply = pb::SessionResponse { kind: Some(kind) };
+                            return Some((Ok(reply), Some((session, inbound))));
+                        }
+                        Step::Quiet => {}
+                        Step::Refuse(refused) => return Some((Err(refused), None)),
+                        Step::End => return None,
+                    }
                 }
-            ),
-            SessionEnd::NotHeld => debug!(
-                instance_id = id,
-                "session ended; another registration holds the instance now"
-            ),
-        }
+            }
+        }))
     }
 
-    async fn reply(&self, reply: Result<pb::session_response::Kind, Status>) -> Step {
-        let message = reply.map(|kind| pb::SessionResponse { kind: Some(kind) });
-        let refused = message.is_err();
-        match self.replies.send(message).await {
-            Ok(()) if !refused => Step::Continue,
-            _ => Step::End,
-        }
-    }
-
-    async fn handle(&mut self, request: pb::SessionRequest) -> Step {
+    fn handle(&mut self, request: pb::SessionRequest) -> Step {
         use pb::{session_request::Kind, session_response::Kind as Reply};
         match request.kind {
-            Some(Kind::Register(register)) => {
-                let reply = self.register(register).map(Reply::Registered);
-                self.reply(reply).await
-            }
+            Some(Kind::Register(register)) => match self.register(register) {
+                Ok(lease) => Step::Reply(Reply::Registered(lease)),
+                Err(refused) => Step::Refuse(refused),
+            },
             Some(Kind::Heartbeat(_)) => {
                 let Some(id) = &self.held else {
-                    let refused = Status::failed_precondition(
+                    return Step::Refuse(Status::failed_precondition(
                         "heartbeat before register: a session's first message registers",
-                    );
-                    return self.reply(Err(refused)).await;
+                    ));
                 };
-                let reply = match self.registry.heartbeat(id, Instant::now()) {
+                match self.registry.heartbeat(id, Instant::now()) {
                     Ok(()) => {
                         metrics::counter!("registry_heartbeats_total").increment(1);
-                        Ok(Reply::HeartbeatAck(pb::SessionHeartbeatAck {}))
+                        Step::Quiet
                     }
                     Err(RegistryError::UnknownInstance(_)) => {
                         debug!(
                             instance_id = id,
                             "unknown on a session heartbeat; asking it to register again"
                         );
-                        Ok(Reply::RegisterAgain(pb::RegisterAgain {}))
+                        Step::Reply(Reply::RegisterAgain(pb::RegisterAgain {}))
                     }
-                    Err(error) => Err(status(error)),
-                };
-                self.reply(reply).await
+                    Err(error) => Step::Refuse(status(error)),
+                }
             }
             Some(Kind::Deregister(_)) => {
                 if let Some(id) = self.held.take() {
@@ -172,12 +161,9 @@ impl Session {
                 }
                 Step::End
             }
-            None => {
-                let refused = Status::invalid_argument(
-                    "empty session message: send register, heartbeat or deregister",
-                );
-                self.reply(Err(refused)).await
-            }
+            None => Step::Refuse(Status::invalid_argument(
+                "empty session message: send register, heartbeat or deregister",
+            )),
         }
     }
 
@@ -223,5 +209,55 @@ impl Session {
         );
         self.held = Some(lease.instance_id.clone());
         Ok(lease_to_proto(lease))
+    }
+
+    /// The stream ended without a deregister while holding `id`.
+    fn lost(&self, id: &str) {
+        let now = Instant::now();
+        let paused = self.pauses.just_resumed(now);
+        let grace = if paused {
+            self.registry.ttl()
+        } else {
+            self.registry.session_grace()
+        };
+        let why = self.why;
+        match self.registry.session_lost(id, self.id, now, grace) {
+            SessionEnd::Removed(instance) => {
+                metrics::counter!("registry_connections_lost_total").increment(1);
+                info!(
+                    service = instance.service,
+                    address = instance.address,
+                    instance_id = %instance.id,
+                    why,
+                    "removed: connection lost (its session ended without a deregister)"
+                );
+            }
+            SessionEnd::Grace(instance) => info!(
+                service = instance.service,
+                address = instance.address,
+                instance_id = %instance.id,
+                why,
+                grace = %humantime::format_duration(grace),
+                "{}",
+                if paused {
+                    "connection lost while this registry was paused; removing the instance unless it registers again within the grace (one ttl)"
+                } else {
+                    "connection lost; removing the instance unless it registers again within the grace"
+                }
+            ),
+            SessionEnd::NotHeld => debug!(
+                instance_id = id,
+                "session ended; another session or registration holds the instance too"
+            ),
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        metrics::gauge!("registry_sessions").decrement(1.0);
+        if let Some(id) = self.held.take() {
+            self.lost(&id);
+        }
     }
 }

@@ -198,6 +198,12 @@ impl Cluster {
     }
 }
 
+/// Waits a random part of a heartbeat interval, so a fault falls anywhere between two
+/// heartbeats, as it would in life (right after registering, a lease is at its longest).
+async fn somewhere_in_a_heartbeat() {
+    tokio::time::sleep(Duration::from_millis(rand::random_range(0..1000))).await;
+}
+
 /// kill -9 rounds: (gone on every replica, gone from the facade's view).
 async fn kills(
     cluster: &Cluster,
@@ -208,9 +214,10 @@ async fn kills(
     let mut facade = Vec::new();
     let mut metrics = HttpClient::new(cluster.facade);
     for _ in 0..rounds {
-        let (mut proc, address, streams) = cluster.logging(mode).await?;
+        let (proc, address, streams) = cluster.logging(mode).await?;
+        somewhere_in_a_heartbeat().await;
         let killed = Instant::now();
-        proc.kill9().await;
+        proc.signal(Signal::SIGKILL);
         let gone = streams.into_iter().map(|mut stream| {
             let address = address.clone();
             tokio::spawn(async move {
@@ -240,6 +247,7 @@ async fn freezes(cluster: &Cluster, mode: &str, rounds: usize) -> anyhow::Result
     let mut times = Vec::new();
     for _ in 0..rounds {
         let (proc, address, streams) = cluster.logging(mode).await?;
+        somewhere_in_a_heartbeat().await;
         let stopped = Instant::now();
         proc.signal(Signal::SIGSTOP);
         let mut slowest = Duration::ZERO;

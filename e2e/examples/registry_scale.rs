@@ -1,25 +1,46 @@
 //! Registry at scale: N simulated instances heartbeating at 1 Hz against one config
 //! server (the release binary), then the server's CPU share and memory, Lookup latency
-//! under that load, and how long a change takes to reach a watcher.
+//! under that load, and how long a change takes to reach a watcher. Each size runs
+//! twice: instances holding Session streams (a hundred streams a connection), and
+//! instances making unary Register and Heartbeat calls (over eight connections).
 //!
-//! `cargo run --release -p e2e --example registry_scale -- 1000 10000` (bench/run does).
+//! `cargo run --release -p e2e --example registry_scale -- 1000 10000` (bench/registry
+//! does).
 
 use std::{
     collections::HashMap,
-    path::Path,
     time::{Duration, Instant},
 };
 
+use clap::Parser;
 use e2e::procfs::{cpu_seconds, rss_mib};
 use proto::registry::v1::{
-    registry_client::RegistryClient, DeregisterRequest, HeartbeatRequest, LookupRequest,
-    RegisterRequest, WatchRequest,
+    registry_client::RegistryClient, session_request, DeregisterRequest, HeartbeatRequest,
+    LookupRequest, RegisterRequest, SessionDeregister, SessionHeartbeat, SessionRequest,
+    WatchRequest,
 };
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-/// Channels the simulated instances share (HTTP/2 multiplexes their calls).
-const CHANNELS: usize = 8;
+/// Connections the unary instances share (HTTP/2 multiplexes their calls).
+const UNARY_CHANNELS: usize = 8;
+/// Session streams per connection (the server allows 200 streams at once on one).
+const SESSIONS_PER_CHANNEL: usize = 100;
 const MEASURE: Duration = Duration::from_secs(5);
+
+#[derive(Parser)]
+struct Args {
+    /// How many instances, one row each [default: 1000 10000].
+    sizes: Vec<usize>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum KeptBy {
+    Session,
+    Unary,
+}
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -30,9 +51,10 @@ fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1000.0)
 }
 
-async fn run(instances: usize) -> anyhow::Result<String> {
+async fn run(instances: usize, kept_by: KeptBy) -> anyhow::Result<String> {
     let addr = e2e::free_addr();
-    let binary = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/config-server");
+    let binary =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/config-server");
     anyhow::ensure!(binary.exists(), "build first: cargo build --release");
     let server = e2e::Proc::spawn(
         "config-server",
@@ -50,49 +72,58 @@ async fn run(instances: usize) -> anyhow::Result<String> {
     e2e::wait_serving(addr).await;
     let rss_idle = rss_mib(server_pid);
 
-    let channels: Vec<Channel> = (0..CHANNELS)
+    let connections = match kept_by {
+        KeptBy::Session => instances.div_ceil(SESSIONS_PER_CHANNEL),
+        KeptBy::Unary => UNARY_CHANNELS,
+    };
+    let channels: Vec<Channel> = (0..connections)
         .map(|_| rpc::channel(&addr.to_string()))
         .collect::<Result<_, _>>()?;
-    let stop = tokio_util::sync::CancellationToken::new();
+    let stop = CancellationToken::new();
     let mut tasks = Vec::new();
     let registered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for i in 0..instances {
-        let mut client = RegistryClient::new(channels[i % CHANNELS].clone());
-        let stop = stop.clone();
-        let registered = registered.clone();
+        let client = RegistryClient::new(channels[i % connections].clone());
+        let request = RegisterRequest {
+            service: format!("sim-{}", i % 10),
+            address: format!(
+                "10.{}.{}.{}:{}",
+                (i >> 16) & 255,
+                (i >> 8) & 255,
+                i & 255,
+                1000 + i % 50000
+            ),
+            metadata: HashMap::new(),
+            instance_id: String::new(),
+        };
+        // Spread the heartbeats over the second, as independent processes would be.
+        let offset = Duration::from_millis((i * 7919 % 1000) as u64);
+        let simulated = Simulated {
+            client,
+            stop: stop.clone(),
+            registered: registered.clone(),
+        };
         tasks.push(tokio::spawn(async move {
-            let request = RegisterRequest {
-                service: format!("sim-{}", i % 10),
-                address: format!("10.{}.{}.{}:{}", (i >> 16) & 255, (i >> 8) & 255, i & 255, 1000 + i % 50000),
-                metadata: HashMap::new(),
-                instance_id: String::new(),
+            let _ = match kept_by {
+                KeptBy::Session => simulated.session(request, offset).await,
+                KeptBy::Unary => simulated.unary(request, offset).await,
             };
-            let Ok(reply) = client.register(request).await else { return };
-            registered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let id = reply.into_inner().instance_id;
-            // Spread the heartbeats over the second, as independent processes would be.
-            tokio::time::sleep(Duration::from_millis((i * 7919 % 1000) as u64)).await;
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    _ = tick.tick() => {
-                        let _ = client.heartbeat(HeartbeatRequest { instance_id: id.clone() }).await;
-                    }
-                }
-            }
-            let _ = client.deregister(DeregisterRequest { instance_id: id }).await;
         }));
     }
     while registered.load(std::sync::atomic::Ordering::Relaxed) < instances {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Let the heartbeats reach their steady pace, then measure.
+    // Let the heartbeats reach their steady pace, then measure what keeping the
+    // instances costs: the server's CPU while they heartbeat and nothing else happens.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = cpu_seconds(server_pid);
     let started = Instant::now();
+    tokio::time::sleep(MEASURE).await;
+    let cpu = (cpu_seconds(server_pid) - before) / started.elapsed().as_secs_f64();
+    let rss = rss_mib(server_pid);
 
-    // Lookup latency under load: a small service and one with instances/10 entries.
+    // Lookup latency under that load: a small service and one with instances/10 entries.
+    let started = Instant::now();
     let mut client = RegistryClient::new(rpc::channel(&addr.to_string())?);
     let mut small = Vec::new();
     let mut big = Vec::new();
@@ -113,8 +144,6 @@ async fn run(instances: usize) -> anyhow::Result<String> {
         big.push(t.elapsed());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let cpu = (cpu_seconds(server_pid) - before) / started.elapsed().as_secs_f64();
-    let rss = rss_mib(server_pid);
 
     // A change reaching a watcher: register and deregister a probe, 20 times each.
     let mut stream = client
@@ -156,7 +185,11 @@ async fn run(instances: usize) -> anyhow::Result<String> {
     big.sort();
     pushes.sort();
     Ok(format!(
-        "| {instances} | {:.1}% | {rss_idle:.1} -> {rss:.1} | {} / {} | {} / {} | {} / {} |",
+        "| {instances} | {} | {:.1}% | {rss_idle:.1} -> {rss:.1} | {} / {} | {} / {} | {} / {} |",
+        match kept_by {
+            KeptBy::Session => format!("sessions ({connections} connections)"),
+            KeptBy::Unary => format!("unary calls ({connections} connections)"),
+        },
         cpu * 100.0,
         ms(percentile(&small, 0.5)),
         ms(percentile(&small, 0.99)),
@@ -167,27 +200,99 @@ async fn run(instances: usize) -> anyhow::Result<String> {
     ))
 }
 
+/// One simulated instance.
+struct Simulated {
+    client: RegistryClient<Channel>,
+    stop: CancellationToken,
+    registered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Simulated {
+    fn counted(&self) {
+        self.registered
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Registers, heartbeats every second with a unary call each, deregisters on stop.
+    async fn unary(mut self, request: RegisterRequest, offset: Duration) -> anyhow::Result<()> {
+        let id = self
+            .client
+            .register(request)
+            .await?
+            .into_inner()
+            .instance_id;
+        self.counted();
+        tokio::time::sleep(offset).await;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = self.stop.cancelled() => break,
+                _ = tick.tick() => {
+                    let _ = self.client.heartbeat(HeartbeatRequest { instance_id: id.clone() }).await;
+                }
+            }
+        }
+        self.client
+            .deregister(DeregisterRequest { instance_id: id })
+            .await?;
+        Ok(())
+    }
+
+    /// Opens a session, registers on it, heartbeats on it every second, and deregisters
+    /// on it on stop.
+    async fn session(mut self, request: RegisterRequest, offset: Duration) -> anyhow::Result<()> {
+        let message = |kind| SessionRequest { kind: Some(kind) };
+        let (requests, outbound) = mpsc::channel(4);
+        requests
+            .send(message(session_request::Kind::Register(request)))
+            .await?;
+        let mut replies = self
+            .client
+            .session(ReceiverStream::new(outbound))
+            .await?
+            .into_inner();
+        replies.message().await?;
+        self.counted();
+        tokio::time::sleep(offset).await;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = self.stop.cancelled() => break,
+                _ = tick.tick() => {
+                    requests.send(message(session_request::Kind::Heartbeat(SessionHeartbeat {}))).await?;
+                }
+            }
+        }
+        requests
+            .send(message(session_request::Kind::Deregister(
+                SessionDeregister {},
+            )))
+            .await?;
+        while replies.message().await?.is_some() {}
+        Ok(())
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let sizes: Vec<usize> = std::env::args()
-        .skip(1)
-        .map(|a| a.parse())
-        .collect::<Result<_, _>>()?;
-    let sizes = if sizes.is_empty() {
+    let args = Args::parse();
+    let sizes = if args.sizes.is_empty() {
         vec![1000, 10_000]
     } else {
-        sizes
+        args.sizes
     };
-    println!("Registry at scale: simulated instances heartbeating at 1 Hz over {CHANNELS} HTTP/2 connections,");
+    println!("Registry at scale: simulated instances heartbeating at 1 Hz, in 10 services, in sessions or");
     println!(
-        "in 10 services; the load generator shares the machine ({} cores).",
+        "with unary calls; the load generator shares the machine ({} cores).",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!();
-    println!("| instances | server CPU (of one core) | server RSS MiB (idle -> loaded) | Lookup, empty service p50 / p99 ms | Lookup, instances/10 entries p50 / p99 ms | change -> watcher p50 / max ms |");
-    println!("|---|---|---|---|---|---|");
+    println!("| instances | kept by | server CPU, heartbeats alone (of one core) | server RSS MiB (idle -> loaded) | Lookup, empty service p50 / p99 ms | Lookup, instances/10 entries p50 / p99 ms | change -> watcher p50 / max ms |");
+    println!("|---|---|---|---|---|---|---|");
     for size in sizes {
-        println!("{}", run(size).await?);
+        for kept_by in [KeptBy::Session, KeptBy::Unary] {
+            println!("{}", run(size, kept_by).await?);
+        }
     }
     Ok(())
 }

@@ -281,7 +281,11 @@ async fn grpcurl_holds_a_session_and_its_exit_removes_the_instance() {
         "{registered}"
     );
     writeln!(stdin, r#"{{"heartbeat": {{}}}}"#).expect("send heartbeat");
-    read_until("heartbeatAck");
+    // Heartbeats are not answered; the registry counts them.
+    eventually(Duration::from_secs(5), "the heartbeat counted", || async {
+        metric(replica, "registry_heartbeats_total") == Some(1.0)
+    })
+    .await;
     let status_now = status(replica);
     assert_eq!(
         service(&status_now, "demo")["instances"][0]["held_by"],

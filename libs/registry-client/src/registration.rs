@@ -338,7 +338,6 @@ impl Keeper {
                 reply = replies.message() => reply,
             };
             match reply.map(|reply| reply.and_then(|reply| reply.kind)) {
-                Ok(Some(Kind::HeartbeatAck(_))) => {}
                 Ok(Some(Kind::RegisterAgain(_))) => {
                     self.leave_holders();
                     info!(
