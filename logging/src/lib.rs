@@ -12,7 +12,7 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
-use registry_client::{Registration, RegistryArgs, RegistryClient};
+use registry_client::{Registration, RegistrationMode, RegistryArgs, RegistryClient};
 use retry::{Retry, RetryError};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -43,6 +43,11 @@ pub struct Config {
 
     #[command(flatten)]
     pub registry: RegistryArgs,
+
+    /// How this instance keeps its registration: `session` (a crash leaves the registry
+    /// at once) or `unary` (heartbeat calls; a crash leaves it after the TTL).
+    #[arg(long, value_enum, default_value_t = RegistrationMode::Session)]
+    pub registration: RegistrationMode,
 
     /// The message store: `memory`, or `nats://HOST:PORT,...` [default: the registry's
     /// `logging.store` setting, else memory].
@@ -176,7 +181,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
-    let registry = config.registry.client()?;
+    let registry = config
+        .registry
+        .client()?
+        .with_registration(config.registration);
     let Some(choice) = choose_store(&config, &registry, &shutdown).await? else {
         info!("logging stopped before it was ready");
         return Ok(());

@@ -6,8 +6,8 @@
 //! - [`Registration`]: registers an instance with every replica under an id it chose,
 //!   and keeps it registered, in a session stream per replica or by unary heartbeats
 //!   ([`RegistrationMode`]; see [`registration`]).
-//! - [`RegistryArgs`], [`DiscoveryMode`] and [`RegistrationMode`]: the flags every
-//!   service shares.
+//! - [`RegistryArgs`] and [`DiscoveryMode`]: the flags every service shares;
+//!   [`RegistrationMode`], the flag of those that register.
 //! - [`token`]: the bearer-token file the runner writes and both sides read; [`replicas`]
 //!   has the replica file it writes next to it.
 //!
@@ -102,11 +102,6 @@ pub struct RegistryArgs {
     /// exists].
     #[arg(long = "registry-token-file", value_name = "FILE")]
     pub token_file: Option<PathBuf>,
-
-    /// How this instance keeps its registration: `session` (a crash leaves the registry
-    /// at once) or `unary` (heartbeat calls; a crash leaves it after the TTL).
-    #[arg(long = "registration", value_enum, default_value_t = RegistrationMode::Session)]
-    pub registration: RegistrationMode,
 }
 
 impl RegistryArgs {
@@ -115,7 +110,6 @@ impl RegistryArgs {
         Self {
             urls: url.split(',').map(str::to_owned).collect(),
             token_file: None,
-            registration: RegistrationMode::Session,
         }
     }
 
@@ -135,8 +129,7 @@ impl RegistryArgs {
     pub fn client(&self) -> anyhow::Result<RegistryClient> {
         let seeds = self.seeds()?;
         let client = RegistryClient::with_replicas(&seeds)
-            .with_context(|| format!("invalid registry address in {}", seeds.join(",")))?
-            .with_registration(self.registration);
+            .with_context(|| format!("invalid registry address in {}", seeds.join(",")))?;
         match token::token_file(self.token_file.as_ref()) {
             Some(path) => client.with_token(&token::read_token(&path)?),
             None => Ok(client),
