@@ -1,8 +1,9 @@
 //! Registry at scale: N simulated instances heartbeating at 1 Hz against one config
 //! server (the release binary), then the server's CPU share and memory, Lookup latency
 //! under that load, and how long a change takes to reach a watcher. Each size runs
-//! twice: instances holding Session streams (a hundred streams a connection), and
-//! instances making unary Register and Heartbeat calls (over eight connections).
+//! twice: instances holding Session streams (a hundred streams a connection, pinged
+//! every second as the registry client pings a session's connection), and instances
+//! making unary Register and Heartbeat calls (over eight connections).
 //!
 //! `cargo run --release -p e2e --example registry_scale -- 1000 10000` (bench/registry
 //! does).
@@ -26,14 +27,29 @@ use tonic::transport::Channel;
 
 /// Connections the unary instances share (HTTP/2 multiplexes their calls).
 const UNARY_CHANNELS: usize = 8;
-/// Session streams per connection (the server allows 200 streams at once on one).
-const SESSIONS_PER_CHANNEL: usize = 100;
 const MEASURE: Duration = Duration::from_secs(5);
 
 #[derive(Parser)]
 struct Args {
     /// How many instances, one row each [default: 1000 10000].
     sizes: Vec<usize>,
+    /// Which registrations to simulate.
+    #[arg(long, value_enum, default_value = "both")]
+    kept_by: Which,
+    /// Session streams per connection (the server allows 200 at once on one); 1 is how
+    /// real instances connect, each pinging its connection every second.
+    #[arg(long, default_value_t = 100)]
+    sessions_per_connection: usize,
+    /// The config-server binary to measure (another build, to compare).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/config-server"))]
+    server: std::path::PathBuf,
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum Which {
+    Both,
+    Session,
+    Unary,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -51,14 +67,13 @@ fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1000.0)
 }
 
-async fn run(instances: usize, kept_by: KeptBy) -> anyhow::Result<String> {
+async fn run(instances: usize, kept_by: KeptBy, args: &Args) -> anyhow::Result<String> {
+    let binary = args.server.as_path();
     let addr = e2e::free_addr();
-    let binary =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/config-server");
     anyhow::ensure!(binary.exists(), "build first: cargo build --release");
     let server = e2e::Proc::spawn(
         "config-server",
-        &binary,
+        binary,
         &[
             "--addr",
             &addr.to_string(),
@@ -73,12 +88,22 @@ async fn run(instances: usize, kept_by: KeptBy) -> anyhow::Result<String> {
     let rss_idle = rss_mib(server_pid);
 
     let connections = match kept_by {
-        KeptBy::Session => instances.div_ceil(SESSIONS_PER_CHANNEL),
+        KeptBy::Session => instances.div_ceil(args.sessions_per_connection.max(1)),
         KeptBy::Unary => UNARY_CHANNELS,
     };
+    // Sessions ping their connections as the registry client's do.
     let channels: Vec<Channel> = (0..connections)
-        .map(|_| rpc::channel(&addr.to_string()))
-        .collect::<Result<_, _>>()?;
+        .map(|_| {
+            let endpoint = rpc::endpoint(&addr.to_string())?;
+            Ok(match kept_by {
+                KeptBy::Session => endpoint
+                    .http2_keep_alive_interval(registry_client::SESSION_KEEPALIVE)
+                    .keep_alive_timeout(registry_client::SESSION_KEEPALIVE)
+                    .connect_lazy(),
+                KeptBy::Unary => endpoint.connect_lazy(),
+            })
+        })
+        .collect::<Result<_, tonic::transport::Error>>()?;
     let stop = CancellationToken::new();
     let mut tasks = Vec::new();
     let registered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -104,13 +129,21 @@ async fn run(instances: usize, kept_by: KeptBy) -> anyhow::Result<String> {
             registered: registered.clone(),
         };
         tasks.push(tokio::spawn(async move {
-            let _ = match kept_by {
+            match kept_by {
                 KeptBy::Session => simulated.session(request, offset).await,
                 KeptBy::Unary => simulated.unary(request, offset).await,
-            };
+            }
         }));
     }
     while registered.load(std::sync::atomic::Ordering::Relaxed) < instances {
+        if let Some(failed) = tasks.iter().position(tokio::task::JoinHandle::is_finished) {
+            let error = match tasks.swap_remove(failed).await {
+                Ok(Err(error)) => error,
+                Ok(Ok(())) => anyhow::anyhow!("stopped before registering"),
+                Err(panicked) => panicked.into(),
+            };
+            anyhow::bail!("a simulated instance failed: {error:#}");
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Let the heartbeats reach their steady pace, then measure what keeping the
@@ -279,7 +312,7 @@ async fn main() -> anyhow::Result<()> {
     let sizes = if args.sizes.is_empty() {
         vec![1000, 10_000]
     } else {
-        args.sizes
+        args.sizes.clone()
     };
     println!("Registry at scale: simulated instances heartbeating at 1 Hz, in 10 services, in sessions or");
     println!(
@@ -291,7 +324,13 @@ async fn main() -> anyhow::Result<()> {
     println!("|---|---|---|---|---|---|---|");
     for size in sizes {
         for kept_by in [KeptBy::Session, KeptBy::Unary] {
-            println!("{}", run(size, kept_by).await?);
+            let wanted = match kept_by {
+                KeptBy::Session => args.kept_by != Which::Unary,
+                KeptBy::Unary => args.kept_by != Which::Session,
+            };
+            if wanted {
+                println!("{}", run(size, kept_by, &args).await?);
+            }
         }
     }
     Ok(())

@@ -32,7 +32,7 @@ use tonic::{
 
 pub use registration::Registration;
 use replicas::Replicas;
-pub use replicas::{DEFAULT_REPLICAS_FILE, REGISTRY_SERVICE};
+pub use replicas::{DEFAULT_REPLICAS_FILE, REGISTRY_SERVICE, SESSION_KEEPALIVE};
 
 /// Deadline of one registry call (shared among the replicas it may try).
 pub const CALL_DEADLINE: Duration = Duration::from_millis(1000);
@@ -315,7 +315,8 @@ impl RegistryClient {
     }
 
     /// Opens a `Session` stream with the first replica this client knows (a keeper's
-    /// client knows one), registers on it, and waits for the registration's reply.
+    /// client knows one), on a connection of its own, registers on it, and waits for the
+    /// registration's reply.
     pub(crate) async fn open_session(
         &self,
         register: pb::RegisterRequest,
@@ -333,7 +334,9 @@ impl RegistryClient {
             ));
         }
         let request = self.request(ReceiverStream::new(outbound), None);
-        let mut client = replica.client;
+        let mut client = replica
+            .session_client()
+            .map_err(|e| Status::invalid_argument(format!("bad replica address: {e}")))?;
         rpc::call(CALL_DEADLINE, async move {
             let mut replies = client.session(request).await?.into_inner();
             match replies.message().await?.and_then(|reply| reply.kind) {

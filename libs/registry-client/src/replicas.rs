@@ -37,6 +37,12 @@ pub const REFRESH: Duration = Duration::from_secs(5);
 /// or its host gone) has its connection closed, which ends a Watch on it, within about
 /// twice this.
 const KEEPALIVE: Duration = Duration::from_millis(250);
+/// HTTP/2 pings on a session's own connection. A session's stream never closes, so its
+/// connection pings all the time, where lookups' connections ping only during a call:
+/// once a second costs the registry about what the heartbeats do, and still closes a
+/// connection to a replica that went silent (frozen, or cut off) within two seconds, so
+/// the keeper opens a new one and is back soon after the replica is.
+pub const SESSION_KEEPALIVE: Duration = Duration::from_secs(1);
 
 pub(crate) type Client = registry_client::RegistryClient<Channel>;
 
@@ -48,6 +54,17 @@ pub(crate) struct Replica {
 }
 
 impl Replica {
+    /// A client on a connection of its own, for one session: opened afresh for every
+    /// session (never a pooled connection that a reset may have broken), and closed
+    /// with it.
+    pub(crate) fn session_client(&self) -> Result<Client, tonic::transport::Error> {
+        let channel = rpc::endpoint(&self.address)?
+            .http2_keep_alive_interval(SESSION_KEEPALIVE)
+            .keep_alive_timeout(SESSION_KEEPALIVE)
+            .connect_lazy();
+        Ok(registry_client::RegistryClient::new(channel))
+    }
+
     fn new(address: &str) -> Result<Self, tonic::transport::Error> {
         let channel = rpc::endpoint(address)?
             .http2_keep_alive_interval(KEEPALIVE)
