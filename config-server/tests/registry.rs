@@ -547,3 +547,116 @@ async fn with_a_token_registration_calls_need_it_and_reads_only_when_asked() {
         task.await.expect("join").expect("clean stop");
     }
 }
+
+/// A registry from before sessions: unary calls only, counting them.
+#[derive(Default, Clone)]
+struct UnaryOnly {
+    registers: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    heartbeats: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[tonic::async_trait]
+impl pb::registry_server::Registry for UnaryOnly {
+    async fn register(
+        &self,
+        request: tonic::Request<pb::RegisterRequest>,
+    ) -> Result<tonic::Response<pb::RegisterResponse>, tonic::Status> {
+        self.registers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(tonic::Response::new(pb::RegisterResponse {
+            instance_id: request.into_inner().instance_id,
+            heartbeat_interval_ms: 50,
+            ttl_ms: 1000,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        _: tonic::Request<pb::HeartbeatRequest>,
+    ) -> Result<tonic::Response<pb::HeartbeatResponse>, tonic::Status> {
+        self.heartbeats
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(tonic::Response::new(pb::HeartbeatResponse {}))
+    }
+
+    async fn deregister(
+        &self,
+        _: tonic::Request<pb::DeregisterRequest>,
+    ) -> Result<tonic::Response<pb::DeregisterResponse>, tonic::Status> {
+        Ok(tonic::Response::new(pb::DeregisterResponse {}))
+    }
+
+    type SessionStream =
+        tokio_stream::wrappers::ReceiverStream<Result<pb::SessionResponse, tonic::Status>>;
+
+    async fn session(
+        &self,
+        _: tonic::Request<tonic::Streaming<pb::SessionRequest>>,
+    ) -> Result<tonic::Response<Self::SessionStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("no sessions here"))
+    }
+
+    async fn lookup(
+        &self,
+        request: tonic::Request<pb::LookupRequest>,
+    ) -> Result<tonic::Response<pb::LookupResponse>, tonic::Status> {
+        Ok(tonic::Response::new(pb::LookupResponse {
+            service: request.into_inner().service,
+            ..Default::default()
+        }))
+    }
+
+    async fn list_services(
+        &self,
+        _: tonic::Request<pb::ListServicesRequest>,
+    ) -> Result<tonic::Response<pb::ListServicesResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not here"))
+    }
+
+    async fn get_setting(
+        &self,
+        _: tonic::Request<pb::GetSettingRequest>,
+    ) -> Result<tonic::Response<pb::GetSettingResponse>, tonic::Status> {
+        Err(tonic::Status::not_found("no settings"))
+    }
+
+    type WatchStream =
+        tokio_stream::wrappers::ReceiverStream<Result<pb::LookupResponse, tonic::Status>>;
+
+    async fn watch(
+        &self,
+        _: tonic::Request<pb::WatchRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not here"))
+    }
+}
+
+#[tokio::test]
+async fn against_a_registry_without_sessions_the_client_keeps_its_registration_with_unary_calls() {
+    let old = UnaryOnly::default();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let shutdown = CancellationToken::new();
+    let (routes, _) = rpc::routes().expect("routes");
+    let routes = routes.add_service(pb::registry_server::RegistryServer::new(old.clone()));
+    let server = tokio::spawn(rpc::serve(
+        listener,
+        routes,
+        rpc::http_router(),
+        shutdown.clone(),
+    ));
+
+    let client = RegistryClient::new(&addr.to_string()).expect("client");
+    let registration = Registration::start(client, "logging", "127.0.0.1:50051", HashMap::new());
+    tokio::time::timeout(Duration::from_secs(5), registration.registered())
+        .await
+        .expect("registered with unary calls");
+    eventually(Duration::from_secs(5), "unary heartbeats", || async {
+        old.heartbeats.load(std::sync::atomic::Ordering::Relaxed) >= 3
+    })
+    .await;
+    assert_eq!(old.registers.load(std::sync::atomic::Ordering::Relaxed), 1);
+    registration.deregister().await;
+    shutdown.cancel();
+    server.await.expect("join").expect("served");
+}
