@@ -16,13 +16,14 @@ use tokio::{sync::mpsc, time::Instant};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::{
     auth::{Access, Auth},
     convert::{lease_to_proto, snapshot_to_proto, status},
     pause::Pauses,
-    registry::Registry,
+    registry::{Registry, Removal},
+    report,
     session::{Replies, Session},
 };
 
@@ -80,11 +81,13 @@ impl pb::registry_server::Registry for RegistryService {
             .registry
             .register(&service, &address, metadata, chosen, Instant::now())
             .map_err(status)?;
-        if let Some(old) = replaced.filter(|old| old.id != lease.instance_id) {
-            info!(service, address, instance_id = %old.id, "replaced by a new registration");
-        }
-        metrics::counter!("registry_registrations_total").increment(1);
-        info!(service, address, instance_id = %lease.instance_id, "registered");
+        report::registered(
+            "registered",
+            &service,
+            &address,
+            &lease.instance_id,
+            replaced,
+        );
         Ok(Response::new(lease_to_proto(lease)))
     }
 
@@ -108,13 +111,7 @@ impl pb::registry_server::Registry for RegistryService {
         self.authorize(&request, Access::Write)?;
         let id = request.into_inner().instance_id;
         let removed = self.registry.deregister(&id).map_err(status)?;
-        metrics::counter!("registry_deregistrations_total").increment(1);
-        info!(
-            service = removed.service,
-            address = removed.address,
-            instance_id = %removed.id,
-            "deregistered"
-        );
+        report::removed(&removed, Removal::Deregistered, "by a Deregister call");
         Ok(Response::new(pb::DeregisterResponse {}))
     }
 

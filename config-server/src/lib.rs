@@ -11,7 +11,8 @@
 //! - `registry`: the core, a pure state machine (leases, static entries, revisions).
 //! - `sweeper`: evicts expired leases, sleeping until the next deadline.
 //! - `pause`: notices that the whole process was paused, for lost sessions.
-//! - `grpc_api`: `registry.v1.Registry` over the core; `convert`: its types to protobuf.
+//! - `grpc_api`: `registry.v1.Registry` over the core; `convert`: its types to protobuf;
+//!   `report`: the log line and counter of each change.
 //! - `session`: the `Session` stream, a registration held by a live connection.
 //! - `status_page`: the live HTML page and `/v1/services`.
 //! - `peers`: the other replicas (`--replica`), health-checked for the status page.
@@ -24,6 +25,7 @@ mod grpc_api;
 mod pause;
 mod peers;
 mod registry;
+mod report;
 mod session;
 mod status_page;
 mod sweeper;

@@ -32,7 +32,8 @@ use tracing::{debug, info};
 use crate::{
     convert::{lease_to_proto, status},
     pause::Pauses,
-    registry::{Registry, RegistryError, SessionEnd, SessionId},
+    registry::{Registry, RegistryError, Removal, SessionEnd, SessionId},
+    report,
 };
 
 /// The replies of one session, as tonic sends them.
@@ -147,13 +148,7 @@ impl Session {
                 if let Some(id) = self.held.take() {
                     match self.registry.deregister(&id) {
                         Ok(removed) => {
-                            metrics::counter!("registry_deregistrations_total").increment(1);
-                            info!(
-                                service = removed.service,
-                                address = removed.address,
-                                instance_id = %removed.id,
-                                "deregistered"
-                            );
+                            report::removed(&removed, Removal::Deregistered, "on its session");
                         }
                         // Evicted already (a hang); the goodbye still ends the session.
                         Err(error) => debug!(%error, "deregister on a session"),
@@ -196,17 +191,12 @@ impl Session {
                 Instant::now(),
             )
             .map_err(status)?;
-        if let Some(old) = replaced.filter(|old| old.id != lease.instance_id) {
-            info!(service, address, instance_id = %old.id, "replaced by a new registration");
-        }
-        metrics::counter!("registry_registrations_total").increment(1);
-        info!(
-            service,
-            address,
-            instance_id = %lease.instance_id,
-            again,
+        let how = if again {
+            "registered again in its session"
+        } else {
             "registered in a session"
-        );
+        };
+        report::registered(how, &service, &address, &lease.instance_id, replaced);
         self.held = Some(lease.instance_id.clone());
         Ok(lease_to_proto(lease))
     }
@@ -223,14 +213,7 @@ impl Session {
         let why = self.why;
         match self.registry.session_lost(id, self.id, now, grace) {
             SessionEnd::Removed(instance) => {
-                metrics::counter!("registry_connections_lost_total").increment(1);
-                info!(
-                    service = instance.service,
-                    address = instance.address,
-                    instance_id = %instance.id,
-                    why,
-                    "removed: connection lost (its session ended without a deregister)"
-                );
+                report::removed(&instance, Removal::ConnectionLost, why);
             }
             SessionEnd::Grace(instance) => info!(
                 service = instance.service,

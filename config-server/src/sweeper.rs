@@ -16,9 +16,12 @@ use std::{sync::Arc, time::Duration};
 
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::warn;
 
-use crate::registry::{Registry, Removal};
+use crate::{
+    registry::{Registry, Removal},
+    report,
+};
 
 /// The smallest lateness taken for a pause: a busy scheduler is late by milliseconds.
 const MIN_PAUSE: Duration = Duration::from_millis(100);
@@ -57,32 +60,13 @@ pub(crate) async fn run(registry: Arc<Registry>, shutdown: CancellationToken) {
                     );
                     continue;
                 }
-                let ttl = humantime::format_duration(registry.ttl()).to_string();
-                let grace = humantime::format_duration(registry.session_grace()).to_string();
+                let ttl = format!("ttl {}", humantime::format_duration(registry.ttl()));
                 for (instance, reason) in registry.evict_expired(now) {
-                    match reason {
-                        Removal::ConnectionLost => {
-                            metrics::counter!("registry_connections_lost_total").increment(1);
-                            info!(
-                                service = instance.service,
-                                address = instance.address,
-                                instance_id = %instance.id,
-                                grace,
-                                "removed: connection lost (its session ended without a \
-                                 deregister, and it did not register again within the grace)"
-                            );
-                        }
-                        _ => {
-                            metrics::counter!("registry_evictions_total").increment(1);
-                            info!(
-                                service = instance.service,
-                                address = instance.address,
-                                instance_id = %instance.id,
-                                ttl,
-                                "evicted: no heartbeat within the ttl"
-                            );
-                        }
-                    }
+                    let detail = match reason {
+                        Removal::ConnectionLost => "no new session within the grace",
+                        _ => ttl.as_str(),
+                    };
+                    report::removed(&instance, reason, detail);
                 }
             }
         }
