@@ -1,8 +1,9 @@
 //! Test support for driving the real binaries: free ports, child processes that are
 //! killed when a test ends (and show their output when it fails), bounded waits on a
 //! condition, readiness on gRPC health, and the real command-line clients (grpcurl,
-//! curl), and a TCP proxy whose connections a test can reset ([`proxy`]). With the
-//! `nats` feature, real `nats-server` nodes too ([`nats`]).
+//! curl), a TCP proxy whose connections a test can reset ([`proxy`]), and hosts in
+//! network namespaces whose links a test can cut ([`hosts`]). With the `nats` feature,
+//! real `nats-server` nodes too ([`nats`]).
 //!
 //! It is lean on purpose: any crate's tests can use it without compiling the runner, the
 //! registry server or NATS. The whole system on free ports is the `e2e` crate's.
@@ -23,6 +24,7 @@ use std::{
 
 use nix::{sys::signal::Signal, unistd::Pid};
 
+pub mod hosts;
 #[cfg(feature = "nats")]
 pub mod nats;
 pub mod proxy;
