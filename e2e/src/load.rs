@@ -127,6 +127,8 @@ pub struct LoadReport {
 #[derive(Default)]
 pub struct Progress {
     pub acked: AtomicUsize,
+    /// 503 answers so far (each retried).
+    pub rejected: AtomicUsize,
 }
 
 /// Most retries of one message before it counts as failed.
@@ -174,6 +176,7 @@ pub async fn post_load(
                         }
                         Ok((503, headers, _)) => {
                             lock(&report).retried_503 += 1;
+                            progress.rejected.fetch_add(1, Ordering::Relaxed);
                             let wait = headers
                                 .iter()
                                 .find(|(name, _)| name == "retry-after")

@@ -32,7 +32,7 @@ async fn hosts_reach_each_other_but_nothing_else_and_a_cut_pair_only_loses_each_
     let hosts = match Hosts::new(&["a", "b", "c"]) {
         Ok(hosts) => hosts,
         Err(why) => {
-            println!("skipped: hosts_reach_each_other...: no network namespaces here ({why})");
+            println!("skipped: hosts_reach_each_other_but_nothing_else_and_a_cut_pair_only_loses_each_other (no network namespaces here: {why})");
             return;
         }
     };

@@ -31,6 +31,8 @@ pub fn server_path() -> Option<PathBuf> {
 #[derive(Debug, Clone)]
 pub struct Node {
     pub name: String,
+    /// The address it listens on, for clients and for its cluster peers.
+    pub host: String,
     pub client_port: u16,
     pub cluster_port: Option<u16>,
     pub data_dir: PathBuf,
@@ -38,14 +40,14 @@ pub struct Node {
 
 impl Node {
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.client_port)
+        format!("nats://{}:{}", self.host, self.client_port)
     }
 
     /// The command line, given every node of the cluster (routes go to the others).
     pub fn args(&self, cluster: &[Node]) -> Vec<String> {
         let mut args = vec![
             "--addr".to_owned(),
-            "127.0.0.1".to_owned(),
+            self.host.clone(),
             "--port".to_owned(),
             self.client_port.to_string(),
             "--server_name".to_owned(),
@@ -58,14 +60,13 @@ impl Node {
             let routes: Vec<String> = cluster
                 .iter()
                 .filter(|peer| peer.name != self.name)
-                .filter_map(|peer| peer.cluster_port)
-                .map(|port| format!("nats://127.0.0.1:{port}"))
+                .filter_map(|peer| Some(format!("nats://{}:{}", peer.host, peer.cluster_port?)))
                 .collect();
             args.extend([
                 "--cluster_name".to_owned(),
                 "messages".to_owned(),
                 "--cluster".to_owned(),
-                format!("nats://127.0.0.1:{cluster_port}"),
+                format!("nats://{}:{cluster_port}", self.host),
                 "--routes".to_owned(),
                 routes.join(","),
             ]);
@@ -74,7 +75,8 @@ impl Node {
     }
 }
 
-/// A cluster of `client_ports.len()` nodes with data under `data_root/node-N`.
+/// A cluster of `client_ports.len()` nodes on 127.0.0.1 with data under
+/// `data_root/node-N`.
 pub fn cluster(client_ports: &[u16], cluster_ports: &[u16], data_root: &Path) -> Vec<Node> {
     client_ports
         .iter()
@@ -82,6 +84,7 @@ pub fn cluster(client_ports: &[u16], cluster_ports: &[u16], data_root: &Path) ->
         .enumerate()
         .map(|(i, (&client_port, &cluster_port))| Node {
             name: format!("nats-{}", i + 1),
+            host: "127.0.0.1".to_owned(),
             client_port,
             cluster_port: Some(cluster_port),
             data_dir: data_root.join(format!("node-{}", i + 1)),

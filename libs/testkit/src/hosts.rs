@@ -199,6 +199,16 @@ impl Hosts {
             .collect()
     }
 
+    /// Moves the calling thread onto host `name`: the sockets it opens from now on, and
+    /// the processes it starts, are on that host. (Network namespaces are per thread;
+    /// a test that drives the system from one host runs its runtime on this thread.)
+    pub fn enter(&self, name: &str) -> Result<(), String> {
+        let path = format!("/var/run/netns/{}", self.namespace(name));
+        let file = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("setns {path}: {e}"))
+    }
+
     /// Starts `program` on host `host` (`ip netns exec`, which execs it, so the process
     /// is the program itself and signals reach it).
     pub fn spawn(&self, host: &str, name: &str, program: &Path, args: &[&str]) -> Proc {

@@ -41,6 +41,7 @@ impl Nats {
         let dir = Self::data_dir();
         let nodes = vec![local_nats::Node {
             name: "nats-1".into(),
+            host: "127.0.0.1".into(),
             client_port: free_port(),
             cluster_port: None,
             data_dir: dir.join("node-1"),
@@ -146,6 +147,46 @@ impl Nats {
         }
         None
     }
+}
+
+/// The server that leads `stream`, asked through `urls` (any node that answers).
+pub async fn leader_of(urls: &str, stream: &str) -> Option<String> {
+    let servers: Vec<&str> = urls.split(',').collect();
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(std::time::Duration::from_millis(500))
+        .connect(servers.as_slice())
+        .await
+        .ok()?;
+    let jetstream = async_nats::jetstream::new(client);
+    let stream = jetstream.get_stream(stream).await.ok()?;
+    stream.cached_info().cluster.as_ref()?.leader.clone()
+}
+
+/// Moves the leadership of `stream` to the server named `to` (a step-down with a
+/// preferred placement, nats-server 2.11 and newer) and waits until it leads: how a test
+/// makes sure the node it is about to cut off or kill is the one writes depend on.
+pub async fn move_leader(urls: &str, stream: &str, to: &str) {
+    crate::eventually(
+        std::time::Duration::from_secs(30),
+        &format!("{to} leading {stream}"),
+        || async {
+            if leader_of(urls, stream).await.as_deref() == Some(to) {
+                return true;
+            }
+            let servers: Vec<&str> = urls.split(',').collect();
+            if let Ok(client) = async_nats::connect(servers.as_slice()).await {
+                let request = serde_json::json!({ "placement": { "preferred": to } });
+                let _ = client
+                    .request(
+                        format!("$JS.API.STREAM.LEADER.STEPDOWN.{stream}"),
+                        request.to_string().into(),
+                    )
+                    .await;
+            }
+            false
+        },
+    )
+    .await;
 }
 
 impl Drop for Nats {

@@ -1,0 +1,500 @@
+//! The README's three-host layout ("Across machines") on hosts in network namespaces
+//! (`testkit::hosts`), under load from a fourth, through network partitions.
+//!
+//! Hosts a, b and c each run a NATS node (one cluster of three), a registry replica and
+//! a logging instance, started with the README's commands; host d runs the facade and
+//! four closed-loop clients posting with Idempotency-Keys. Faults, one after the other:
+//! a isolated, a cut from b, d cut from c, b crashed (kill -9 of everything on it) and
+//! started again. After each: replicas that could not hear an instance dropped it within
+//! the TTL and list it again soon after the heal, and the load made progress. At the end
+//! nothing acknowledged is lost or stored twice.
+//!
+//! Needs root for the namespaces; without, it says so in one line and tests nothing.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
+
+use e2e::{
+    bin, eventually, get_lab, get_messages,
+    hosts::Hosts,
+    load::{audit, post_load, Progress},
+    nats::move_leader,
+    wait_serving, Proc,
+};
+use tokio_util::sync::CancellationToken;
+
+const CLIENTS: usize = 4;
+/// The README's defaults, which the layout runs with.
+const TTL: Duration = Duration::from_secs(3);
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How long a partition lasts.
+const CUT: Duration = Duration::from_secs(10);
+
+/// One storage host: its NATS node, registry replica and logging instance.
+struct Site {
+    name: &'static str,
+    nats: Proc,
+    registry: Proc,
+    logging: Proc,
+}
+
+struct Layout {
+    hosts: Hosts,
+    sites: Vec<Site>,
+    data: PathBuf,
+    _messages: Proc,
+    _facade: Proc,
+    facade: SocketAddr,
+}
+
+fn nodes(hosts: &Hosts, data: &std::path::Path) -> Vec<local_nats::Node> {
+    ["a", "b", "c"]
+        .iter()
+        .map(|name| local_nats::Node {
+            name: format!("nats-{name}"),
+            host: hosts.ip(name).to_string(),
+            client_port: 4222,
+            cluster_port: Some(6222),
+            data_dir: data.join(name),
+        })
+        .collect()
+}
+
+impl Layout {
+    fn ip(&self, name: &str) -> String {
+        self.hosts.ip(name).to_string()
+    }
+
+    fn store(&self) -> String {
+        ["a", "b", "c"]
+            .iter()
+            .map(|name| format!("nats://{}:4222", self.ip(name)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Everything on host `name`, with the README's commands.
+    fn start_site(&self, name: &'static str) -> Site {
+        let nodes = nodes(&self.hosts, &self.data);
+        let node = nodes
+            .iter()
+            .find(|node| node.name == format!("nats-{name}"))
+            .expect("a node");
+        let nats_args = node.args(&nodes);
+        let nats_args: Vec<&str> = nats_args.iter().map(String::as_str).collect();
+        let server = local_nats::server_path().expect("nats-server (scripts/setup installs it)");
+        let nats = self
+            .hosts
+            .spawn(name, &format!("nats-{name}"), &server, &nats_args);
+        let me = self.ip(name);
+        let replicas = ["a", "b", "c"]
+            .iter()
+            .map(|host| format!("{}:50050", self.ip(host)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let registry = self.hosts.spawn(
+            name,
+            &format!("config-server-{name}"),
+            &bin("config-server"),
+            &[
+                "--addr",
+                &format!("{me}:50050"),
+                "--replica",
+                &replicas,
+                "--static",
+                &format!("messages={}:50060", self.ip("a")),
+                "--set",
+                &format!("logging.store={}", self.store()),
+            ],
+        );
+        let logging = self.hosts.spawn(
+            name,
+            &format!("logging-{name}"),
+            &bin("logging"),
+            &[
+                "50051",
+                "--host",
+                "0.0.0.0",
+                "--advertise",
+                &format!("{me}:50051"),
+                "--registry",
+                &format!("http://{me}:50050"),
+            ],
+        );
+        Site {
+            name,
+            nats,
+            registry,
+            logging,
+        }
+    }
+
+    /// The `logging` addresses replica `name` lists, asked on its own host (so a cut
+    /// between the test's host and it does not matter); `None` when it does not answer.
+    fn listed_by(&self, name: &str) -> Option<Vec<String>> {
+        let url = format!("http://{}:50050/v1/services", self.ip(name));
+        let body = self
+            .hosts
+            .run(name, "curl", &["-s", "--max-time", "1", &url])
+            .ok()?;
+        let status: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let mut listed: Vec<String> = status["services"]
+            .as_array()?
+            .iter()
+            .filter(|service| service["service"] == "logging")
+            .flat_map(|service| service["instances"].as_array().cloned().unwrap_or_default())
+            .filter_map(|instance| instance["address"].as_str().map(str::to_owned))
+            .collect();
+        listed.sort();
+        Some(listed)
+    }
+
+    fn logging_of(&self, name: &str) -> String {
+        format!("{}:50051", self.ip(name))
+    }
+
+    /// Waits until replica `replica` lists (or not) the logging instance of `site`.
+    async fn until_listed(
+        &self,
+        replica: &str,
+        site: &str,
+        listed: bool,
+        limit: Duration,
+    ) -> Duration {
+        let address = self.logging_of(site);
+        let what = format!(
+            "replica {replica} {} logging-{site}",
+            if listed { "listing" } else { "dropping" }
+        );
+        eventually(limit, &what, || async {
+            self.listed_by(replica)
+                .is_some_and(|list| list.contains(&address) == listed)
+        })
+        .await
+    }
+}
+
+async fn start(hosts: Hosts) -> Layout {
+    let data = std::env::temp_dir().join(format!("partitions-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let facade = SocketAddr::new(hosts.ip("d").into(), 8080);
+    let messages_addr = format!("{}:50060", hosts.ip("a"));
+    let messages = hosts.spawn(
+        "a",
+        "messages",
+        &bin("messages"),
+        &["--addr", &messages_addr],
+    );
+    let registries = format!(
+        "http://{}:50050,http://{}:50050",
+        hosts.ip("a"),
+        hosts.ip("b")
+    );
+    let facade_proc = hosts.spawn(
+        "d",
+        "facade",
+        &bin("facade"),
+        &["--addr", "0.0.0.0:8080", "--registry", &registries],
+    );
+    let mut layout = Layout {
+        hosts,
+        sites: Vec::new(),
+        data,
+        _messages: messages,
+        _facade: facade_proc,
+        facade,
+    };
+    for name in ["a", "b", "c"] {
+        let site = layout.start_site(name);
+        layout.sites.push(site);
+    }
+    local_nats::wait_ready(
+        &layout.store(),
+        Duration::from_secs(60),
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("the NATS cluster across a, b and c");
+    for name in ["a", "b", "c"] {
+        wait_serving(format!("{}:50051", layout.ip(name)).parse().expect("addr")).await;
+    }
+    wait_serving(facade).await;
+    for replica in ["a", "b", "c"] {
+        for site in ["a", "b", "c"] {
+            layout
+                .until_listed(replica, site, true, Duration::from_secs(20))
+                .await;
+        }
+    }
+    layout
+}
+
+/// Waits for `count` more acknowledged messages.
+async fn more_acks(progress: &Progress, count: usize, what: &str) {
+    let target = progress.acked.load(Ordering::Relaxed) + count;
+    eventually(Duration::from_secs(60), what, || async {
+        progress.acked.load(Ordering::Relaxed) >= target
+    })
+    .await;
+}
+
+/// Acknowledged messages and 503 answers so far.
+fn window(progress: &Progress) -> (usize, usize) {
+    (
+        progress.acked.load(Ordering::Relaxed),
+        progress.rejected.load(Ordering::Relaxed),
+    )
+}
+
+/// One fault's line of the report.
+struct Row {
+    fault: &'static str,
+    acked: usize,
+    rejected: usize,
+    dropped: Option<Duration>,
+    back: Duration,
+}
+
+#[test]
+fn partitions_under_load_lose_nothing_and_fail_nothing_while_a_quorum_is_reachable() {
+    let hosts = match Hosts::new(&["a", "b", "c", "d"]) {
+        Ok(hosts) => hosts,
+        Err(why) => {
+            println!("skipped: partitions_under_load_lose_nothing_and_fail_nothing_while_a_quorum_is_reachable (no network namespaces here: {why})");
+            return;
+        }
+    };
+    // This thread is host d from here on: the load and every check run from there.
+    hosts.enter("d").expect("onto host d");
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(run(hosts));
+}
+
+async fn run(hosts: Hosts) {
+    let started = Instant::now();
+    let mut layout = start(hosts).await;
+    let progress = Arc::new(Progress::default());
+    let stop = CancellationToken::new();
+    let load = tokio::spawn(post_load(
+        vec![layout.facade],
+        CLIENTS,
+        Arc::clone(&progress),
+        stop.clone(),
+    ));
+    more_acks(&progress, 100, "the load under way").await;
+    let mut rows = Vec::new();
+
+    // 1. Host a isolated for 10 s, leading the stream (the worst case): b and c elect a
+    // new leader and stop hearing logging-a; d writes through them.
+    move_leader(&layout.store(), "MESSAGES", "nats-a").await;
+    let before = window(&progress);
+    layout.hosts.isolate("a");
+    let cut = Instant::now();
+    for replica in ["b", "c"] {
+        layout
+            .until_listed(replica, "a", false, TTL + HEARTBEAT * 3)
+            .await;
+    }
+    let dropped = cut.elapsed();
+    more_acks(&progress, 50, "writes while a is cut off").await;
+    tokio::time::sleep(CUT.saturating_sub(cut.elapsed())).await; // the partition under test
+    layout.hosts.rejoin("a");
+    let healed = Instant::now();
+    for replica in ["a", "b", "c"] {
+        for site in ["a", "b", "c"] {
+            layout
+                .until_listed(replica, site, true, TTL + HEARTBEAT * 5)
+                .await;
+        }
+    }
+    let back = healed.elapsed();
+    // Nothing on the healed host stays wedged: its instance answers, and it writes.
+    wait_serving(layout.logging_of("a").parse().expect("addr")).await;
+    more_acks(&progress, 50, "writes after a is back").await;
+    let after = window(&progress);
+    rows.push(Row {
+        fault: "a isolated for 10 s",
+        acked: after.0 - before.0,
+        rejected: after.1 - before.1,
+        dropped: Some(dropped),
+        back,
+    });
+
+    // 2. a cut from b, while d reaches both: each stops hearing the other's instance.
+    let before = window(&progress);
+    layout.hosts.cut("a", "b");
+    let cut = Instant::now();
+    layout
+        .until_listed("a", "b", false, TTL + HEARTBEAT * 3)
+        .await;
+    layout
+        .until_listed("b", "a", false, TTL + HEARTBEAT * 3)
+        .await;
+    let dropped = cut.elapsed();
+    assert!(
+        layout.listed_by("c").is_some_and(|list| list.len() == 3),
+        "c hears everyone"
+    );
+    more_acks(&progress, 50, "writes while a and b are cut apart").await;
+    tokio::time::sleep(CUT.saturating_sub(cut.elapsed())).await; // the partition under test
+    layout.hosts.heal("a", "b");
+    let healed = Instant::now();
+    layout
+        .until_listed("a", "b", true, TTL + HEARTBEAT * 5)
+        .await;
+    layout
+        .until_listed("b", "a", true, TTL + HEARTBEAT * 5)
+        .await;
+    let back = healed.elapsed();
+    let after = window(&progress);
+    rows.push(Row {
+        fault: "a cut from b for 10 s",
+        acked: after.0 - before.0,
+        rejected: after.1 - before.1,
+        dropped: Some(dropped),
+        back,
+    });
+
+    // 3. d cut from c: the facade loses logging-c and replica c; nobody else does.
+    let before = window(&progress);
+    layout.hosts.cut("d", "c");
+    let cut = Instant::now();
+    more_acks(&progress, 200, "writes while d is cut from c").await;
+    tokio::time::sleep(CUT.saturating_sub(cut.elapsed())).await; // the partition under test
+    for replica in ["a", "b", "c"] {
+        assert!(
+            layout
+                .listed_by(replica)
+                .is_some_and(|list| list.len() == 3),
+            "replica {replica} lost an instance though only d and c were cut apart"
+        );
+    }
+    layout.hosts.heal("d", "c");
+    let healed = Instant::now();
+    more_acks(&progress, 50, "writes after d and c are joined").await;
+    let after = window(&progress);
+    rows.push(Row {
+        fault: "d cut from c for 10 s",
+        acked: after.0 - before.0,
+        rejected: after.1 - before.1,
+        dropped: None,
+        back: healed.elapsed(),
+    });
+
+    // 4. b crashes (kill -9 of everything on it) while leading the stream, then starts
+    // again.
+    move_leader(&layout.store(), "MESSAGES", "nats-b").await;
+    let before = window(&progress);
+    let b = layout
+        .sites
+        .iter()
+        .position(|site| site.name == "b")
+        .expect("site b");
+    {
+        let site = &mut layout.sites[b];
+        site.logging.kill9().await;
+        site.registry.kill9().await;
+        site.nats.kill9().await;
+    }
+    let crashed = Instant::now();
+    layout
+        .until_listed("a", "b", false, TTL + HEARTBEAT * 3)
+        .await;
+    layout
+        .until_listed("c", "b", false, TTL + HEARTBEAT * 3)
+        .await;
+    let dropped = crashed.elapsed();
+    more_acks(&progress, 100, "writes while b is down").await;
+    layout.sites[b] = layout.start_site("b");
+    let restarted = Instant::now();
+    for replica in ["a", "b", "c"] {
+        for site in ["a", "b", "c"] {
+            layout
+                .until_listed(replica, site, true, Duration::from_secs(30))
+                .await;
+        }
+    }
+    let back = restarted.elapsed();
+    more_acks(&progress, 50, "writes after b is back").await;
+    let after = window(&progress);
+    rows.push(Row {
+        fault: "b crashed, then started again",
+        acked: after.0 - before.0,
+        rejected: after.1 - before.1,
+        dropped: Some(dropped),
+        back,
+    });
+
+    stop.cancel();
+    let report = load.await.expect("load");
+    let (status, stored) = get_messages(layout.facade);
+    assert_eq!(status, 200, "pages");
+    let (lab_status, lab, _) = get_lab(layout.facade);
+    assert_eq!(lab_status, 200, "the lab GET");
+    let outcome = audit(&report.acked, &stored);
+
+    println!();
+    println!(
+        "partitions: {CLIENTS} closed-loop clients on d, {:.0} s in all",
+        started.elapsed().as_secs_f64()
+    );
+    println!("| fault | acknowledged | 503 (retried) | instance dropped by the replicas that cannot hear it | every replica lists all again after the heal |");
+    println!("|---|---|---|---|---|");
+    for row in &rows {
+        println!(
+            "| {} | {} | {} | {} | {:.2} s |",
+            row.fault,
+            row.acked,
+            row.rejected,
+            row.dropped
+                .map_or("-".to_owned(), |d| format!("{:.2} s", d.as_secs_f64())),
+            row.back.as_secs_f64()
+        );
+    }
+    println!(
+        "| all | {} | {} | lost {}, duplicated {}, failed {} | |",
+        report.acked.len(),
+        report.retried_503,
+        outcome.lost,
+        outcome.duplicated,
+        report.failed.len()
+    );
+
+    assert!(report.failed.is_empty(), "failed: {:?}", report.failed);
+    assert_eq!(outcome.lost, 0, "acknowledged and lost");
+    assert_eq!(outcome.duplicated, 0, "stored twice");
+    assert_eq!(lab.len(), stored.len(), "the lab GET and the pages agree");
+    for row in &rows {
+        assert_eq!(
+            row.rejected, 0,
+            "{}: requests answered 503 while d reached a quorum",
+            row.fault
+        );
+        // A replica that cannot hear an instance drops it within the TTL (its last
+        // heartbeat came before the cut; the slack is this test's polling).
+        if let Some(dropped) = row.dropped {
+            assert!(
+                dropped <= TTL + HEARTBEAT / 2,
+                "{}: dropped after {dropped:?}",
+                row.fault
+            );
+        }
+    }
+    // Healed, every replica lists every instance again within the TTL and a heartbeat.
+    for row in &rows[..3] {
+        assert!(
+            row.back <= TTL + HEARTBEAT,
+            "{}: back after {:?}",
+            row.fault,
+            row.back
+        );
+    }
+    let _ = std::fs::remove_dir_all(&layout.data);
+}
