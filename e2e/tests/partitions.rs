@@ -157,6 +157,14 @@ impl Layout {
         format!("{}:50051", self.ip(name))
     }
 
+    /// Waits until each `(replica, site)` of `pairs` lists (or not) that site's logging
+    /// instance.
+    async fn until_all(&self, pairs: &[(&str, &str)], listed: bool, limit: Duration) {
+        for (replica, site) in pairs {
+            self.until_listed(replica, site, listed, limit).await;
+        }
+    }
+
     /// Waits until replica `replica` lists (or not) the logging instance of `site`.
     async fn until_listed(
         &self,
@@ -223,13 +231,9 @@ async fn start(hosts: Hosts) -> Layout {
         wait_serving(format!("{}:50051", layout.ip(name)).parse().expect("addr")).await;
     }
     wait_serving(facade).await;
-    for replica in ["a", "b", "c"] {
-        for site in ["a", "b", "c"] {
-            layout
-                .until_listed(replica, site, true, Duration::from_secs(20))
-                .await;
-        }
-    }
+    layout
+        .until_all(&EVERYWHERE, true, Duration::from_secs(20))
+        .await;
     layout
 }
 
@@ -250,6 +254,23 @@ fn window(progress: &Progress) -> (usize, usize) {
     )
 }
 
+/// Every replica with every site: what a whole registry looks like.
+const EVERYWHERE: [(&str, &str); 9] = [
+    ("a", "a"),
+    ("a", "b"),
+    ("a", "c"),
+    ("b", "a"),
+    ("b", "b"),
+    ("b", "c"),
+    ("c", "a"),
+    ("c", "b"),
+    ("c", "c"),
+];
+/// How long a replica may take to drop an instance it cannot hear, and to list it again
+/// after a heal, before a wait gives up (the assertions at the end are tighter).
+const DROP_LIMIT: Duration = Duration::from_secs(6);
+const BACK_LIMIT: Duration = Duration::from_secs(8);
+
 /// One fault's line of the report.
 struct Row {
     fault: &'static str,
@@ -257,6 +278,25 @@ struct Row {
     rejected: usize,
     dropped: Option<Duration>,
     back: Duration,
+}
+
+impl Row {
+    /// The line of `fault`, from the load's counts before and after it.
+    fn new(
+        fault: &'static str,
+        before: (usize, usize),
+        after: (usize, usize),
+        dropped: Option<Duration>,
+        back: Duration,
+    ) -> Self {
+        Self {
+            fault,
+            acked: after.0 - before.0,
+            rejected: after.1 - before.1,
+            dropped,
+            back,
+        }
+    }
 }
 
 #[test]
@@ -297,45 +337,33 @@ async fn run(hosts: Hosts) {
     let before = window(&progress);
     layout.hosts.isolate("a");
     let cut = Instant::now();
-    for replica in ["b", "c"] {
-        layout
-            .until_listed(replica, "a", false, TTL + HEARTBEAT * 3)
-            .await;
-    }
+    layout
+        .until_all(&[("b", "a"), ("c", "a")], false, DROP_LIMIT)
+        .await;
     let dropped = cut.elapsed();
     more_acks(&progress, 50, "writes while a is cut off").await;
     tokio::time::sleep(CUT.saturating_sub(cut.elapsed())).await; // the partition under test
     layout.hosts.rejoin("a");
     let healed = Instant::now();
-    for replica in ["a", "b", "c"] {
-        for site in ["a", "b", "c"] {
-            layout
-                .until_listed(replica, site, true, TTL + HEARTBEAT * 5)
-                .await;
-        }
-    }
+    layout.until_all(&EVERYWHERE, true, BACK_LIMIT).await;
     let back = healed.elapsed();
     // Nothing on the healed host stays wedged: its instance answers, and it writes.
     wait_serving(layout.logging_of("a").parse().expect("addr")).await;
     more_acks(&progress, 50, "writes after a is back").await;
-    let after = window(&progress);
-    rows.push(Row {
-        fault: "a isolated for 10 s",
-        acked: after.0 - before.0,
-        rejected: after.1 - before.1,
-        dropped: Some(dropped),
+    rows.push(Row::new(
+        "a isolated for 10 s",
+        before,
+        window(&progress),
+        Some(dropped),
         back,
-    });
+    ));
 
     // 2. a cut from b, while d reaches both: each stops hearing the other's instance.
     let before = window(&progress);
     layout.hosts.cut("a", "b");
     let cut = Instant::now();
     layout
-        .until_listed("a", "b", false, TTL + HEARTBEAT * 3)
-        .await;
-    layout
-        .until_listed("b", "a", false, TTL + HEARTBEAT * 3)
+        .until_all(&[("a", "b"), ("b", "a")], false, DROP_LIMIT)
         .await;
     let dropped = cut.elapsed();
     assert!(
@@ -347,20 +375,16 @@ async fn run(hosts: Hosts) {
     layout.hosts.heal("a", "b");
     let healed = Instant::now();
     layout
-        .until_listed("a", "b", true, TTL + HEARTBEAT * 5)
-        .await;
-    layout
-        .until_listed("b", "a", true, TTL + HEARTBEAT * 5)
+        .until_all(&[("a", "b"), ("b", "a")], true, BACK_LIMIT)
         .await;
     let back = healed.elapsed();
-    let after = window(&progress);
-    rows.push(Row {
-        fault: "a cut from b for 10 s",
-        acked: after.0 - before.0,
-        rejected: after.1 - before.1,
-        dropped: Some(dropped),
+    rows.push(Row::new(
+        "a cut from b for 10 s",
+        before,
+        window(&progress),
+        Some(dropped),
         back,
-    });
+    ));
 
     // 3. d cut from c: the facade loses logging-c and replica c; nobody else does.
     let before = window(&progress);
@@ -379,14 +403,13 @@ async fn run(hosts: Hosts) {
     layout.hosts.heal("d", "c");
     let healed = Instant::now();
     more_acks(&progress, 50, "writes after d and c are joined").await;
-    let after = window(&progress);
-    rows.push(Row {
-        fault: "d cut from c for 10 s",
-        acked: after.0 - before.0,
-        rejected: after.1 - before.1,
-        dropped: None,
-        back: healed.elapsed(),
-    });
+    rows.push(Row::new(
+        "d cut from c for 10 s",
+        before,
+        window(&progress),
+        None,
+        healed.elapsed(),
+    ));
 
     // 4. b crashes (kill -9 of everything on it) while leading the stream, then starts
     // again.
@@ -405,32 +428,24 @@ async fn run(hosts: Hosts) {
     }
     let crashed = Instant::now();
     layout
-        .until_listed("a", "b", false, TTL + HEARTBEAT * 3)
-        .await;
-    layout
-        .until_listed("c", "b", false, TTL + HEARTBEAT * 3)
+        .until_all(&[("a", "b"), ("c", "b")], false, DROP_LIMIT)
         .await;
     let dropped = crashed.elapsed();
     more_acks(&progress, 100, "writes while b is down").await;
     layout.sites[b] = layout.start_site("b");
     let restarted = Instant::now();
-    for replica in ["a", "b", "c"] {
-        for site in ["a", "b", "c"] {
-            layout
-                .until_listed(replica, site, true, Duration::from_secs(30))
-                .await;
-        }
-    }
+    layout
+        .until_all(&EVERYWHERE, true, Duration::from_secs(30))
+        .await;
     let back = restarted.elapsed();
     more_acks(&progress, 50, "writes after b is back").await;
-    let after = window(&progress);
-    rows.push(Row {
-        fault: "b crashed, then started again",
-        acked: after.0 - before.0,
-        rejected: after.1 - before.1,
-        dropped: Some(dropped),
+    rows.push(Row::new(
+        "b crashed, then started again",
+        before,
+        window(&progress),
+        Some(dropped),
         back,
-    });
+    ));
 
     stop.cancel();
     let report = load.await.expect("load");
