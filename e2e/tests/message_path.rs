@@ -90,8 +90,8 @@ async fn sigterm_deregisters_at_once_and_exits_cleanly() {
 }
 
 #[tokio::test]
-async fn kill_9_during_concurrent_posts_fails_no_request() {
-    kill_9_during_concurrent_posts(&[]).await;
+async fn kill_9_during_concurrent_posts_fails_no_request_with_per_call_discovery() {
+    kill_9_during_concurrent_posts(&["--discovery", "per-call"]).await;
 }
 
 #[tokio::test]
