@@ -8,7 +8,8 @@
 //! This crate is the server alone. The client side every service uses (registration,
 //! lookup, watch, token files) is the `registry-client` crate.
 //!
-//! - `registry`: the core, a pure state machine (leases, static entries, revisions).
+//! - `registry`: the core, a pure state machine (leases, sessions, static entries,
+//!   revisions); `validation`: what it refuses, and why.
 //! - `sweeper`: evicts expired leases, sleeping until the next deadline.
 //! - `pause`: notices that the whole process was paused, for lost sessions.
 //! - `grpc_api`: `registry.v1.Registry` over the core; `convert`: its types to protobuf;
@@ -29,6 +30,7 @@ mod report;
 mod session;
 mod status_page;
 mod sweeper;
+mod validation;
 
 use std::sync::Arc;
 
