@@ -51,7 +51,7 @@ impl Default for Policy {
     fn default() -> Self {
         Self {
             attempt_deadline: Duration::from_secs(1),
-            budget: Duration::from_secs(5),
+            budget: Duration::from_secs(30),
             backoff_base: Duration::from_millis(50),
             backoff_cap: Duration::from_millis(500),
             suspect_for: Duration::from_secs(5),
