@@ -5,10 +5,9 @@
 //! service `config-server`, from `--replica`) and to show whether each answers: a health
 //! check every second, with a short deadline.
 
-use std::{
-    sync::{Arc, RwLock},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
+
+use parking_lot::RwLock;
 
 use tokio_util::sync::CancellationToken;
 
@@ -50,7 +49,7 @@ impl Peers {
     }
 
     pub(crate) fn list(&self) -> Vec<Peer> {
-        self.peers.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.peers.read().clone()
     }
 
     /// Health-checks every other replica each second until `shutdown`.
@@ -76,7 +75,7 @@ impl Peers {
                 .iter()
                 .map(|address| rpc::is_serving(address, REGISTRY_HEALTH));
             let answers = futures_util::future::join_all(checks).await;
-            let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
+            let mut peers = self.peers.write();
             for (address, answers) in others.iter().zip(answers) {
                 if let Some(peer) = peers.iter_mut().find(|p| &p.address == address) {
                     // Said on a change, and when the first check finds it down.

@@ -3,7 +3,7 @@
 //! Every dynamic instance holds a lease that ends `ttl` after its last heartbeat. The
 //! leases are also kept in a set ordered by deadline, so the sweeper can sleep until the
 //! earliest one and evict everything due with a few ordered removals, the same shape as
-//! mini-redis's key expiry. All state sits behind one short `std::sync::Mutex` section per
+//! mini-redis's key expiry. All state sits behind one short `parking_lot::Mutex` section per
 //! call; nothing here awaits, so no guard can be held across an `.await`.
 //!
 //! Time is passed in (`now`), which keeps the core a pure state machine: unit tests drive
@@ -22,9 +22,10 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
-    sync::{Mutex, MutexGuard},
     time::{Duration, SystemTime},
 };
+
+use parking_lot::{Mutex, MutexGuard};
 
 use tokio::{
     sync::{watch, Notify},
@@ -358,11 +359,7 @@ impl Registry {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave the maps half-updated in a way that
-        // matters more than refusing every later call, so keep serving.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock()
     }
 
     fn announce(&self, revision: u64) {

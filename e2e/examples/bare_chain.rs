@@ -9,11 +9,9 @@
 //! entry there) and appends to the first instance listed, over a channel kept per
 //! address; that is the three-hop chain of the lab's card.
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+
+use parking_lot::Mutex;
 
 use axum::{extract::State, http::StatusCode, routing::post, serve::ListenerExt, Json, Router};
 use proto::{
@@ -39,7 +37,7 @@ impl Logging for BareStore {
         request: Request<AppendRequest>,
     ) -> Result<Response<AppendResponse>, Status> {
         let AppendRequest { id, text } = request.into_inner();
-        let mut messages = self.messages.lock().unwrap_or_else(|p| p.into_inner());
+        let mut messages = self.messages.lock();
         let duplicate = messages.contains_key(&id);
         messages.entry(id).or_insert(text);
         Ok(Response::new(AppendResponse { duplicate }))
@@ -77,7 +75,7 @@ struct Front {
 
 impl Front {
     fn channel(&self, address: &str) -> Result<Channel, Status> {
-        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let mut channels = self.channels.lock();
         if let Some(channel) = channels.get(address) {
             return Ok(channel.clone());
         }

@@ -7,10 +7,12 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     time::Duration,
 };
+
+use parking_lot::Mutex;
 
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
@@ -165,7 +167,7 @@ pub async fn post_load(
                     let answer = http
                         .request("POST", "/messages", &headers, body.as_bytes())
                         .await;
-                    lock(&report).requests += 1;
+                    report.lock().requests += 1;
                     match answer {
                         Ok((201, _, reply)) => {
                             let id = serde_json::from_slice::<serde_json::Value>(&reply)
@@ -175,7 +177,7 @@ pub async fn post_load(
                             break;
                         }
                         Ok((503, headers, _)) => {
-                            lock(&report).retried_503 += 1;
+                            report.lock().retried_503 += 1;
                             progress.rejected.fetch_add(1, Ordering::Relaxed);
                             let wait = headers
                                 .iter()
@@ -197,10 +199,10 @@ pub async fn post_load(
                 }
                 match outcome {
                     Ok(id) => {
-                        lock(&report).acked.push((id, msg));
+                        report.lock().acked.push((id, msg));
                         progress.acked.fetch_add(1, Ordering::Relaxed);
                     }
-                    Err(reason) => lock(&report).failed.push(format!("{msg}: {reason}")),
+                    Err(reason) => report.lock().failed.push(format!("{msg}: {reason}")),
                 }
             }
         }));
@@ -208,7 +210,7 @@ pub async fn post_load(
     for task in tasks {
         let _ = task.await;
     }
-    let mut report = lock(&report);
+    let mut report = report.lock();
     std::mem::take(&mut *report)
 }
 
@@ -243,10 +245,4 @@ pub fn audit(acked: &[(String, String)], stored: &[(String, String)]) -> Audit {
         .filter(|&&n| n > 1)
         .count();
     Audit { lost, duplicated }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -14,12 +14,9 @@
 //! The batcher knows nothing of gRPC: a [`Sink`] sends a batch and answers each item,
 //! so unit tests drive it with a fake one.
 
-use std::{
-    collections::VecDeque,
-    future::Future,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::VecDeque, future::Future, sync::Arc, time::Duration};
+
+use parking_lot::{Mutex, MutexGuard};
 
 use tokio::{sync::oneshot, time::Instant};
 
@@ -116,10 +113,8 @@ impl<S: Sink> Batcher<S> {
 }
 
 impl<S: Sink> Shared<S> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Queue<S>> {
-        self.queue
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Queue<S>> {
+        self.queue.lock()
     }
 }
 
@@ -257,7 +252,7 @@ mod tests {
             let running = self.calls_running.fetch_add(1, Ordering::SeqCst) + 1;
             self.most_running.fetch_max(running, Ordering::SeqCst);
             let items: Vec<u32> = items.into_iter().map(|(item, _)| item).collect();
-            self.batches.lock().unwrap().push(items.clone());
+            self.batches.lock().push(items.clone());
             if self.hold_only.is_none_or(|only| items.contains(&only)) {
                 let mut hold = self.hold.subscribe();
                 hold.wait_for(|held| !held).await.expect("the sender lives");
@@ -310,7 +305,7 @@ mod tests {
         for item in 1..=3 {
             assert_eq!(batcher.submit(&sink, item).await, Some(item * 10));
         }
-        assert_eq!(*sink.batches.lock().unwrap(), [[1], [2], [3]]);
+        assert_eq!(*sink.batches.lock(), [[1], [2], [3]]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -334,10 +329,7 @@ mod tests {
                 "each gets its own answer"
             );
         }
-        assert_eq!(
-            *sink.batches.lock().unwrap(),
-            [vec![1], vec![2, 3, 4, 5, 6]]
-        );
+        assert_eq!(*sink.batches.lock(), [vec![1], vec![2, 3, 4, 5, 6]]);
         assert_eq!(sink.most_running.load(Ordering::SeqCst), 1);
     }
 
@@ -360,7 +352,7 @@ mod tests {
         for task in tasks {
             assert!(task.await.unwrap().is_some());
         }
-        let batches = sink.batches.lock().unwrap().clone();
+        let batches = sink.batches.lock().clone();
         let mut after_the_first_two = batches[2..].to_vec();
         after_the_first_two.sort();
         let mut expected = vec![vec![1, 1, 1], vec![1, 60], vec![50], vec![500], vec![1]];
@@ -385,10 +377,7 @@ mod tests {
         assert_eq!(stays.await.unwrap(), Some(30));
         // The slot is free again: a new item goes out alone.
         assert_eq!(batcher.submit(&sink, 4).await, Some(40));
-        assert_eq!(
-            *sink.batches.lock().unwrap(),
-            [vec![1], vec![2, 3], vec![4]]
-        );
+        assert_eq!(*sink.batches.lock(), [vec![1], vec![2, 3], vec![4]]);
         until(|| batcher.shared.lock().slots == 0).await;
     }
 
@@ -409,7 +398,7 @@ mod tests {
         assert!(!hung.is_finished());
         sink.release();
         assert_eq!(hung.await.unwrap(), Some(10));
-        assert_eq!(*sink.batches.lock().unwrap(), [vec![1], vec![2]]);
+        assert_eq!(*sink.batches.lock(), [vec![1], vec![2]]);
         until(|| batcher.shared.lock().slots == 0).await;
     }
 }

@@ -8,7 +8,9 @@
 //! next, which starts as soon as the one in flight ends and serves everyone who arrived
 //! meanwhile. At most one lookup per service is in flight.
 
-use std::{future::Future, sync::Mutex};
+use std::future::Future;
+
+use parking_lot::{Mutex, MutexGuard};
 
 use tokio::sync::watch;
 
@@ -34,8 +36,8 @@ impl<T: Clone> Coalesced<T> {
         }
     }
 
-    fn flight(&self) -> std::sync::MutexGuard<'_, Flight> {
-        self.flight.lock().unwrap_or_else(|p| p.into_inner())
+    fn flight(&self) -> MutexGuard<'_, Flight> {
+        self.flight.lock()
     }
 
     /// An answer from a lookup (`lookup()`) that began after this call did.

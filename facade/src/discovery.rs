@@ -16,9 +16,11 @@ use std::{
     collections::{HashMap, HashSet},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc,
     },
 };
+
+use parking_lot::{Mutex, MutexGuard};
 
 use registry_client::RegistryClient;
 use tonic::Status;
@@ -123,10 +125,8 @@ impl Discovery {
         listed
     }
 
-    fn last_known(&self) -> std::sync::MutexGuard<'_, Known> {
-        self.last_known
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn last_known(&self) -> MutexGuard<'_, Known> {
+        self.last_known.lock()
     }
 
     /// Addresses of the live instances of `service`.

@@ -21,12 +21,11 @@
 use std::{
     collections::HashMap,
     future::Future,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Mutex,
-    },
+    sync::atomic::{AtomicUsize, Ordering},
     time::Duration,
 };
+
+use parking_lot::{Mutex, MutexGuard};
 
 use rand::seq::SliceRandom;
 use retry::{Retry, RetryError};
@@ -131,10 +130,8 @@ impl Failover {
         &self.policy
     }
 
-    fn suspects(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
-        self.suspects
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn suspects(&self) -> MutexGuard<'_, HashMap<String, Instant>> {
+        self.suspects.lock()
     }
 
     fn suspect(&self, address: &str) {

@@ -11,10 +11,12 @@
 use std::{
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     time::Duration,
 };
+
+use parking_lot::Mutex;
 
 use dashmap::DashMap;
 use futures_util::future::join_all;
@@ -489,7 +491,8 @@ impl Sink for Facade {
         let deadline = self.failover.policy().attempt_deadline;
         let result = self
             .call_logging(began, &label, |address, mut client| {
-                let unanswered: Vec<usize> = lock(&answers)
+                let unanswered: Vec<usize> = answers
+                    .lock()
                     .iter()
                     .enumerate()
                     .filter_map(|(i, answer)| answer.is_none().then_some(i))
@@ -516,7 +519,7 @@ impl Sink for Facade {
                             unanswered.len()
                         )));
                     }
-                    let mut answers = lock(answers);
+                    let mut answers = answers.lock();
                     let mut again = None;
                     for (i, result) in unanswered.into_iter().zip(results) {
                         match Code::from(result.code) {
@@ -532,7 +535,7 @@ impl Sink for Facade {
                 }
             })
             .await;
-        let answers = answers.into_inner().unwrap_or_else(|p| p.into_inner());
+        let answers = answers.into_inner();
         answers
             .into_iter()
             .map(|answer| match (answer, &result) {
@@ -582,12 +585,6 @@ async fn append_one_by_one(
         }
     }))
     .await
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A read of the whole log, as it stood when it began, batch by batch. Holds one batch

@@ -15,10 +15,12 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Arc, RwLock,
+        Arc,
     },
     time::Duration,
 };
+
+use parking_lot::RwLock;
 
 use anyhow::Context;
 use proto::registry::v1::registry_client;
@@ -130,7 +132,7 @@ impl Replicas {
     }
 
     pub(crate) fn known(&self) -> Arc<Vec<Replica>> {
-        Arc::clone(&self.known.read().unwrap_or_else(|p| p.into_inner()))
+        Arc::clone(&self.known.read())
     }
 
     pub(crate) fn addresses(&self) -> Vec<String> {
@@ -211,7 +213,7 @@ impl Replicas {
             .get(self.preferred.load(Ordering::Relaxed) % old.len().max(1))
             .and_then(|p| known.iter().position(|r| r.address == p.address))
             .unwrap_or(0);
-        *self.known.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(known);
+        *self.known.write() = Arc::new(known);
         self.preferred.store(preferred, Ordering::Relaxed);
         info!(replicas = ?wanted, "registry replicas");
         Ok(true)

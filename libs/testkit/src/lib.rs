@@ -70,7 +70,7 @@ pub fn free_port() -> u16 {
 /// route, the node died at start ("address already in use"), and the R3 stream could not
 /// be placed, so a test waited for logging in vain.
 pub fn free_ports(count: u16) -> u16 {
-    static NEXT: std::sync::Mutex<Option<u16>> = std::sync::Mutex::new(None);
+    static NEXT: parking_lot::Mutex<Option<u16>> = parking_lot::Mutex::new(None);
     const LOW: u16 = 10_000;
     let high = ephemeral_start();
     let span = high.saturating_sub(LOW);
@@ -78,7 +78,7 @@ pub fn free_ports(count: u16) -> u16 {
         span >= 1_000,
         "the ephemeral port range starts at {high}: too low to pick test ports below it"
     );
-    let mut next = NEXT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut next = NEXT.lock();
     // Test processes run one after another; each starts elsewhere in the range.
     let mut port = next.unwrap_or(LOW + (std::process::id() % u32::from(span)) as u16);
     for _ in 0..span {

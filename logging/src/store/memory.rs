@@ -1,6 +1,6 @@
 //! The in-memory store: one process, gone when it stops, bounded by its limits.
 //!
-//! One `std::sync::Mutex` guards the id index and the ordered list, so "is it new?" and
+//! One `parking_lot::Mutex` guards the id index and the ordered list, so "is it new?" and
 //! "append it at the end" happen as one step: a sharded map alone could not keep
 //! insertion order consistent with the dedup decision. Critical sections are a hash
 //! lookup and a push, or a copy of one page or batch; none spans an `.await`.
@@ -9,10 +9,9 @@
 //! `max_bytes` of text, an append is refused with [`StoreError::Full`]: nothing is ever
 //! evicted behind a client's back.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard},
-};
+use std::{collections::HashMap, sync::Arc};
+
+use parking_lot::{Mutex, MutexGuard};
 
 use tokio::sync::mpsc;
 
@@ -69,15 +68,8 @@ impl MemoryStore {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        lock(&self.inner)
+        self.inner.lock()
     }
-}
-
-fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
-    // Each update is a single insert+push, so a poisoned lock holds consistent data.
-    inner
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Copies a batch from index `from` (below `to`) of at most `count` messages (and the
@@ -152,7 +144,7 @@ impl MessageStore for MemoryStore {
         tokio::spawn(async move {
             let (mut from, to) = (after as usize, until as usize);
             while from < to {
-                let (batch, _) = copy(&lock(&inner), from, to, STREAM_BATCH);
+                let (batch, _) = copy(&inner.lock(), from, to, STREAM_BATCH);
                 from += batch.len();
                 if sender.send(Ok(batch)).await.is_err() {
                     return; // the reader went away
