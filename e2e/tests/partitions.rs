@@ -22,7 +22,7 @@ use e2e::{
     bin, eventually, get_lab, get_messages,
     hosts::Hosts,
     load::{audit, post_load, Progress},
-    nats::move_leader,
+    nats::{move_leader, until_current},
     wait_serving, Proc,
 };
 use tokio_util::sync::CancellationToken;
@@ -359,6 +359,8 @@ async fn run(hosts: Hosts) {
     ));
 
     // 2. a cut from b, while d reaches both: each stops hearing the other's instance.
+    // Each fault starts on a cluster healed from the one before.
+    until_current(&layout.store(), "MESSAGES").await;
     let before = window(&progress);
     layout.hosts.cut("a", "b");
     let cut = Instant::now();
@@ -387,6 +389,7 @@ async fn run(hosts: Hosts) {
     ));
 
     // 3. d cut from c: the facade loses logging-c and replica c; nobody else does.
+    until_current(&layout.store(), "MESSAGES").await;
     let before = window(&progress);
     layout.hosts.cut("d", "c");
     let cut = Instant::now();

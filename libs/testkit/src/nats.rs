@@ -149,8 +149,9 @@ impl Nats {
     }
 }
 
-/// The server that leads `stream`, asked through `urls` (any node that answers).
-pub async fn leader_of(urls: &str, stream: &str) -> Option<String> {
+/// The server that leads `stream`, and whether every other replica is current (caught
+/// up and online), asked through `urls` (any node that answers).
+pub async fn leader_of(urls: &str, stream: &str) -> Option<(String, bool)> {
     let servers: Vec<&str> = urls.split(',').collect();
     let client = async_nats::ConnectOptions::new()
         .connection_timeout(std::time::Duration::from_millis(500))
@@ -159,19 +160,43 @@ pub async fn leader_of(urls: &str, stream: &str) -> Option<String> {
         .ok()?;
     let jetstream = async_nats::jetstream::new(client);
     let stream = jetstream.get_stream(stream).await.ok()?;
-    stream.cached_info().cluster.as_ref()?.leader.clone()
+    let cluster = stream.cached_info().cluster.as_ref()?;
+    let current = cluster
+        .replicas
+        .iter()
+        .all(|peer| peer.current && !peer.offline);
+    Some((cluster.leader.clone()?, current))
+}
+
+/// Waits until every replica of `stream` is current: a cluster healed from one fault,
+/// before a test brings the next.
+pub async fn until_current(urls: &str, stream: &str) {
+    crate::eventually(
+        std::time::Duration::from_secs(60),
+        &format!("every replica of {stream} current"),
+        || async {
+            leader_of(urls, stream)
+                .await
+                .is_some_and(|(_, current)| current)
+        },
+    )
+    .await;
 }
 
 /// Moves the leadership of `stream` to the server named `to` (a step-down with a
-/// preferred placement, nats-server 2.11 and newer) and waits until it leads: how a test
-/// makes sure the node it is about to cut off or kill is the one writes depend on.
+/// preferred placement, nats-server 2.11 and newer) and waits until it leads with every
+/// replica current: how a test makes sure the node it is about to cut off or kill is the
+/// one writes depend on, on a cluster that has healed from whatever came before.
 pub async fn move_leader(urls: &str, stream: &str, to: &str) {
+    until_current(urls, stream).await;
     crate::eventually(
         std::time::Duration::from_secs(30),
         &format!("{to} leading {stream}"),
         || async {
-            if leader_of(urls, stream).await.as_deref() == Some(to) {
-                return true;
+            match leader_of(urls, stream).await {
+                Some((leader, true)) if leader == to => return true,
+                Some((_, false)) | None => return false,
+                Some(_) => {}
             }
             let servers: Vec<&str> = urls.split(',').collect();
             if let Ok(client) = async_nats::connect(servers.as_slice()).await {
