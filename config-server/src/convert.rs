@@ -1,12 +1,50 @@
 //! Between the core's types and protobuf, and from [`RegistryError`] to a gRPC status,
-//! each in one place.
+//! each in one place; and a `RegisterRequest` carried out, the same for the unary call
+//! and for a session.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use proto::registry::v1 as pb;
+use tokio::time::Instant;
 use tonic::Status;
 
-use crate::registry::{Holder, Instance, Lease, RegistryError, Snapshot};
+use crate::{
+    registry::{Holder, Instance, Lease, Registry, RegistryError, SessionId, Snapshot},
+    report,
+};
+
+/// Registers what `request` describes, held by `session` if given (else by its lease
+/// alone), logs it as `how`, and answers with the lease.
+pub(crate) fn register(
+    registry: &Registry,
+    request: pb::RegisterRequest,
+    session: Option<SessionId>,
+    how: &'static str,
+) -> Result<pb::RegisterResponse, Status> {
+    let pb::RegisterRequest {
+        service,
+        address,
+        metadata,
+        instance_id,
+    } = request;
+    let metadata: BTreeMap<String, String> = metadata.into_iter().collect();
+    let chosen = Some(instance_id.as_str()).filter(|id| !id.is_empty());
+    let (lease, replaced) = registry
+        .register(
+            session,
+            &service,
+            &address,
+            metadata,
+            chosen,
+            Instant::now(),
+        )
+        .map_err(status)?;
+    report::registered(how, &service, &address, &lease.instance_id, replaced);
+    Ok(lease_to_proto(lease))
+}
 
 /// The one place registry errors become gRPC statuses.
 pub(crate) fn status(error: RegistryError) -> Status {

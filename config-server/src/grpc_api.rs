@@ -3,12 +3,9 @@
 //! This layer checks the token, calls the core, logs one line per change, and converts
 //! with [`crate::convert`]. The `Session` stream's own loop is in [`crate::session`].
 
-use std::{
-    collections::BTreeMap,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc,
 };
 
 use proto::registry::v1 as pb;
@@ -20,7 +17,7 @@ use tracing::warn;
 
 use crate::{
     auth::{Access, Auth},
-    convert::{lease_to_proto, snapshot_to_proto, status},
+    convert::{self, snapshot_to_proto, status},
     pause::Pauses,
     registry::{Registry, Removal},
     report,
@@ -69,26 +66,8 @@ impl pb::registry_server::Registry for RegistryService {
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         self.authorize(&request, Access::Write)?;
-        let pb::RegisterRequest {
-            service,
-            address,
-            metadata,
-            instance_id,
-        } = request.into_inner();
-        let metadata: BTreeMap<String, String> = metadata.into_iter().collect();
-        let chosen = Some(instance_id.as_str()).filter(|id| !id.is_empty());
-        let (lease, replaced) = self
-            .registry
-            .register(&service, &address, metadata, chosen, Instant::now())
-            .map_err(status)?;
-        report::registered(
-            "registered",
-            &service,
-            &address,
-            &lease.instance_id,
-            replaced,
-        );
-        Ok(Response::new(lease_to_proto(lease)))
+        let lease = convert::register(&self.registry, request.into_inner(), None, "registered")?;
+        Ok(Response::new(lease))
     }
 
     async fn heartbeat(

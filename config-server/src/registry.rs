@@ -290,14 +290,17 @@ impl State {
         self.services.get_mut(&entry.service)?.instances.get_mut(id)
     }
 
-    /// Moves a dynamic instance's deadline; returns the old one.
-    fn move_deadline(&mut self, id: &str, deadline: Instant) -> Option<Instant> {
-        let entry = self.index.get_mut(id)?;
-        let old = entry.deadline?;
+    /// Moves a dynamic instance's deadline (a static entry has none to move).
+    fn move_deadline(&mut self, id: &str, deadline: Instant) {
+        let Some(entry) = self.index.get_mut(id) else {
+            return;
+        };
+        let Some(old) = entry.deadline else {
+            return;
+        };
         entry.deadline = Some(deadline);
         self.expirations.remove(&(old, id.to_owned()));
         self.expirations.insert((deadline, id.to_owned()));
-        Some(old)
     }
 
     /// Removes an instance for `reason`, bumps the revision and remembers the removal.
@@ -378,22 +381,11 @@ impl Registry {
 
     /// Registers an instance under `id` (the instance's own choice, so it is the same on
     /// every replica) or, when `id` is `None`, under a new uuid. An address already live
-    /// for the service is replaced, and so is an instance registering its id again.
+    /// for the service is replaced, and so is an instance registering its id again. A
+    /// registration made on a session (`session`) is removed when
+    /// [`Registry::session_lost`] says the last session holding it ended; a unary one
+    /// (`None`) is held by its lease alone.
     pub(crate) fn register(
-        &self,
-        service: &str,
-        address: &str,
-        metadata: BTreeMap<String, String>,
-        id: Option<&str>,
-        now: Instant,
-    ) -> Result<(Lease, Option<Instance>), RegistryError> {
-        self.register_held(None, service, address, metadata, id, now)
-    }
-
-    /// [`Registry::register`], held by `session` if given: such a registration is
-    /// removed when [`Registry::session_lost`] says the last session holding it ended.
-    /// A unary registration (`None`) is held by its lease alone.
-    pub(crate) fn register_held(
         &self,
         session: Option<SessionId>,
         service: &str,
@@ -531,6 +523,7 @@ impl Registry {
         if entry.sessions.len() == before || !entry.sessions.is_empty() {
             return SessionEnd::NotHeld;
         }
+        let deadline = entry.deadline;
         let Some(instance) = state.get_mut(id) else {
             return SessionEnd::NotHeld;
         };
@@ -538,7 +531,7 @@ impl Registry {
             instance.holder = Holder::Lost;
             let instance = instance.clone();
             let end = now + grace;
-            if state.index.get(id).and_then(|entry| entry.deadline) > Some(end) {
+            if deadline > Some(end) {
                 state.move_deadline(id, end);
                 self.sooner.notify_one();
             }
@@ -699,7 +692,7 @@ mod tests {
 
     fn register(registry: &Registry, service: &str, address: &str, now: Instant) -> String {
         registry
-            .register(service, address, BTreeMap::new(), None, now)
+            .register(None, service, address, BTreeMap::new(), None, now)
             .expect("register")
             .0
             .instance_id
@@ -768,7 +761,14 @@ mod tests {
         let t0 = Instant::now();
         let old = register(&registry, "logging", "127.0.0.1:50051", t0);
         let (lease, replaced) = registry
-            .register("logging", "127.0.0.1:50051", BTreeMap::new(), None, t0)
+            .register(
+                None,
+                "logging",
+                "127.0.0.1:50051",
+                BTreeMap::new(),
+                None,
+                t0,
+            )
             .expect("register");
         assert_eq!(replaced.map(|instance| instance.id), Some(old.clone()));
         let snapshot = registry.lookup("logging").expect("lookup");
@@ -786,7 +786,7 @@ mod tests {
         let chosen = "logging-7f3a";
         let register_as = |address: &str, at: Instant| {
             registry
-                .register("logging", address, BTreeMap::new(), Some(chosen), at)
+                .register(None, "logging", address, BTreeMap::new(), Some(chosen), at)
                 .expect("register")
                 .0
         };
@@ -813,8 +813,14 @@ mod tests {
         );
         let t0 = Instant::now();
         for bad in ["static-messages-0", "a b", "x\u{0}", &"i".repeat(129)] {
-            let result =
-                registry.register("logging", "127.0.0.1:1", BTreeMap::new(), Some(bad), t0);
+            let result = registry.register(
+                None,
+                "logging",
+                "127.0.0.1:1",
+                BTreeMap::new(),
+                Some(bad),
+                t0,
+            );
             assert!(
                 matches!(result, Err(RegistryError::InvalidInstanceId(_))),
                 "{bad:?}: {result:?}"
@@ -847,7 +853,14 @@ mod tests {
         let registry = registry();
         for address in ["0.0.0.0:50051", "[::]:50051", "[0:0:0:0:0:0:0:0]:50051"] {
             let refused = registry
-                .register("logging", address, BTreeMap::new(), None, Instant::now())
+                .register(
+                    None,
+                    "logging",
+                    address,
+                    BTreeMap::new(),
+                    None,
+                    Instant::now(),
+                )
                 .expect_err(address);
             assert!(
                 matches!(refused, RegistryError::UnspecifiedAddress(_)),
@@ -945,14 +958,14 @@ mod tests {
         register(&registry, "a", "h:1", t0);
         register(&registry, "a", "h:2", t0);
         assert!(matches!(
-            registry.register("a", "h:3", BTreeMap::new(), None, t0),
+            registry.register(None, "a", "h:3", BTreeMap::new(), None, t0),
             Err(RegistryError::ServiceFull { limit: 2, .. })
         ));
         // Replacing a live address is not growth.
         register(&registry, "a", "h:2", t0);
         register(&registry, "b", "h:1", t0);
         assert!(matches!(
-            registry.register("c", "h:1", BTreeMap::new(), None, t0),
+            registry.register(None, "c", "h:1", BTreeMap::new(), None, t0),
             Err(RegistryError::RegistryFull { limit: 3 })
         ));
     }
@@ -968,7 +981,7 @@ mod tests {
 
     fn register_in(registry: &Registry, session: SessionId, address: &str, now: Instant) {
         registry
-            .register_held(
+            .register(
                 Some(session),
                 "logging",
                 address,
@@ -1033,6 +1046,7 @@ mod tests {
         // A unary registration of the id is held by heartbeats alone.
         registry
             .register(
+                None,
                 "logging",
                 "127.0.0.1:50051",
                 BTreeMap::new(),

@@ -20,7 +20,7 @@
 //! however the stream goes (the client's end, a reset, the server dropping it), the
 //! instance it held is let go.
 
-use std::{collections::BTreeMap, pin::Pin, sync::Arc};
+use std::{pin::Pin, sync::Arc};
 
 use futures_util::{Stream, StreamExt};
 use proto::registry::v1 as pb;
@@ -30,7 +30,7 @@ use tonic::{Status, Streaming};
 use tracing::{debug, info};
 
 use crate::{
-    convert::{lease_to_proto, status},
+    convert::{self, status},
     pause::Pauses,
     registry::{Registry, RegistryError, Removal, SessionEnd, SessionId},
     report,
@@ -162,43 +162,28 @@ impl Session {
         }
     }
 
-    fn register(&mut self, request: pb::RegisterRequest) -> Result<pb::RegisterResponse, Status> {
-        let pb::RegisterRequest {
-            service,
-            address,
-            metadata,
-            instance_id,
-        } = request;
-        let chosen = Some(instance_id.as_str()).filter(|id| !id.is_empty());
-        if let (Some(held), Some(chosen)) = (&self.held, chosen) {
-            if held != chosen {
+    /// Registers on this session; a session holds one instance, so a second register
+    /// names the same id (or none, meaning the one it holds).
+    fn register(
+        &mut self,
+        mut request: pb::RegisterRequest,
+    ) -> Result<pb::RegisterResponse, Status> {
+        let how = match &self.held {
+            None => "registered in a session",
+            Some(held) if request.instance_id.is_empty() || request.instance_id == *held => {
+                request.instance_id.clone_from(held);
+                "registered again in its session"
+            }
+            Some(held) => {
                 return Err(Status::invalid_argument(format!(
-                    "this session holds instance {held:?}: open another session for {chosen:?}"
+                    "this session holds instance {held:?}: open another session for {:?}",
+                    request.instance_id
                 )));
             }
-        }
-        let chosen = chosen.or(self.held.as_deref());
-        let metadata: BTreeMap<String, String> = metadata.into_iter().collect();
-        let again = self.held.is_some();
-        let (lease, replaced) = self
-            .registry
-            .register_held(
-                Some(self.id),
-                &service,
-                &address,
-                metadata,
-                chosen,
-                Instant::now(),
-            )
-            .map_err(status)?;
-        let how = if again {
-            "registered again in its session"
-        } else {
-            "registered in a session"
         };
-        report::registered(how, &service, &address, &lease.instance_id, replaced);
+        let lease = convert::register(&self.registry, request, Some(self.id), how)?;
         self.held = Some(lease.instance_id.clone());
-        Ok(lease_to_proto(lease))
+        Ok(lease)
     }
 
     /// The stream ended without a deregister while holding `id`.

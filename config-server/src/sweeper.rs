@@ -89,6 +89,7 @@ mod tests {
 
         let (lease, _) = registry
             .register(
+                None,
                 "logging",
                 "127.0.0.1:50051",
                 BTreeMap::new(),
@@ -129,7 +130,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let sweeper = tokio::spawn(run(Arc::clone(&registry), shutdown.clone()));
         registry
-            .register_held(
+            .register(
                 Some(1),
                 "logging",
                 "127.0.0.1:50051",
@@ -165,6 +166,7 @@ mod tests {
         for port in 1..=3 {
             registry
                 .register(
+                    None,
                     "logging",
                     &format!("127.0.0.1:{port}"),
                     BTreeMap::new(),

@@ -17,7 +17,7 @@ pub mod registration;
 pub mod replicas;
 pub mod token;
 
-use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 
@@ -293,22 +293,11 @@ impl RegistryClient {
 
     pub(crate) async fn register(
         &self,
-        service: &str,
-        address: &str,
-        metadata: &HashMap<String, String>,
-        instance_id: &str,
+        register: &pb::RegisterRequest,
     ) -> Result<pb::RegisterResponse, Status> {
         self.replicas
             .call(CALL_DEADLINE, |mut client, share| {
-                let request = self.request(
-                    pb::RegisterRequest {
-                        service: service.to_owned(),
-                        address: address.to_owned(),
-                        metadata: metadata.clone(),
-                        instance_id: instance_id.to_owned(),
-                    },
-                    Some(share),
-                );
+                let request = self.request(register.clone(), Some(share));
                 async move { Ok(client.register(request).await?.into_inner()) }
             })
             .await

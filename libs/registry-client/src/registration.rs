@@ -220,6 +220,20 @@ impl Keeper {
         }
     }
 
+    /// The retry loop that registers with this keeper's replica, waiting at most `cap`
+    /// between attempts.
+    fn registering(&self, stop: &CancellationToken, cap: Duration) -> Retry {
+        let instance = &self.instance;
+        Retry::new(
+            format!(
+                "registering {} at {} with registry replica {}",
+                instance.service, instance.address, self.replica
+            ),
+            stop,
+        )
+        .backoff(RETRY_BASE.min(cap), cap)
+    }
+
     fn join_holders(&self, lease: &pb::RegisterResponse, again: bool) {
         let instance = &self.instance;
         let mut first = false;
@@ -250,18 +264,14 @@ impl Keeper {
     /// breaks, and again; on `stop`, deregisters on it.
     async fn run_sessions(self, stop: CancellationToken) -> bool {
         let instance = &self.instance;
-        let what = format!(
-            "registering {} at {} with registry replica {}",
-            instance.service, instance.address, self.replica
-        );
         // Once registered, retries come at least once per heartbeat interval, as unary
         // heartbeats would: back within an interval of the replica's return, well inside
         // the TTL a paused replica allows after it resumes.
         let mut cap = RETRY_CAP;
         let mut again = false;
         let deregistered = loop {
-            let open = Retry::new(what.as_str(), &stop).backoff(RETRY_BASE.min(cap), cap);
-            let session = open
+            let session = self
+                .registering(&stop, cap)
                 .run(
                     || async {
                         self.client
@@ -396,31 +406,14 @@ impl Keeper {
     /// Register (retrying until accepted), heartbeat until the replica forgets us,
     /// again; on `stop`, deregister. Returns whether it deregistered.
     async fn run_unary(self, stop: CancellationToken) -> bool {
-        let instance = &self.instance;
-        let register = Retry::new(
-            format!(
-                "registering {} at {} with registry replica {}",
-                instance.service, instance.address, self.replica
-            ),
-            &stop,
-        )
-        .backoff(RETRY_BASE, RETRY_CAP);
+        let register = self.registering(&stop, RETRY_CAP);
+        let request = self.register_request();
         let mut forgotten = false;
         let mut deregistered = false;
         loop {
             let lease = register
                 .run(
-                    || async {
-                        self.client
-                            .register(
-                                &instance.service,
-                                &instance.address,
-                                &instance.metadata,
-                                &instance.id,
-                            )
-                            .await
-                            .map_err(rpc::CallError)
-                    },
+                    || async { self.client.register(&request).await.map_err(rpc::CallError) },
                     |_| false, // a refusal (full, bad name) may be lifted later: keep asking
                 )
                 .await;
