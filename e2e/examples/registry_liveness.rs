@@ -10,9 +10,10 @@
 //!   answers the same from then on), and until the facade's `facade_watched_instances`
 //!   gauge drops (polled every millisecond);
 //! - freeze: `SIGSTOP`, then the time until every replica pushes a list without it;
-//! - blip (sessions only): the instance reaches one more replica through a TCP proxy,
-//!   which resets its connection; the time until that replica lists it again, and whether
-//!   its watchers saw it leave, with no grace and with a grace of one heartbeat.
+//! - blip (sessions only): a logging instance registered with a replica of its own
+//!   through a TCP proxy, which resets its connection; the time until the replica holds
+//!   it in a new session and lists it, whether the replica removed it meanwhile, and
+//!   whether its watchers saw it leave, with no grace and with a grace of one heartbeat.
 //!
 //! `cargo run --release -p e2e --example registry_liveness -- --kills 20` (bench/registry
 //! does).

@@ -41,9 +41,9 @@ pub const REFRESH: Duration = Duration::from_secs(5);
 const KEEPALIVE: Duration = Duration::from_millis(250);
 /// HTTP/2 pings on a session's own connection. A session's stream never closes, so its
 /// connection pings all the time, where lookups' connections ping only during a call:
-/// once a second costs the registry about what the heartbeats do, and still closes a
-/// connection to a replica that went silent (frozen, or cut off) within two seconds, so
-/// the keeper opens a new one and is back soon after the replica is.
+/// once a second, as often as the heartbeats go, still closes a connection to a replica
+/// that went silent (frozen, or cut off) within two seconds, so the keeper opens a new
+/// one and is back soon after the replica is.
 pub const SESSION_KEEPALIVE: Duration = Duration::from_secs(1);
 
 pub(crate) type Client = registry_client::RegistryClient<Channel>;
