@@ -41,11 +41,51 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// Every case of the hostile-input test, reported together: one failing case does not
+/// hide the ones after it.
+#[derive(Default)]
+struct Cases {
+    rows: Vec<(String, String, bool)>,
+}
+
+impl Cases {
+    /// Records one case: what was thrown, what came back, and whether that was right.
+    fn record(&mut self, what: impl Into<String>, got: impl Into<String>, ok: bool) {
+        self.rows.push((what.into(), got.into(), ok));
+    }
+
+    /// Prints every case and fails the test, naming each wrong answer, if any was.
+    fn finish(self) {
+        for (what, got, ok) in &self.rows {
+            println!("{} {what}: {got}", if *ok { "ok  " } else { "FAIL" });
+        }
+        let failed: Vec<String> = self
+            .rows
+            .iter()
+            .filter(|(_, _, ok)| !ok)
+            .map(|(what, got, _)| format!("{what}: {got}"))
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "{} of {} cases failed:\n{}",
+            failed.len(),
+            self.rows.len(),
+            failed.join("\n")
+        );
+    }
+}
+
+/// The first 200 characters of a reply, for the report.
+fn short(text: &str) -> String {
+    text.chars().take(200).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_input_is_refused_clearly_and_nothing_dies_or_is_lost() {
     let mut system = System::start(1, &[]).await;
     let facade = system.facade;
     let url = format!("http://{facade}/messages");
+    let mut cases = Cases::default();
 
     let mut before = Vec::new();
     for i in 0..3 {
@@ -58,11 +98,8 @@ async fn hostile_input_is_refused_clearly_and_nothing_dies_or_is_lost() {
     let dir = std::env::temp_dir().join(format!("bad-input-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let ten_mb = dir.join("ten-mb.json");
-    std::fs::write(
-        &ten_mb,
-        format!(r#"{{"msg":"{}"}}"#, "x".repeat(10 * 1024 * 1024)),
-    )
-    .expect("write");
+    let huge = serde_json::json!({ "msg": "x".repeat(10 * 1024 * 1024) });
+    std::fs::write(&ten_mb, huge.to_string()).expect("write");
     let non_utf8 = dir.join("non-utf8.json");
     std::fs::write(&non_utf8, b"{\"msg\":\"\xff\xfe\xfd\"}").expect("write");
     let random = dir.join("random.bin");
@@ -70,77 +107,77 @@ async fn hostile_input_is_refused_clearly_and_nothing_dies_or_is_lost() {
     let at = |path: &std::path::Path| format!("@{}", path.display());
 
     let json = "content-type: application/json";
-    // (what, content type, body for --data-binary, expected status)
-    let cases: Vec<(&str, Option<&str>, String, u16)> = vec![
-        ("empty body", Some(json), String::new(), 400),
-        ("truncated JSON", Some(json), r#"{"msg":"hel"#.into(), 400),
-        ("non-UTF-8 JSON", Some(json), at(&non_utf8), 400),
-        ("random bytes as JSON", Some(json), at(&random), 400),
-        ("msg is a number", Some(json), r#"{"msg":1}"#.into(), 400),
+    let long_key = format!("Idempotency-Key: {}", "k".repeat(300));
+    // (what, headers, body for --data-binary, expected status). A header "content-type:"
+    // with no value stops curl from adding its form content type to the body.
+    let http: Vec<(&str, Vec<&str>, String, u16)> = vec![
+        ("empty body", vec![json], String::new(), 400),
+        ("truncated JSON", vec![json], r#"{"msg":"hel"#.into(), 400),
+        ("non-UTF-8 JSON", vec![json], at(&non_utf8), 400),
+        ("random bytes as JSON", vec![json], at(&random), 400),
+        ("msg is a number", vec![json], r#"{"msg":1}"#.into(), 400),
         (
             "msg is an array",
-            Some(json),
+            vec![json],
             r#"{"msg":["a"]}"#.into(),
             400,
         ),
         (
             "msg is an object",
-            Some(json),
+            vec![json],
             r#"{"msg":{"a":1}}"#.into(),
             400,
         ),
-        ("msg is null", Some(json), r#"{"msg":null}"#.into(), 400),
-        ("msg is empty", Some(json), r#"{"msg":""}"#.into(), 400),
+        ("msg is null", vec![json], r#"{"msg":null}"#.into(), 400),
+        ("msg is empty", vec![json], r#"{"msg":""}"#.into(), 400),
         (
             "no msg field",
-            Some(json),
+            vec![json],
             r#"{"message":"hi"}"#.into(),
             400,
         ),
-        ("JSON null", Some(json), "null".into(), 400),
-        ("JSON array", Some(json), r#"[{"msg":"hi"}]"#.into(), 400),
-        ("JSON string", Some(json), r#""hi""#.into(), 400),
-        ("10 MB body", Some(json), at(&ten_mb), 413),
-        ("no content type", None, r#"{"msg":"hi"}"#.into(), 415),
+        ("JSON null", vec![json], "null".into(), 400),
+        ("JSON array", vec![json], r#"[{"msg":"hi"}]"#.into(), 400),
+        ("JSON string", vec![json], r#""hi""#.into(), 400),
+        ("10 MB body", vec![json], at(&ten_mb), 413),
+        (
+            "no content type",
+            vec!["content-type:"],
+            r#"{"msg":"hi"}"#.into(),
+            415,
+        ),
         (
             "text/plain",
-            Some("content-type: text/plain"),
+            vec!["content-type: text/plain"],
             r#"{"msg":"hi"}"#.into(),
             415,
         ),
         (
             "form encoded",
-            Some("content-type: application/x-www-form-urlencoded"),
+            vec!["content-type: application/x-www-form-urlencoded"],
             "msg=hi".into(),
             415,
         ),
         (
-            "bad idempotency key",
-            Some(json),
+            "a 300-byte Idempotency-Key",
+            vec![json, &long_key],
             r#"{"msg":"hi"}"#.into(),
             400,
         ),
     ];
-    for (what, content_type, body, expected) in &cases {
-        let mut args: Vec<String> = vec![];
-        if let Some(content_type) = content_type {
-            args.extend(["-H".into(), (*content_type).into()]);
-        } else {
-            // curl adds a form content type to -d bodies unless told otherwise.
-            args.extend(["-H".into(), "content-type:".into()]);
-        }
-        if *what == "bad idempotency key" {
-            args.extend(["-H".into(), format!("Idempotency-Key: {}", "k".repeat(300))]);
-        }
-        args.extend(["--data-binary".into(), body.clone()]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    for (what, headers, body, expected) in &http {
+        let mut args: Vec<&str> = headers.iter().flat_map(|h| ["-H", h]).collect();
+        args.extend(["--data-binary", body]);
         let (status, _, reply) = curl("POST", &url, &args);
-        assert_eq!(status, *expected, "{what}: {reply}");
-        let reply: serde_json::Value =
-            serde_json::from_str(&reply).unwrap_or_else(|_| panic!("{what}: not JSON: {reply}"));
-        assert!(
-            reply["error"].as_str().is_some_and(|e| !e.is_empty()),
-            "{what}: {reply}"
+        let error = serde_json::from_str::<serde_json::Value>(&reply)
+            .ok()
+            .and_then(|reply| reply["error"].as_str().map(str::to_owned));
+        let ok = status == *expected && error.as_ref().is_some_and(|e| !e.is_empty());
+        let got = format!("{status} {}", short(&reply));
+        cases.record(
+            format!("POST {what} (want {expected} with an error)"),
+            got,
+            ok,
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -156,21 +193,27 @@ async fn hostile_input_is_refused_clearly_and_nothing_dies_or_is_lost() {
             .collect(),
         instance_id: String::new(),
     };
-    let status = registry
-        .register(huge_metadata)
-        .await
-        .expect_err("absurd metadata");
-    assert_eq!(status.code(), Code::InvalidArgument, "{status}");
-    for id in ["", "no-such-instance", &"x".repeat(10_000)] {
-        let status = registry
-            .heartbeat(HeartbeatRequest {
-                instance_id: id.into(),
-            })
-            .await
-            .expect_err("unknown id");
-        assert!(
-            matches!(status.code(), Code::NotFound | Code::InvalidArgument),
-            "{status}"
+    let got = registry.register(huge_metadata).await;
+    cases.record(
+        "Register with 10,000 metadata entries (want INVALID_ARGUMENT)",
+        format!("{got:?}"),
+        matches!(&got, Err(status) if status.code() == Code::InvalidArgument),
+    );
+    let long_id = "x".repeat(10_000);
+    for (what, id) in [
+        ("empty", ""),
+        ("unknown", "no-such-instance"),
+        ("10 KB", &long_id),
+    ] {
+        let request = HeartbeatRequest {
+            instance_id: id.into(),
+        };
+        let got = registry.heartbeat(request).await;
+        cases.record(
+            format!("Heartbeat with an {what} id (want NOT_FOUND or INVALID_ARGUMENT)"),
+            short(&format!("{got:?}")),
+            matches!(&got, Err(status)
+                if matches!(status.code(), Code::NotFound | Code::InvalidArgument)),
         );
     }
 
@@ -179,44 +222,43 @@ async fn hostile_input_is_refused_clearly_and_nothing_dies_or_is_lost() {
     let mut client = LoggingClient::new(rpc::channel(&logging.to_string()).expect("channel"));
     let appends = [
         (
-            "empty id",
+            "an empty id",
             String::new(),
             "x".to_owned(),
             Code::InvalidArgument,
         ),
         (
-            "empty text",
+            "an empty text",
             "id-1".to_owned(),
             String::new(),
             Code::InvalidArgument,
         ),
         (
-            "id too long",
+            "a 1000-byte id",
             "i".repeat(1000),
             "x".to_owned(),
             Code::InvalidArgument,
         ),
         (
-            "text over 64 KiB",
+            "a text over 64 KiB",
             "id-2".to_owned(),
             "t".repeat(65 * 1024),
             Code::InvalidArgument,
         ),
         (
-            "text over the 4 MB gRPC limit",
+            "a text over gRPC's 4 MB limit",
             "id-3".to_owned(),
             "t".repeat(5 * 1024 * 1024),
             Code::OutOfRange,
         ),
     ];
     for (what, id, text, expected) in appends {
-        let status = client
-            .append(AppendRequest { id, text })
-            .await
-            .expect_err(what);
-        assert!(
-            status.code() == expected || status.code() == Code::ResourceExhausted,
-            "{what}: {status}"
+        let got = client.append(AppendRequest { id, text }).await;
+        cases.record(
+            format!("Append with {what} (want {expected:?} or ResourceExhausted)"),
+            short(&format!("{got:?}")),
+            matches!(&got, Err(status)
+                if status.code() == expected || status.code() == Code::ResourceExhausted),
         );
     }
 
@@ -227,20 +269,27 @@ async fn hostile_input_is_refused_clearly_and_nothing_dies_or_is_lost() {
         ("messages", system.messages),
         ("logging", logging),
     ];
-    for (seed, (name, addr)) in ports.iter().enumerate() {
-        throw_garbage(*addr, &noise(64 * 1024, seed as u64 + 1));
-        throw_garbage(
-            *addr,
-            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\ngarbage after the preface",
-        );
-        throw_garbage(
-            *addr,
-            b"GET / HTTP/1.1\r\nhost: x\r\ncontent-length: 99999999999999999999\r\n\r\n",
-        );
-        assert!(
-            rpc::is_serving(&addr.to_string(), "").await,
-            "{name} stopped serving after garbage"
-        );
+    let garbage: [(&str, Vec<u8>); 3] = [
+        ("64 KiB of random bytes", noise(64 * 1024, 1)),
+        (
+            "an HTTP/2 preface and garbage",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\ngarbage after the preface".to_vec(),
+        ),
+        (
+            "a content-length past u64",
+            b"GET / HTTP/1.1\r\nhost: x\r\ncontent-length: 99999999999999999999\r\n\r\n".to_vec(),
+        ),
+    ];
+    for (name, addr) in ports {
+        for (what, bytes) in &garbage {
+            throw_garbage(addr, bytes);
+            let serving = rpc::is_serving(&addr.to_string(), "").await;
+            cases.record(
+                format!("{what} on {name}'s port (want it still SERVING)"),
+                if serving { "SERVING" } else { "not serving" },
+                serving,
+            );
+        }
     }
 
     // Nothing died, and what was stored is intact.
@@ -249,15 +298,18 @@ async fn hostile_input_is_refused_clearly_and_nothing_dies_or_is_lost() {
         &mut system.messages_proc,
         &mut system.facade_proc,
     ] {
-        assert!(proc_alive(proc), "{} died", proc.name);
+        let alive = proc_alive(proc);
+        let got = if alive { "alive" } else { "died" };
+        cases.record(format!("{} after it all", proc.name), got, alive);
     }
     let (status, stored) = get_messages(system.facade);
-    assert_eq!(status, 200);
     let stored: Vec<&str> = stored.iter().map(|(id, _)| id.as_str()).collect();
-    assert_eq!(
-        stored,
-        before.iter().map(String::as_str).collect::<Vec<_>>()
+    cases.record(
+        "the three messages stored before",
+        format!("{status} {stored:?}"),
+        status == 200 && stored == before.iter().map(String::as_str).collect::<Vec<_>>(),
     );
+    cases.finish();
 }
 
 fn proc_alive(proc: &mut Proc) -> bool {
