@@ -115,6 +115,8 @@ mod tests {
         time::Duration,
     };
 
+    use tokio::sync::Notify;
+
     use super::*;
 
     /// Callers in bulk share few lookups, and none gets an answer from a lookup that
@@ -161,19 +163,32 @@ mod tests {
         assert!(lookups >= 2);
     }
 
+    /// On tokio's one-thread test runtime a task runs until it waits, so the test
+    /// knows where each caller stands without sleeping.
     #[tokio::test]
     async fn a_caller_that_goes_away_mid_lookup_does_not_strand_the_others() {
         let coalesced = Arc::new(Coalesced::<u32>::new());
+        let in_flight = Arc::new(Notify::new());
         let first = {
-            let coalesced = Arc::clone(&coalesced);
-            tokio::spawn(async move { coalesced.get(std::future::pending::<u32>).await })
+            let (coalesced, in_flight) = (Arc::clone(&coalesced), Arc::clone(&in_flight));
+            tokio::spawn(async move {
+                let lookup = || {
+                    in_flight.notify_one();
+                    std::future::pending::<u32>()
+                };
+                coalesced.get(lookup).await
+            })
         };
-        tokio::time::sleep(Duration::from_millis(20)).await; // its lookup is in flight
+        in_flight.notified().await;
         let second = {
             let coalesced = Arc::clone(&coalesced);
             tokio::spawn(async move { coalesced.get(|| async { 5 }).await })
         };
-        tokio::time::sleep(Duration::from_millis(20)).await; // waiting behind it
+        // The second caller subscribes and, finding a lookup in flight, waits for the
+        // next, all in one poll.
+        while coalesced.done.receiver_count() < 2 {
+            tokio::task::yield_now().await;
+        }
         first.abort();
         let answer = tokio::time::timeout(Duration::from_secs(5), second)
             .await
