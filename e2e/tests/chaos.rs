@@ -265,15 +265,12 @@ async fn chaos_with_registry_replicas_fails_nothing_loses_nothing_and_evicts_onl
         .with_deadline(Duration::from_millis(300));
     probe.lookup("logging").await.expect("lookup before");
     system.replica_proc(0).kill9().await;
-    let killed = Instant::now();
-    let mut failover = None;
-    while killed.elapsed() < Duration::from_secs(10) {
-        if probe.lookup("logging").await.is_ok() {
-            failover = Some(killed.elapsed());
-            break;
-        }
-    }
-    let failover = failover.expect("a lookup through another replica");
+    let failover = eventually(
+        Duration::from_secs(10),
+        "a lookup through another replica",
+        || async { probe.lookup("logging").await.is_ok() },
+    )
+    .await;
     log.push(("kill -9 replica".into(), replicas[0].to_string()));
     after_more_acks(&progress, "load after losing a replica").await;
 

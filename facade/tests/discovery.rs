@@ -6,7 +6,8 @@ use std::{collections::HashMap, time::Duration};
 use config_server::RegistryConfig;
 use facade::discovery::{Discovery, DiscoveryMode};
 use registry_client::{Registration, RegistryClient};
-use tokio::{net::TcpListener, time::Instant};
+use testkit::eventually;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 async fn registry() -> (
@@ -25,19 +26,13 @@ async fn registry() -> (
     (addr, stop, task)
 }
 
-/// Polls until `discovery` lists exactly `expected`; returns how long that took.
+/// Waits until `discovery` lists exactly `expected`; returns how long that took.
 async fn until_listed(discovery: &Discovery, expected: &[String]) -> Duration {
-    let started = Instant::now();
-    loop {
-        if discovery.instances("logging").await == expected {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "never listed {expected:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let what = format!("the view to list {expected:?}");
+    eventually(Duration::from_secs(5), &what, || async {
+        discovery.instances("logging").await == expected
+    })
+    .await
 }
 
 #[tokio::test]
