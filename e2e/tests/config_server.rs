@@ -61,7 +61,7 @@ async fn grpcurl_registers_looks_up_heartbeats_and_deregisters() {
     let heartbeat = grpcurl(
         addr,
         "registry.v1.Registry/Heartbeat",
-        Some(&format!(r#"{{"instanceId":"{id}"}}"#)),
+        Some(&serde_json::json!({ "instanceId": id }).to_string()),
     );
     assert!(
         heartbeat.status.success(),
@@ -86,7 +86,7 @@ async fn grpcurl_registers_looks_up_heartbeats_and_deregisters() {
     let deregister = grpcurl(
         addr,
         "registry.v1.Registry/Deregister",
-        Some(&format!(r#"{{"instanceId":"{id}"}}"#)),
+        Some(&serde_json::json!({ "instanceId": id }).to_string()),
     );
     assert!(
         deregister.status.success(),
@@ -107,7 +107,7 @@ async fn grpcurl_registers_looks_up_heartbeats_and_deregisters() {
     let unknown = grpcurl(
         addr,
         "registry.v1.Registry/Heartbeat",
-        Some(&format!(r#"{{"instanceId":"{id}"}}"#)),
+        Some(&serde_json::json!({ "instanceId": id }).to_string()),
     );
     let stderr = String::from_utf8_lossy(&unknown.stderr);
     assert!(!unknown.status.success());

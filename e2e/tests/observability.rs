@@ -18,7 +18,7 @@ async fn a_request_id_follows_the_message_into_every_service_and_json_logs_carry
     let mut system = System::start(2, &["--log-format", "json"]).await;
     let url = format!("http://{}/messages", system.facade);
     let post = |request_id: Option<&str>, msg: &str| {
-        let body = format!(r#"{{"msg":"{msg}"}}"#);
+        let body = serde_json::json!({ "msg": msg }).to_string();
         let mut args = vec!["-H", "content-type: application/json", "-d", &body];
         let header;
         if let Some(id) = request_id {

@@ -87,8 +87,8 @@ async fn every_status_code_of_the_http_contract() {
     let stack = start(true, "5s").await;
     let url = format!("http://{}/messages", stack.facade);
     let json = "content-type: application/json";
-    let big = format!(r#"{{"msg":"{}"}}"#, "x".repeat(70 * 1024));
-    let just_over = format!(r#"{{"msg":"{}"}}"#, "x".repeat(64 * 1024 + 1));
+    let big = serde_json::json!({ "msg": "x".repeat(70 * 1024) }).to_string();
+    let just_over = serde_json::json!({ "msg": "x".repeat(64 * 1024 + 1) }).to_string();
 
     // (method, body, extra header, expected status, text in the error)
     type Case<'a> = (&'a str, Option<&'a str>, Option<&'a str>, u16, &'a str);
