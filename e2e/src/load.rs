@@ -1,9 +1,10 @@
 //! A small closed-loop load generator: `clients` connections, each sending one POST at a
 //! time and counting every answer. Each message has its own Idempotency-Key, and a 503 is
-//! retried with the same key after its Retry-After (as a careful client would), so a
-//! message the system acknowledged once is never stored twice.
+//! retried with the same key after its Retry-After (at most 1 s), as a careful client
+//! would, so a message the system acknowledged once is never stored twice.
 
 use std::{
+    io,
     net::SocketAddr,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -12,104 +13,95 @@ use std::{
     time::Duration,
 };
 
-use parking_lot::Mutex;
-
-use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
-    net::TcpStream,
+use http_body_util::{BodyExt, Full};
+use hyper::{
+    body::Bytes,
+    client::conn::http1::{self, SendRequest},
+    header::HOST,
+    Request,
 };
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-/// A keep-alive HTTP/1.1 client for one connection; just enough for JSON requests.
+/// An HTTP/1.1 client (hyper's) on one keep-alive connection, opened again after an error.
 pub struct HttpClient {
     addr: SocketAddr,
-    stream: Option<BufReader<TcpStream>>,
+    sender: Option<SendRequest<Full<Bytes>>>,
 }
 
-/// Status, lower-cased headers, body.
+/// Status, lower-cased headers, body (read whole, chunked or not).
 pub type HttpResponse = (u16, Vec<(String, String)>, Vec<u8>);
 
 impl HttpClient {
     pub fn new(addr: SocketAddr) -> Self {
-        Self { addr, stream: None }
+        Self { addr, sender: None }
     }
 
-    /// Sends one request; reconnects first if the previous connection was closed.
+    /// Sends one request; connects first if there is no open connection.
     pub async fn request(
         &mut self,
         method: &str,
         path: &str,
         headers: &[(&str, &str)],
         body: &[u8],
-    ) -> std::io::Result<HttpResponse> {
-        if self.stream.is_none() {
-            let tcp = TcpStream::connect(self.addr).await?;
-            tcp.set_nodelay(true)?;
-            self.stream = Some(BufReader::new(tcp));
+    ) -> io::Result<HttpResponse> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(HOST, self.addr.to_string());
+        for (name, value) in headers {
+            request = request.header(*name, *value);
         }
-        let result = self.exchange(method, path, headers, body).await;
+        let request = request
+            .body(Full::new(Bytes::copy_from_slice(body)))
+            .map_err(io::Error::other)?;
+        let result = self.exchange(request).await;
         if result.is_err() {
-            self.stream = None;
+            self.sender = None;
         }
         result
     }
 
-    async fn exchange(
-        &mut self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &[u8],
-    ) -> std::io::Result<HttpResponse> {
-        let broken = || std::io::Error::new(std::io::ErrorKind::InvalidData, "bad HTTP response");
-        let stream = self.stream.as_mut().ok_or_else(broken)?;
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-length: {}\r\n",
-            self.addr,
-            body.len()
-        );
-        for (name, value) in headers {
-            head.push_str(&format!("{name}: {value}\r\n"));
-        }
-        head.push_str("\r\n");
-        let mut request = head.into_bytes();
-        request.extend_from_slice(body);
-        stream.get_mut().write_all(&request).await?;
-
-        let mut line = String::new();
-        if stream.read_line(&mut line).await? == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "connection closed",
-            ));
-        }
-        let status: u16 = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .ok_or_else(broken)?;
-        let mut headers = Vec::new();
-        let mut length = 0usize;
-        loop {
-            line.clear();
-            stream.read_line(&mut line).await?;
-            let trimmed = line.trim_end();
-            if trimmed.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = trimmed.split_once(':') {
-                let name = name.trim().to_ascii_lowercase();
-                let value = value.trim().to_owned();
-                if name == "content-length" {
-                    length = value.parse().map_err(|_| broken())?;
-                }
-                headers.push((name, value));
-            }
-        }
-        let mut body = vec![0; length];
-        stream.read_exact(&mut body).await?;
-        Ok((status, headers, body))
+    async fn exchange(&mut self, request: Request<Full<Bytes>>) -> io::Result<HttpResponse> {
+        let sender = match &mut self.sender {
+            Some(sender) if !sender.is_closed() => sender,
+            _ => self.sender.insert(connect(self.addr).await?),
+        };
+        sender.ready().await.map_err(io::Error::other)?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(io::Error::other)?;
+        let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(name, value)| {
+                let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+                (name.as_str().to_owned(), value)
+            })
+            .collect();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(io::Error::other)?
+            .to_bytes();
+        Ok((status, headers, body.to_vec()))
     }
+}
+
+/// Opens a connection to `addr` and drives it on a task of its own.
+async fn connect(addr: SocketAddr) -> io::Result<SendRequest<Full<Bytes>>> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let (sender, connection) = http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(io::Error::other)?;
+    tokio::spawn(connection); // ends when the sender is dropped or the peer closes
+    Ok(sender)
 }
 
 /// What a load run saw.
@@ -157,7 +149,7 @@ pub async fn post_load(
             while !stop.is_cancelled() {
                 i += 1;
                 let msg = format!("client{client}-msg{i}");
-                let body = format!(r#"{{"msg":"{msg}"}}"#);
+                let body = serde_json::json!({ "msg": msg }).to_string();
                 let headers = [
                     ("content-type", "application/json"),
                     ("idempotency-key", msg.as_str()),
@@ -245,4 +237,44 @@ pub fn audit(acked: &[(String, String)], stored: &[(String, String)]) -> Audit {
         .filter(|&&n| n > 1)
         .count();
     Audit { lost, duplicated }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::{body::Body, routing::get, Router};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A chunked body is read whole, request after request.
+    #[tokio::test]
+    async fn reads_chunked_bodies_whole_request_after_request() {
+        let chunks = || {
+            let parts = ["ab", "cd", "ef"].map(|part| Ok::<_, io::Error>(Bytes::from(part)));
+            Body::from_stream(futures_util::stream::iter(parts))
+        };
+        let app = Router::new().route("/chunks", get(move || async move { chunks() }));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let mut client = HttpClient::new(addr);
+        for _ in 0..2 {
+            let (status, headers, body) = client
+                .request("GET", "/chunks", &[], &[])
+                .await
+                .expect("answer");
+            assert_eq!(status, 200);
+            assert!(
+                headers.contains(&("transfer-encoding".to_owned(), "chunked".to_owned())),
+                "{headers:?}"
+            );
+            assert_eq!(body, b"abcdef");
+        }
+        let (status, _, _) = client
+            .request("GET", "/nowhere", &[], &[])
+            .await
+            .expect("404");
+        assert_eq!(status, 404);
+    }
 }
