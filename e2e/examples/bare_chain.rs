@@ -11,9 +11,9 @@
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 
-use parking_lot::Mutex;
-
 use axum::{extract::State, http::StatusCode, routing::post, serve::ListenerExt, Json, Router};
+use clap::Parser;
+use parking_lot::Mutex;
 use proto::{
     logging::v1::{
         logging_client::LoggingClient,
@@ -130,40 +130,56 @@ async fn handle(
     }
 }
 
+#[derive(Parser)]
+enum Args {
+    /// A store: Append into a map, nothing else.
+    Store { addr: SocketAddr },
+    /// axum POST -> (one Lookup ->) one Append.
+    Front {
+        addr: SocketAddr,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct Target {
+    /// Look `logging` up here before every Append (the registry lists the store).
+    #[arg(long)]
+    registry: Option<String>,
+    /// Append straight to this store, without a lookup.
+    #[arg(long)]
+    store: Option<String>,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let usage =
-        "usage: bare_chain store ADDR | bare_chain front ADDR (--registry URL | --store ADDR)";
-    let (role, addr) = match (args.get(1), args.get(2)) {
-        (Some(role), Some(addr)) => (role.as_str(), addr.parse::<SocketAddr>()?),
-        _ => anyhow::bail!("{usage}"),
-    };
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let app = match role {
-        "store" => Routes::new(LoggingServer::new(BareStore::default())).into_axum_router(),
-        "front" => {
-            let (registry, store) = match (args.get(3).map(String::as_str), args.get(4)) {
-                (Some("--registry"), Some(url)) => {
-                    let channel = Channel::from_shared(url.clone())?
-                        .tcp_nodelay(true)
-                        .connect_lazy();
-                    (Some(RegistryClient::new(channel)), None)
+    let (addr, app) = match Args::parse() {
+        Args::Store { addr } => (
+            addr,
+            Routes::new(LoggingServer::new(BareStore::default())).into_axum_router(),
+        ),
+        Args::Front { addr, target } => {
+            let registry = match target.registry {
+                Some(url) => {
+                    let channel = Channel::from_shared(url)?.tcp_nodelay(true).connect_lazy();
+                    Some(RegistryClient::new(channel))
                 }
-                (Some("--store"), Some(store)) => (None, Some(store.clone())),
-                _ => anyhow::bail!("{usage}"),
+                None => None,
             };
             let front = Front {
                 registry,
-                store,
+                store: target.store,
                 channels: Arc::default(),
             };
-            Router::new()
+            let app = Router::new()
                 .route("/messages", post(handle))
-                .with_state(front)
+                .with_state(front);
+            (addr, app)
         }
-        _ => anyhow::bail!("{usage}"),
     };
+    let listener = tokio::net::TcpListener::bind(addr).await?;
     // Small requests and answers: no Nagle delays, as in the services themselves. Stops on
     // Ctrl+C (a benchmark script's background jobs ignore SIGINT otherwise).
     let listener = listener.tap_io(|tcp| {

@@ -22,6 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use clap::Parser;
 use e2e::{
     procfs::{cpu_seconds, rss_mib},
     Proc,
@@ -245,16 +246,26 @@ fn spread(mut runs: Vec<Duration>) -> String {
     )
 }
 
+#[derive(Parser)]
+struct Args {
+    /// Comma-separated numbers of simulated instances, one load run each.
+    #[arg(value_parser = sizes, default_value = "10000")]
+    sizes: Sizes,
+    /// Failover runs of each kind.
+    #[arg(default_value_t = 5)]
+    runs: usize,
+}
+
+/// The sizes to load (an alias, so that clap takes them as one argument, not several).
+type Sizes = Vec<usize>;
+
+fn sizes(text: &str) -> Result<Sizes, std::num::ParseIntError> {
+    text.split(',').map(str::parse).collect()
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let sizes: Vec<usize> = args
-        .next()
-        .unwrap_or_else(|| "10000".into())
-        .split(',')
-        .map(str::parse)
-        .collect::<Result<_, _>>()?;
-    let runs: usize = args.next().map_or(Ok(5), |a| a.parse())?;
+    let Args { sizes, runs } = Args::parse();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
 
     println!("Registry replicas: simulated instances heartbeating each server at 1 Hz (the load generator shares the {cores}-core machine, so read the heartbeats each server answered, and CPU per heartbeat):");

@@ -10,16 +10,31 @@
 
 use std::time::Instant;
 
+use clap::Parser;
+
+#[derive(Parser)]
+struct Args {
+    /// Comma-separated `nats://host:port` URLs of the cluster.
+    nats_urls: String,
+    /// The first message to write (`seed-FROM`).
+    from: usize,
+    /// One past the last message to write.
+    to: usize,
+    /// Bytes of each text.
+    #[arg(default_value_t = 64)]
+    text_bytes: usize,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: seed NATS_URLS FROM TO [TEXT_BYTES]";
-    anyhow::ensure!(args.len() == 4 || args.len() == 5, "{usage}");
-    let urls = &args[1];
-    let from: usize = args[2].parse()?;
-    let to: usize = args[3].parse()?;
-    let bytes: usize = args.get(4).map_or(Ok(64), |b| b.parse())?;
-    anyhow::ensure!(from <= to, "{usage}");
+    let Args {
+        nats_urls: urls,
+        from,
+        to,
+        text_bytes: bytes,
+    } = Args::parse();
+    anyhow::ensure!(from <= to, "FROM ({from}) is past TO ({to})");
+    let urls = &urls;
     let started = Instant::now();
     let seeded = e2e::seed_nats(urls, "seed", from..to, |i| {
         let text = format!("message {i:09} ");
