@@ -346,9 +346,9 @@ pub fn get_lab(facade: SocketAddr) -> (u16, Vec<String>, serde_json::Value) {
 }
 
 /// Writes messages `range` straight into the store's JetStream stream, as the NATS store
-/// does (subject `messages.<id>`, `Nats-Expected-Last-Subject-Sequence: 0`), pipelined
-/// with 1024 acks in flight: far faster than posting them. Ids are `{prefix}-{i}`, texts come from `text(i)`.
-/// Returns (id, text) in order.
+/// does (the store's subject for each id, `Nats-Expected-Last-Subject-Sequence: 0`),
+/// pipelined with 1024 acks in flight: far faster than posting them. Ids are
+/// `{prefix}-{i}`, texts come from `text(i)`. Returns (id, text) in order.
 pub async fn seed_nats(
     urls: &str,
     prefix: &str,
@@ -373,7 +373,7 @@ pub async fn seed_nats(
             .expected_last_subject_sequence(0)
             .payload(body.clone().into());
         let ack = jetstream
-            .send_publish(format!("messages.{id}"), message)
+            .send_publish(logging::store::nats::subject_for(&id), message)
             .await
             .expect("publish");
         acks.push_back(ack);
