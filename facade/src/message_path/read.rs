@@ -1,0 +1,206 @@
+//! Reads: a page is one failover call; a full read streams the whole log from one
+//! instance and, if that instance fails midway, resumes on another that serves the same
+//! log, from the last position received.
+
+use std::{sync::Arc, time::Duration};
+
+use proto::logging::v1::{ReadRequest, StreamRequest, StreamResponse};
+use tokio::time::Instant;
+use tonic::{Status, Streaming};
+use tracing::warn;
+
+use super::{cursor, logging_request, position, Facade, FacadeError};
+use crate::failover::FailoverError;
+
+/// How long a full read waits for the next batch before it calls the instance hung and
+/// resumes elsewhere.
+const READ_STALL: Duration = Duration::from_secs(3);
+
+/// One stored message, with its id.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LogEntry {
+    pub id: String,
+    pub msg: String,
+}
+
+/// One page of messages, and the cursor of the next one (`None` at the end).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Page {
+    pub messages: Vec<LogEntry>,
+    pub next: Option<String>,
+}
+
+impl Facade {
+    /// One page: up to `limit` (default [`super::DEFAULT_PAGE`]) messages after the cursor
+    /// `after` (from the start without one). Costs the same at any depth of the log.
+    pub async fn read_page(
+        &self,
+        after: Option<&str>,
+        limit: Option<u32>,
+        request_id: &str,
+    ) -> Result<Page, FacadeError> {
+        let limit = Self::page_limit(limit)?;
+        let after = after.map(position).transpose()?.unwrap_or(0);
+        let deadline = self.failover.policy().attempt_deadline;
+        let reply = self
+            .call_logging(Instant::now(), request_id, |_, mut client| {
+                let request =
+                    logging_request(ReadRequest { after, limit }, Some(deadline), request_id);
+                async move { client.read(request).await }
+            })
+            .await
+            .map_err(|error| self.failed("read the log", request_id, error))?
+            .into_inner();
+        let next = match reply.messages.last() {
+            Some(last) if reply.more => Some(cursor(last.position)),
+            _ => None,
+        };
+        Ok(Page {
+            messages: reply
+                .messages
+                .into_iter()
+                .map(|m| LogEntry {
+                    id: m.id,
+                    msg: m.text,
+                })
+                .collect(),
+            next,
+        })
+    }
+
+    /// Starts reading the whole log, as it stands now, from a live logging instance.
+    /// Fails (503) only if no instance can start; after that, [`FullRead::next`] resumes
+    /// on another instance if the first one fails.
+    pub async fn read_all(self: &Arc<Self>, request_id: &str) -> Result<FullRead, FacadeError> {
+        let (stream, first) = self
+            .open_stream(request_id, 0, 0, None)
+            .await
+            .map_err(|error| self.failed("read the log", request_id, error))?;
+        let mut read = FullRead {
+            facade: Arc::clone(self),
+            request_id: request_id.to_owned(),
+            log: first.log.clone(),
+            until: first.until,
+            position: 0,
+            stream,
+            ready: None,
+        };
+        read.take(first);
+        Ok(read)
+    }
+
+    /// Opens a Stream on some instance and waits for its first answer (which says which
+    /// log it reads); with `log`, only an instance that serves that log will do.
+    async fn open_stream(
+        &self,
+        request_id: &str,
+        after: u64,
+        until: u64,
+        log: Option<&str>,
+    ) -> Result<(Streaming<StreamResponse>, StreamResponse), FailoverError> {
+        self.call_logging(Instant::now(), request_id, |address, mut client| {
+            // No deadline in the header: it would bound the whole stream. The failover
+            // bounds opening it (to the first answer) locally.
+            let request = logging_request(StreamRequest { after, until }, None, request_id);
+            async move {
+                let mut stream = client.stream(request).await?.into_inner();
+                let first = stream.message().await?.ok_or_else(|| {
+                    Status::unavailable("the stream ended before its first answer")
+                })?;
+                if log.is_some_and(|log| log != first.log) {
+                    return Err(Status::failed_precondition(format!(
+                        "{address} serves another log ({}), so it cannot resume this read",
+                        first.log
+                    )));
+                }
+                Ok((stream, first))
+            }
+        })
+        .await
+    }
+}
+
+/// A read of the whole log, as it stood when it began, batch by batch. Holds one batch
+/// at a time; the instance behind it may change, the log may not.
+pub struct FullRead {
+    facade: Arc<Facade>,
+    request_id: String,
+    /// Which log is being read; a resumed read must read the same one.
+    log: String,
+    /// The last position to read.
+    until: u64,
+    /// The last position received.
+    position: u64,
+    stream: Streaming<StreamResponse>,
+    /// Texts received while opening a stream, not yet handed out.
+    ready: Option<Vec<String>>,
+}
+
+impl FullRead {
+    /// The next texts, in order; `None` once the whole log has been read. An error means
+    /// the read broke and could not resume: the caller must not present what it got as
+    /// the whole log.
+    pub async fn next(&mut self) -> Result<Option<Vec<String>>, FacadeError> {
+        loop {
+            if let Some(texts) = self.ready.take() {
+                return Ok(Some(texts));
+            }
+            if self.position >= self.until {
+                return Ok(None);
+            }
+            let error = match tokio::time::timeout(READ_STALL, self.stream.message()).await {
+                Ok(Ok(Some(response))) => {
+                    self.take(response);
+                    continue;
+                }
+                Ok(Ok(None)) => "the stream ended early".to_owned(),
+                Ok(Err(status)) => status.message().to_owned(),
+                Err(_) => format!("no batch within {READ_STALL:?}"),
+            };
+            self.resume(&error).await?;
+        }
+    }
+
+    /// Keeps the texts of `response` that are new (a resumed stream may repeat none, but
+    /// never trust it), moving the position on.
+    fn take(&mut self, response: StreamResponse) {
+        let mut texts = Vec::with_capacity(response.messages.len());
+        for message in response.messages {
+            if message.position > self.position && message.position <= self.until {
+                self.position = message.position;
+                texts.push(message.text);
+            }
+        }
+        if !texts.is_empty() {
+            self.ready = Some(texts);
+        }
+    }
+
+    async fn resume(&mut self, error: &str) -> Result<(), FacadeError> {
+        warn!(
+            request_id = self.request_id,
+            error,
+            position = self.position,
+            until = self.until,
+            "full read interrupted; resuming on another instance"
+        );
+        metrics::counter!("facade_read_resumes_total").increment(1);
+        match self
+            .facade
+            .open_stream(&self.request_id, self.position, self.until, Some(&self.log))
+            .await
+        {
+            Ok((stream, first)) => {
+                self.stream = stream;
+                self.take(first);
+                Ok(())
+            }
+            Err(error) => {
+                warn!(request_id = self.request_id, error = %error,
+                      "full read cannot resume; the client gets a broken answer");
+                metrics::counter!("facade_read_broken_total").increment(1);
+                Err(FacadeError::Broken)
+            }
+        }
+    }
+}
