@@ -1,15 +1,17 @@
-//! The config server: a registry of live service instances, kept honest by heartbeats.
+//! The config server: a registry of live service instances, kept honest by heartbeats
+//! and live connections.
 //!
 //! Services register on start-up, heartbeat at the pace the server sets, and deregister
 //! on shutdown; an instance that stops heartbeating is evicted once its TTL has passed,
-//! so lookups list only live instances. Static entries and settings come from the config
+//! and one whose session stream ends without a deregister is removed at once, so
+//! lookups list only live instances. Static entries and settings come from the config
 //! file or the command line.
 //!
 //! This crate is the server alone. The client side every service uses (registration,
 //! lookup, watch, token files) is the `registry-client` crate.
 //!
-//! - `registry`: the core, a pure state machine (leases, sessions, static entries,
-//!   revisions); `validation`: what it refuses, and why.
+//! - `registry`: the core, a state machine on the time it is given (leases, sessions,
+//!   static entries, revisions); `validation`: what it refuses, and why.
 //! - `sweeper`: evicts expired leases, sleeping until the next deadline.
 //! - `pause`: notices that the whole process was paused, for lost sessions.
 //! - `grpc_api`: `registry.v1.Registry` over the core; `convert`: its types to protobuf;

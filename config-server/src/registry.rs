@@ -6,8 +6,10 @@
 //! mini-redis's key expiry. All state sits behind one short `parking_lot::Mutex` section per
 //! call; nothing here awaits, so no guard can be held across an `.await`.
 //!
-//! Time is passed in (`now`), which keeps the core a pure state machine: unit tests drive
-//! it with any instants they like, and the sweeper passes tokio's (pausable) clock.
+//! Every deadline runs on the time passed in (`now`), so unit tests drive leases with any
+//! instants they like, and the sweeper passes tokio's (pausable) clock. The wall-clock
+//! times the status page shows (registered, last heartbeat, removed) are read from
+//! `SystemTime::now()` here; no decision depends on them.
 //!
 //! Changes bump a global revision and are announced on a `watch` channel. Heartbeats are
 //! not changes: they move a deadline, not membership, so watchers are not woken by them.

@@ -548,7 +548,7 @@ async fn with_a_token_registration_calls_need_it_and_reads_only_when_asked() {
     }
 }
 
-/// A registry from before sessions: unary calls only, counting them.
+/// A registry without sessions (an older version): unary calls only, counting them.
 #[derive(Default, Clone)]
 struct UnaryOnly {
     registers: std::sync::Arc<std::sync::atomic::AtomicUsize>,

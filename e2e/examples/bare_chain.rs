@@ -7,7 +7,7 @@
 //!
 //! With `--registry`, every POST asks the registry for `logging` (the store is a static
 //! entry there) and appends to the first instance listed, over a channel kept per
-//! address; that is the three-hop chain of the lab's card.
+//! address; that is the three-hop chain of the lab's specification.
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 

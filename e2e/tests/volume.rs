@@ -123,7 +123,7 @@ async fn a_lab_get_past_4_mib_is_complete_and_pages_walk_the_same_log() {
     let nats = Nats::cluster(3).await;
     let system = System::start_with_store(2, &[], &nats.urls()).await;
     // 60,000 short messages: about 5 MiB of JSON, past gRPC's 4 MiB default message
-    // limit that used to turn this GET into a 502.
+    // limit, which would turn this GET into a 502 were the log sent as one message.
     let sent = seed_nats(&nats.urls(), "lab", 0..60_000, |i| {
         format!(
             "message number {i:06} of the lab's log: short, as the lab's messages are, but many"

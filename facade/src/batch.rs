@@ -5,7 +5,7 @@
 //! goes out at once, alone (or with whatever else is waiting): no item ever waits for
 //! company. An item that arrives while every slot is busy waits, and the next slot to
 //! free takes everything waiting (up to `items` items and `bytes` bytes) in one call. So
-//! under light load every POST is its own call, as before, and under heavy load the cost
+//! under light load every POST is its own call, as without batching, and under heavy load the cost
 //! of a call (a gRPC round trip, a lookup, the work per request on both sides) is shared
 //! by all the POSTs that queued meanwhile. A call that outlasts `patience` frees its
 //! slot and finishes on its own, so a hung peer holds a slot for that long, not for

@@ -57,8 +57,8 @@ pub struct Config {
     pub attempt_deadline: Duration,
 
     /// Total time a request may spend on attempts and backoff before answering 503.
-    /// Long enough for JetStream to elect a new stream leader even when it takes three
-    /// rounds (each a random 4-9 s; one took 5-8 s here, two about 18 s), so that a POST
+    /// Long enough for JetStream to elect a new stream leader even when that takes two
+    /// or three rounds (usually 5-8 s, 18 s in the worst run measured), so that a POST
     /// made meanwhile waits for the new leader instead of failing.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub retry_budget: Duration,

@@ -300,7 +300,7 @@ impl StorePlan {
     }
 }
 
-/// What is running, in start order, and the token file of this run.
+/// What is running, in start order, and the files of this run.
 struct Running {
     supervisor: Supervisor,
     children: Vec<Child>,

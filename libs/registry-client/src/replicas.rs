@@ -1,6 +1,6 @@
 //! The registry replicas a client knows, and how a call moves between them.
 //!
-//! Replicas share nothing: each builds its list from the instances' own heartbeats (see
+//! Replicas share nothing: each builds its list from the instances' own registrations (see
 //! [`crate::Registration`]), so any live replica answers a lookup as well as another.
 //! A call goes to the replica that answered last; when it does not answer (refused,
 //! reset, or silent past its share of the deadline) the next one is asked within the

@@ -21,8 +21,8 @@
 //!   messages, answered by any replica. A full read takes the built blocks of a hundred
 //!   messages ([`blocks`]) and then the newest messages, a thousand per request, a few
 //!   requests in flight, at most 1 MiB each, through a channel of two batches: memory
-//!   stays bounded whatever the log's size, and nothing of the log is kept in this
-//!   process.
+//!   stays bounded whatever the log's size. The process keeps no copy of the log, only
+//!   how many blocks are built and the streams' configuration.
 //! - **Read-your-writes through any instance.** A read that reaches the end of what the
 //!   answering replica holds asks the stream's leader where the log ends; a replica
 //!   behind it is asked again, so a read sees every write acknowledged before it began.
