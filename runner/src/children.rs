@@ -424,14 +424,13 @@ mod tests {
         let exit = supervisor.exits.recv().await.expect("exit reported");
         assert!(exit.status.expect("status").success());
         // The writer finishes once both pipes close; wait on the file, bounded.
-        let mut text = String::new();
-        for _ in 0..200 {
-            text = std::fs::read_to_string(&log).unwrap_or_default();
-            if text.lines().count() == 3 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let read = || std::fs::read_to_string(&log).unwrap_or_default();
+        testkit::eventually(Duration::from_secs(2), "three lines in the log file", || {
+            let lines = read().lines().count();
+            async move { lines == 3 }
+        })
+        .await;
+        let text = read();
         assert!(
             text.contains("bad \u{fffd}")
                 && text.contains("[INF] one")
