@@ -425,10 +425,14 @@ mod tests {
         assert!(exit.status.expect("status").success());
         // The writer finishes once both pipes close; wait on the file, bounded.
         let read = || std::fs::read_to_string(&log).unwrap_or_default();
-        testkit::eventually(Duration::from_secs(2), "three lines in the log file", || {
-            let lines = read().lines().count();
-            async move { lines == 3 }
-        })
+        testkit::eventually(
+            Duration::from_secs(2),
+            "three lines in the log file",
+            || {
+                let lines = read().lines().count();
+                async move { lines == 3 }
+            },
+        )
         .await;
         let text = read();
         assert!(
