@@ -16,7 +16,8 @@
 //!   group commit) is one atomic batch publish of up to 1000 messages: one Raft
 //!   proposal, stored whole or refused whole. A batch refused because one of its ids is
 //!   stored (or twice in it) is appended again message by message, which tells the new
-//!   ones from the repeats and conflicts.
+//!   ones from the repeats and conflicts (a repeat of an id goes after the append before
+//!   it).
 //! - **Every read a batched direct get** ([`direct`]). A page is one request for its
 //!   messages, answered by any replica. A full read takes the built blocks of a hundred
 //!   messages ([`blocks`]) and then the newest messages, a thousand per request, a few
@@ -35,6 +36,7 @@ mod publish;
 mod subject;
 
 use std::{
+    collections::HashMap,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -355,7 +357,7 @@ impl NatsStore {
                 metrics::counter!("logging_store_batches_total", "outcome" => "refused")
                     .increment(1);
                 debug!(%reason, count = messages.len(), "store: atomic batch refused; appending its messages one by one");
-                join_all(messages.into_iter().map(|message| self.append(message))).await
+                self.append_each(messages).await
             }
             Err(error) => {
                 metrics::counter!("logging_store_batches_total", "outcome" => "unavailable")
@@ -367,6 +369,30 @@ impl NatsStore {
                     .collect()
             }
         }
+    }
+
+    /// Appends `messages` one by one and answers each, in order. Different ids go out
+    /// together; repeats of an id wait for the append before them, which they would
+    /// otherwise meet still waiting for its quorum and be answered unavailable, where
+    /// the answer is a duplicate or a conflict.
+    async fn append_each(&self, messages: Vec<Message>) -> Vec<Result<Appended, StoreError>> {
+        let mut by_id: HashMap<String, Vec<(usize, Message)>> = HashMap::new();
+        for (i, message) in messages.into_iter().enumerate() {
+            by_id
+                .entry(message.id.clone())
+                .or_default()
+                .push((i, message));
+        }
+        let in_turn = by_id.into_values().map(|appends| async move {
+            let mut answers = Vec::with_capacity(appends.len());
+            for (i, message) in appends {
+                answers.push((i, self.append(message).await));
+            }
+            answers
+        });
+        let mut answers: Vec<_> = join_all(in_turn).await.into_iter().flatten().collect();
+        answers.sort_by_key(|(i, _)| *i);
+        answers.into_iter().map(|(_, answer)| answer).collect()
     }
 
     /// The page after `after`: one batched get; where it reaches the end of what the
