@@ -6,7 +6,7 @@ use std::time::Duration;
 use tonic::Code;
 use tracing::warn;
 
-use super::{Facade, LOGGING, MAX_PAGE};
+use super::facade::{Facade, LOGGING, MAX_PAGE};
 use crate::failover::FailoverError;
 
 /// What a client is told when a call fails: plain words, no internal details.

@@ -3,7 +3,10 @@
 
 use uuid::Uuid;
 
-use super::{Facade, FacadeError, DEFAULT_PAGE, MAX_PAGE};
+use super::{
+    errors::FacadeError,
+    facade::{Facade, DEFAULT_PAGE, MAX_PAGE},
+};
 
 /// Longest Idempotency-Key accepted, in bytes.
 pub const MAX_IDEMPOTENCY_KEY: usize = 256;

@@ -4,7 +4,7 @@
 use proto::messages::v1::{messages_client::MessagesClient, GetRequest};
 use tracing::warn;
 
-use super::{Facade, MESSAGES};
+use super::facade::{Facade, MESSAGES};
 
 /// The messages service's text, or why there is none.
 #[derive(Debug, Clone)]

@@ -13,38 +13,14 @@ use tokio::time::Instant;
 use tonic::{transport::Channel, Code, Status};
 use tracing::debug;
 
-use super::{logging_request, Facade, FacadeError};
+use super::{
+    errors::FacadeError,
+    facade::{logging_request, Facade},
+};
 use crate::{
     batch::Sink,
     failover::{is_transient, FailoverError},
 };
-
-/// Most bytes of text in one AppendBatch call (a message over it still goes, alone), far
-/// below the 4 MiB a gRPC peer accepts by default.
-pub(super) const MAX_APPEND_BATCH_BYTES: usize = 1024 * 1024;
-
-/// How POSTs are grouped into calls to logging.
-#[derive(Debug, Clone, Copy)]
-pub struct AppendBatching {
-    /// Most AppendBatch calls in flight at once; POSTs that arrive while all are busy
-    /// wait for the next free one and go out together.
-    pub calls: usize,
-    /// Most messages in one call (1: every POST is its own call).
-    pub messages: usize,
-    /// A call that has not answered within this stops counting against `calls`, so
-    /// the POSTs behind it go on in another call.
-    pub patience: Duration,
-}
-
-impl Default for AppendBatching {
-    fn default() -> Self {
-        Self {
-            calls: 1,
-            messages: 64,
-            patience: Duration::from_millis(50),
-        }
-    }
-}
 
 impl Facade {
     /// Stores `msg` through a live logging instance, failing over and retrying with the

@@ -9,7 +9,11 @@ use tokio::time::Instant;
 use tonic::{Status, Streaming};
 use tracing::warn;
 
-use super::{cursor, logging_request, position, Facade, FacadeError};
+use super::{
+    errors::FacadeError,
+    facade::{logging_request, Facade},
+    input::{cursor, position},
+};
 use crate::failover::FailoverError;
 
 /// How long a full read waits for the next batch before it calls the instance hung and
@@ -31,7 +35,7 @@ pub struct Page {
 }
 
 impl Facade {
-    /// One page: up to `limit` (default [`super::DEFAULT_PAGE`]) messages after the cursor
+    /// One page: up to `limit` (default [`super::facade::DEFAULT_PAGE`]) messages after the cursor
     /// `after` (from the start without one). Costs the same at any depth of the log.
     pub async fn read_page(
         &self,
