@@ -25,7 +25,7 @@ use std::{
 };
 
 use clap::Parser;
-use e2e::{free_addr, load::HttpClient, proxy::Proxy, wait_serving, Proc};
+use e2e::{free_addr, load::HttpClient, proxy::Proxy, start_replicas, wait_serving, Proc};
 use nix::sys::signal::Signal;
 use registry_client::RegistryClient;
 use tonic::Streaming;
@@ -112,31 +112,9 @@ struct Cluster {
 
 impl Cluster {
     async fn start(grace: &str) -> anyhow::Result<Self> {
-        let addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
-        let listed = addrs
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut replicas = Vec::new();
-        for (i, addr) in addrs.iter().enumerate() {
-            let addr_arg = addr.to_string();
-            let args = [
-                "--addr",
-                &addr_arg,
-                "--replica",
-                &listed,
-                "--session-grace",
-                grace,
-            ];
-            replicas.push((
-                *addr,
-                spawn(&format!("config-server-{i}"), "config-server", &args),
-            ));
-        }
-        for addr in &addrs {
-            wait_serving(*addr).await;
-        }
+        let replicas =
+            start_replicas(&release("config-server"), 3, &["--session-grace", grace]).await;
+        let addrs: Vec<SocketAddr> = replicas.iter().map(|(addr, _)| *addr).collect();
         let facade = free_addr();
         let facade_proc = spawn(
             "facade",

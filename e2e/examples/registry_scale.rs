@@ -233,6 +233,26 @@ async fn run(instances: usize, kept_by: KeptBy, args: &Args) -> anyhow::Result<S
     ))
 }
 
+/// Waits `offset`, then runs `beat` once a second until `stop`; the first error ends it.
+async fn every_second<F, Fut>(
+    stop: &CancellationToken,
+    offset: Duration,
+    mut beat: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    tokio::time::sleep(offset).await;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            _ = tick.tick() => beat().await?,
+        }
+    }
+}
+
 /// One simulated instance.
 struct Simulated {
     client: RegistryClient<Channel>,
@@ -255,16 +275,15 @@ impl Simulated {
             .into_inner()
             .instance_id;
         self.counted();
-        tokio::time::sleep(offset).await;
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                () = self.stop.cancelled() => break,
-                _ = tick.tick() => {
-                    let _ = self.client.heartbeat(HeartbeatRequest { instance_id: id.clone() }).await;
-                }
+        let client = self.client.clone();
+        every_second(&self.stop, offset, || {
+            let (mut client, instance_id) = (client.clone(), id.clone());
+            async move {
+                let _ = client.heartbeat(HeartbeatRequest { instance_id }).await;
+                Ok(())
             }
-        }
+        })
+        .await?;
         self.client
             .deregister(DeregisterRequest { instance_id: id })
             .await?;
@@ -286,16 +305,12 @@ impl Simulated {
             .into_inner();
         replies.message().await?;
         self.counted();
-        tokio::time::sleep(offset).await;
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                () = self.stop.cancelled() => break,
-                _ = tick.tick() => {
-                    requests.send(message(session_request::Kind::Heartbeat(SessionHeartbeat {}))).await?;
-                }
-            }
-        }
+        every_second(&self.stop, offset, || {
+            let heartbeat = message(session_request::Kind::Heartbeat(SessionHeartbeat {}));
+            let requests = &requests;
+            async move { Ok(requests.send(heartbeat).await?) }
+        })
+        .await?;
         requests
             .send(message(session_request::Kind::Deregister(
                 SessionDeregister {},

@@ -265,6 +265,37 @@ impl System {
     }
 }
 
+/// `count` registry replicas of `program` listing each other (one alone lists nobody,
+/// so a client knows it only by the address it was given), each started with `flags`
+/// and waited on until SERVING.
+pub async fn start_replicas(
+    program: &std::path::Path,
+    count: usize,
+    flags: &[&str],
+) -> Vec<(SocketAddr, Proc)> {
+    let addrs: Vec<SocketAddr> = (0..count).map(|_| free_addr()).collect();
+    let listed = addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut started = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let addr_arg = addr.to_string();
+        let mut args = vec!["--addr", &addr_arg];
+        if count > 1 {
+            args.extend(["--replica", &listed]);
+        }
+        args.extend_from_slice(flags);
+        let name = format!("config-server-{i}");
+        started.push((*addr, Proc::spawn(&name, program, &args)));
+    }
+    for (addr, _) in &started {
+        wait_serving(*addr).await;
+    }
+    started
+}
+
 /// Addresses one registry replica lists for `logging`, sorted; the error when it does
 /// not answer.
 pub async fn registered_on(replica: SocketAddr) -> Result<Vec<String>, tonic::Status> {

@@ -12,37 +12,20 @@ use std::{
     time::{Duration, Instant},
 };
 
-use e2e::{curl, eventually, free_addr, grpcurl_path, metric, proxy::Proxy, wait_serving, Proc};
+use e2e::{
+    bin, curl, eventually, free_addr, grpcurl_path, metric, proxy::Proxy, start_replicas,
+    wait_serving, Proc,
+};
 use nix::sys::signal::Signal;
 
 const HEARTBEAT: &str = "250ms";
 
-/// `count` registry replicas listing each other (one alone lists nobody, so a client
-/// knows it only by the address it was given), each started with `flags`.
+/// `count` registry replicas listing each other, at the heartbeat of these tests, each
+/// started with `flags`.
 async fn replicas(count: usize, flags: &[&str]) -> Vec<(SocketAddr, Proc)> {
-    let addrs: Vec<SocketAddr> = (0..count).map(|_| free_addr()).collect();
-    let listed = addrs
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut started = Vec::new();
-    for (i, addr) in addrs.iter().enumerate() {
-        let addr_arg = addr.to_string();
-        let mut args = vec!["--addr", &addr_arg, "--heartbeat-interval", HEARTBEAT];
-        if count > 1 {
-            args.extend(["--replica", &listed]);
-        }
-        args.extend_from_slice(flags);
-        started.push((
-            *addr,
-            Proc::start(&format!("config-server-{i}"), "config-server", &args),
-        ));
-    }
-    for (addr, _) in &started {
-        wait_serving(*addr).await;
-    }
-    started
+    let mut flags = flags.to_vec();
+    flags.extend(["--heartbeat-interval", HEARTBEAT]);
+    start_replicas(&bin("config-server"), count, &flags).await
 }
 
 /// A logging instance on the memory store, registered through `registry` (URLs).
