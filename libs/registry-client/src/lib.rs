@@ -314,9 +314,7 @@ impl RegistryClient {
             return Err(Status::unavailable("no registry replica is known"));
         };
         let (requests, outbound) = mpsc::channel(4);
-        let first = pb::SessionRequest {
-            kind: Some(pb::session_request::Kind::Register(register)),
-        };
+        let first = session_message(pb::session_request::Kind::Register(register));
         if requests.try_send(first).is_err() {
             return Err(Status::internal(
                 "the new session's queue refused its first message",
@@ -382,6 +380,11 @@ impl RegistryClient {
             })
             .await
     }
+}
+
+/// One message of a `Session` stream.
+pub(crate) fn session_message(kind: pb::session_request::Kind) -> pb::SessionRequest {
+    pb::SessionRequest { kind: Some(kind) }
 }
 
 /// A registered `Session` stream: where to send, what the registry answers, and the

@@ -33,7 +33,8 @@ use tonic::Code;
 use tracing::{debug, info, warn};
 
 use crate::{
-    replicas::REFRESH, OpenSession, RegistrationMode, RegistryClient, DEREGISTER_DEADLINE,
+    replicas::REFRESH, session_message, OpenSession, RegistrationMode, RegistryClient,
+    DEREGISTER_DEADLINE,
 };
 
 /// First retry delay while a replica is unreachable.
@@ -320,7 +321,7 @@ impl Keeper {
     /// Heartbeats on the session every interval and reads the replica's answers, until
     /// the stream breaks or `stop` fires.
     async fn hold(&self, session: OpenSession, stop: &CancellationToken) -> SessionEnd {
-        use pb::session_response::Kind;
+        use pb::{session_request::Kind as Message, session_response::Kind};
         let OpenSession {
             requests,
             mut replies,
@@ -329,11 +330,7 @@ impl Keeper {
         let interval = Duration::from_millis(lease.heartbeat_interval_ms.max(1));
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let heartbeat = || pb::SessionRequest {
-            kind: Some(pb::session_request::Kind::Heartbeat(
-                pb::SessionHeartbeat {},
-            )),
-        };
+        let heartbeat = || session_message(Message::Heartbeat(pb::SessionHeartbeat {}));
         loop {
             let reply = tokio::select! {
                 () = stop.cancelled() => {
@@ -356,9 +353,7 @@ impl Keeper {
                         replica = self.replica,
                         "registry replica no longer holds this instance (it missed heartbeats for the ttl); registering again"
                     );
-                    let register = pb::SessionRequest {
-                        kind: Some(pb::session_request::Kind::Register(self.register_request())),
-                    };
+                    let register = session_message(Message::Register(self.register_request()));
                     if requests.send(register).await.is_err() {
                         return SessionEnd::Broken("the stream closed".to_owned());
                     }
@@ -378,11 +373,9 @@ impl Keeper {
             mut replies,
             ..
         } = session;
-        let goodbye = pb::SessionRequest {
-            kind: Some(pb::session_request::Kind::Deregister(
-                pb::SessionDeregister {},
-            )),
-        };
+        let goodbye = session_message(pb::session_request::Kind::Deregister(
+            pb::SessionDeregister {},
+        ));
         let ended = async {
             requests.send(goodbye).await.ok()?;
             // The replica ends the stream once the instance is removed.
