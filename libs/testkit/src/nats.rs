@@ -131,19 +131,13 @@ impl Nats {
 
     /// The index of the node that leads `stream`, asked through any running node.
     pub async fn stream_leader(&self, stream: &str) -> Option<usize> {
-        for (i, node) in self.nodes.iter().enumerate() {
-            if self.procs[i].is_none() {
+        for (node, proc) in self.nodes.iter().zip(&self.procs) {
+            if proc.is_none() {
                 continue;
             }
-            let Ok(client) = async_nats::connect(node.url()).await else {
-                continue;
-            };
-            let jetstream = async_nats::jetstream::new(client);
-            let Ok(stream) = jetstream.get_stream(stream).await else {
-                continue;
-            };
-            let leader = stream.cached_info().cluster.as_ref()?.leader.clone()?;
-            return self.nodes.iter().position(|n| n.name == leader);
+            if let Some((leader, _)) = leader_of(&node.url(), stream).await {
+                return self.nodes.iter().position(|n| n.name == leader);
+            }
         }
         None
     }
