@@ -8,9 +8,7 @@
 //! fresh token for every run, so a bare `logging 50051` next to it just works. Reading
 //! the file is the client crate's [`registry_client::token`], shared by both sides.
 
-use std::net::SocketAddr;
-
-use axum::extract::ConnectInfo;
+use subtle::ConstantTimeEq;
 use tonic::{Request, Status};
 use tracing::warn;
 
@@ -45,10 +43,8 @@ impl Auth {
         match presented {
             Some(token) if constant_time_eq(token.as_bytes(), self.token.as_bytes()) => Ok(()),
             other => {
-                let peer = request
-                    .extensions()
-                    .get::<ConnectInfo<SocketAddr>>()
-                    .map(|info| info.0.to_string())
+                let peer = rpc::peer(request)
+                    .map(|peer| peer.addr.to_string())
                     .unwrap_or_else(|| "unknown".to_owned());
                 let reason = if other.is_some() {
                     "wrong token"
@@ -65,9 +61,9 @@ impl Auth {
     }
 }
 
-/// Compares without stopping at the first difference, so timing tells nothing.
+/// Compares in constant time (`subtle`), so timing tells nothing of the token.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.ct_eq(b).into()
 }
 
 #[cfg(test)]

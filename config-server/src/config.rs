@@ -11,6 +11,8 @@
 //! [settings]                  # read by services with GetSetting
 //! "logging.store" = "memory"
 //! ```
+//!
+//! `tls_cert`, `tls_key` and `tls_ca` (paths) may stand at the top instead of the flags.
 
 use std::{
     collections::BTreeMap,
@@ -90,6 +92,9 @@ pub struct Config {
     pub token_required_for_reads: bool,
 
     #[command(flatten)]
+    pub tls: rpc::TlsArgs,
+
+    #[command(flatten)]
     pub log: telemetry::LogArgs,
 }
 
@@ -106,6 +111,9 @@ struct ConfigFile {
     static_entries: BTreeMap<String, Vec<String>>,
     #[serde(default)]
     settings: BTreeMap<String, String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
 }
 
 /// Reads `"1s"`-style durations in the config file.
@@ -148,15 +156,35 @@ impl Config {
             .transpose()
     }
 
-    /// Merges the file (if any) with the flags; flags win, static entries add up.
-    pub fn registry_config(&self) -> anyhow::Result<RegistryConfig> {
-        let file = match &self.config {
+    /// The TLS files: the flags, else the config file's `tls_cert`, `tls_key` and
+    /// `tls_ca` (all three from one place, never mixed).
+    pub fn tls(&self) -> anyhow::Result<rpc::TlsArgs> {
+        let given = &self.tls;
+        if given.tls_cert.is_some() || given.tls_key.is_some() || given.tls_ca.is_some() {
+            return Ok(given.clone());
+        }
+        let file = self.file()?;
+        Ok(rpc::TlsArgs {
+            tls_cert: file.tls_cert,
+            tls_key: file.tls_key,
+            tls_ca: file.tls_ca,
+            insecure: given.insecure,
+        })
+    }
+
+    fn file(&self) -> anyhow::Result<ConfigFile> {
+        Ok(match &self.config {
             Some(path) => read_file(path)?,
             None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
                 read_file(Path::new(DEFAULT_CONFIG_FILE))?
             }
             None => ConfigFile::default(),
-        };
+        })
+    }
+
+    /// Merges the file (if any) with the flags; flags win, static entries add up.
+    pub fn registry_config(&self) -> anyhow::Result<RegistryConfig> {
+        let file = self.file()?;
         let defaults = RegistryConfig::default();
         let heartbeat_interval = self
             .heartbeat_interval

@@ -12,14 +12,16 @@ use tokio::time::Instant;
 use tonic::Status;
 
 use crate::{
-    registry::{Holder, Instance, Lease, Registry, RegistryError, SessionId, Snapshot},
+    ownership::Caller,
+    registry::{Holder, Instance, Lease, Registrant, Registry, RegistryError, SessionId, Snapshot},
     report,
 };
 
-/// Registers what `request` describes, held by `session` if given (else by its lease
-/// alone), logs it as `how`, and answers with the lease.
+/// Registers what `request` describes for `caller`, held by `session` if given (else by
+/// its lease alone), logs it as `how`, and answers with the lease.
 pub(crate) fn register(
     registry: &Registry,
+    caller: &Caller,
     request: pb::RegisterRequest,
     session: Option<SessionId>,
     how: &'static str,
@@ -34,7 +36,7 @@ pub(crate) fn register(
     let chosen = Some(instance_id.as_str()).filter(|id| !id.is_empty());
     let (lease, replaced) = registry
         .register(
-            session,
+            Registrant { caller, session },
             &service,
             &address,
             metadata,
@@ -62,6 +64,10 @@ pub(crate) fn status(error: RegistryError) -> Status {
         RegistryError::StaticInstance(_) => Status::failed_precondition(message),
         RegistryError::ServiceFull { .. } | RegistryError::RegistryFull { .. } => {
             Status::resource_exhausted(message)
+        }
+        RegistryError::Denied(denied) => {
+            report::denied(&denied);
+            Status::permission_denied(message)
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The `registry.v1.Registry` gRPC service over the [`Registry`] core.
 //!
-//! This layer checks the token, calls the core, logs one line per change, and converts
+//! This layer checks the token, names the caller (`ownership`), calls the core, logs one line per change, and converts
 //! with [`crate::convert`]. The `Session` stream's own loop is in [`crate::session`].
 
 use std::sync::{
@@ -18,6 +18,7 @@ use tracing::warn;
 use crate::{
     auth::{Access, Auth},
     convert::{self, snapshot_to_proto, status},
+    ownership::Caller,
     pause::Pauses,
     registry::{Registry, Removal},
     report,
@@ -57,6 +58,12 @@ impl RegistryService {
             None => Ok(()),
         }
     }
+
+    /// Admits a write and names its caller, who owns what it registers.
+    fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        self.authorize(request, Access::Write)?;
+        Ok(Caller::of(request, self.auth.as_ref()))
+    }
 }
 
 #[tonic::async_trait]
@@ -65,8 +72,14 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        self.authorize(&request, Access::Write)?;
-        let lease = convert::register(&self.registry, request.into_inner(), None, "registered")?;
+        let caller = self.caller(&request)?;
+        let lease = convert::register(
+            &self.registry,
+            &caller,
+            request.into_inner(),
+            None,
+            "registered",
+        )?;
         Ok(Response::new(lease))
     }
 
@@ -74,10 +87,10 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        self.authorize(&request, Access::Write)?;
+        let caller = self.caller(&request)?;
         let id = request.into_inner().instance_id;
         self.registry
-            .heartbeat(&id, Instant::now())
+            .heartbeat(&caller, &id, Instant::now())
             .map_err(status)?;
         metrics::counter!("registry_heartbeats_total").increment(1);
         Ok(Response::new(pb::HeartbeatResponse {}))
@@ -87,9 +100,9 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
-        self.authorize(&request, Access::Write)?;
+        let caller = self.caller(&request)?;
         let id = request.into_inner().instance_id;
-        let removed = self.registry.deregister(&id).map_err(status)?;
+        let removed = self.registry.deregister(&caller, &id).map_err(status)?;
         report::removed(&removed, Removal::Deregistered, "by a Deregister call");
         Ok(Response::new(pb::DeregisterResponse {}))
     }
@@ -132,9 +145,10 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         request: Request<Streaming<pb::SessionRequest>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        self.authorize(&request, Access::Write)?;
+        let caller = self.caller(&request)?;
         let session = Session::new(
             self.sessions.fetch_add(1, Ordering::Relaxed),
+            caller,
             Arc::clone(&self.registry),
             Arc::clone(&self.pauses),
         );

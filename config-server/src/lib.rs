@@ -19,12 +19,14 @@
 //! - `session`: the `Session` stream, a registration held by a live connection.
 //! - `status_page`: the live HTML page and `/v1/services`.
 //! - `peers`: the other replicas (`--replica`), health-checked for the status page.
-//! - `auth`: the bearer-token check; `config`: flags and the TOML file.
+//! - `auth`: the bearer-token check; `ownership`: who may change a registration;
+//!   `config`: flags and the TOML file.
 
 mod auth;
 mod config;
 mod convert;
 mod grpc_api;
+mod ownership;
 mod pause;
 mod peers;
 mod registry;
@@ -48,14 +50,14 @@ pub use registry::{Limits, RegistryConfig};
 use grpc_api::{RegistryServer, RegistryService};
 use registry::Registry;
 
-/// Binds `config.addr` and serves until `shutdown` is cancelled.
+/// Binds `config.addr` (TLS with client certificates required, when configured) and
+/// serves until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let registry_config = config.registry_config()?;
     let auth = config.auth()?;
-    let listener = TcpListener::bind(config.addr)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.addr))?;
-    serve_with_auth(listener, registry_config, auth, shutdown).await
+    let tls = config.tls()?;
+    let listener = tls.bind(config.addr, rpc::ClientCerts::Required).await?;
+    serve_secured(listener, registry_config, auth, tls.transport()?, shutdown).await
 }
 
 /// Serves the registry on an already bound listener (tests bind `127.0.0.1:0`).
@@ -72,6 +74,19 @@ pub async fn serve_with_auth(
     listener: TcpListener,
     config: RegistryConfig,
     auth: Option<Auth>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let transport = rpc::Transport::plaintext();
+    serve_secured(listener.into(), config, auth, transport, shutdown).await
+}
+
+/// [`serve_with_auth`] on a listener that may speak TLS, probing the other replicas
+/// over `transport`.
+async fn serve_secured(
+    listener: rpc::Listener,
+    config: RegistryConfig,
+    auth: Option<Auth>,
+    transport: rpc::Transport,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
@@ -94,6 +109,7 @@ pub async fn serve_with_auth(
         heartbeat_interval = %humantime::format_duration(registry.heartbeat_interval()),
         ttl = %humantime::format_duration(registry.ttl()),
         auth = if auth.is_some() { "token for registration" } else { "none" },
+        tls = listener.is_tls(),
         static_entries,
         "config server listening"
     );
@@ -105,7 +121,7 @@ pub async fn serve_with_auth(
         let shutdown = shutdown.clone();
         async move { pauses.run(shutdown).await }
     });
-    let probe = tokio::spawn(peers.clone().probe(shutdown.clone()));
+    let probe = tokio::spawn(peers.clone().probe(transport, shutdown.clone()));
     let (routes, health) = rpc::routes()?;
     health
         .set_serving::<RegistryServer<RegistryService>>()

@@ -52,8 +52,8 @@ impl Peers {
         self.peers.read().clone()
     }
 
-    /// Health-checks every other replica each second until `shutdown`.
-    pub(crate) async fn probe(self, shutdown: CancellationToken) {
+    /// Health-checks every other replica over `transport` each second until `shutdown`.
+    pub(crate) async fn probe(self, transport: rpc::Transport, shutdown: CancellationToken) {
         let others: Vec<String> = self
             .list()
             .into_iter()
@@ -73,7 +73,7 @@ impl Peers {
             }
             let checks = others
                 .iter()
-                .map(|address| rpc::is_serving(address, REGISTRY_HEALTH));
+                .map(|address| rpc::is_serving_over(&transport, address, REGISTRY_HEALTH));
             let answers = futures_util::future::join_all(checks).await;
             let mut peers = self.peers.write();
             for (address, answers) in others.iter().zip(answers) {

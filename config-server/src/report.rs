@@ -1,9 +1,12 @@
 //! The log line and the counter for each change of the registry, written once for every
 //! path that makes it (unary calls, sessions, the sweeper).
 
-use tracing::info;
+use tracing::{info, warn};
 
-use crate::registry::{Instance, Removal};
+use crate::{
+    ownership::Denied,
+    registry::{Instance, Removal},
+};
 
 /// An instance registered (`how`: "registered" or "registered in a session"), and the
 /// entry it replaced, if another.
@@ -43,4 +46,17 @@ pub(crate) fn removed(instance: &Instance, reason: Removal, detail: &str) {
         detail,
         "{what}"
     );
+}
+
+/// A call refused because its caller may not make it ([`crate::ownership`]).
+pub(crate) fn denied(denied: &Denied) {
+    metrics::counter!("registry_permission_denied_total").increment(1);
+    match denied {
+        Denied::Service { caller, service } => {
+            warn!(%caller, service, "refused: may not register this service");
+        }
+        Denied::NotOwner { caller, id } => {
+            warn!(%caller, instance_id = %id, "refused: the instance belongs to someone else");
+        }
+    }
 }

@@ -31,6 +31,7 @@ use tracing::{debug, info};
 
 use crate::{
     convert::{self, status},
+    ownership::Caller,
     pause::Pauses,
     registry::{Registry, RegistryError, Removal, SessionEnd, SessionId},
     report,
@@ -56,6 +57,8 @@ pub(crate) struct Session {
     id: SessionId,
     registry: Arc<Registry>,
     pauses: Arc<Pauses>,
+    /// Who opened the session: its registration's owner.
+    caller: Caller,
     /// The instance this session registered, while it holds one.
     held: Option<String>,
     /// How the stream ended, for the log line when that lets go of an instance.
@@ -63,10 +66,16 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    pub(crate) fn new(id: SessionId, registry: Arc<Registry>, pauses: Arc<Pauses>) -> Self {
+    pub(crate) fn new(
+        id: SessionId,
+        caller: Caller,
+        registry: Arc<Registry>,
+        pauses: Arc<Pauses>,
+    ) -> Self {
         metrics::gauge!("registry_sessions").increment(1.0);
         Self {
             id,
+            caller,
             registry,
             pauses,
             held: None,
@@ -129,7 +138,7 @@ impl Session {
                         "heartbeat before register: a session's first message registers",
                     ));
                 };
-                match self.registry.heartbeat(id, Instant::now()) {
+                match self.registry.heartbeat(&self.caller, id, Instant::now()) {
                     Ok(()) => {
                         metrics::counter!("registry_heartbeats_total").increment(1);
                         Step::Quiet
@@ -146,7 +155,7 @@ impl Session {
             }
             Some(Kind::Deregister(_)) => {
                 if let Some(id) = self.held.take() {
-                    match self.registry.deregister(&id) {
+                    match self.registry.deregister(&self.caller, &id) {
                         Ok(removed) => {
                             report::removed(&removed, Removal::Deregistered, "on its session");
                         }
@@ -181,7 +190,7 @@ impl Session {
                 )));
             }
         };
-        let lease = convert::register(&self.registry, request, Some(self.id), how)?;
+        let lease = convert::register(&self.registry, &self.caller, request, Some(self.id), how)?;
         self.held = Some(lease.instance_id.clone());
         Ok(lease)
     }

@@ -78,7 +78,10 @@ mod tests {
     use std::{collections::BTreeMap, time::Duration};
 
     use super::*;
-    use crate::registry::RegistryConfig;
+    use crate::{
+        ownership::Caller,
+        registry::{Registrant, RegistryConfig},
+    };
 
     #[tokio::test(start_paused = true)]
     async fn the_sweeper_evicts_on_time_without_wall_clock_waiting() {
@@ -89,7 +92,10 @@ mod tests {
 
         let (lease, _) = registry
             .register(
-                None,
+                Registrant {
+                    caller: &Caller::Anyone,
+                    session: None,
+                },
                 "logging",
                 "127.0.0.1:50051",
                 BTreeMap::new(),
@@ -109,7 +115,7 @@ mod tests {
         changes.changed().await.expect("eviction announced");
         assert_eq!(registry.len(), 0);
         assert!(registry
-            .heartbeat(&lease.instance_id, Instant::now())
+            .heartbeat(&Caller::Anyone, &lease.instance_id, Instant::now())
             .is_err());
         assert!(Instant::now() - started <= Duration::from_millis(10));
 
@@ -131,7 +137,10 @@ mod tests {
         let sweeper = tokio::spawn(run(Arc::clone(&registry), shutdown.clone()));
         registry
             .register(
-                Some(1),
+                Registrant {
+                    caller: &Caller::Anyone,
+                    session: Some(1),
+                },
                 "logging",
                 "127.0.0.1:50051",
                 BTreeMap::new(),
@@ -166,7 +175,10 @@ mod tests {
         for port in 1..=3 {
             registry
                 .register(
-                    None,
+                    Registrant {
+                        caller: &Caller::Anyone,
+                        session: None,
+                    },
                     "logging",
                     &format!("127.0.0.1:{port}"),
                     BTreeMap::new(),

@@ -46,6 +46,8 @@ pub(crate) enum RegistryError {
     RegistryFull { limit: usize },
     #[error("unknown setting {0:?}")]
     UnknownSetting(String),
+    #[error(transparent)]
+    Denied(#[from] crate::ownership::Denied),
 }
 
 pub(crate) fn validate_service(service: &str) -> Result<(), RegistryError> {

@@ -103,7 +103,7 @@ async fn run(instances: usize, kept_by: KeptBy, args: &Args) -> anyhow::Result<S
                 KeptBy::Unary => endpoint.connect_lazy(),
             })
         })
-        .collect::<Result<_, tonic::transport::Error>>()?;
+        .collect::<Result<_, rpc::AddressError>>()?;
     let stop = CancellationToken::new();
     let mut tasks = Vec::new();
     let registered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));

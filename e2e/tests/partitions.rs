@@ -109,6 +109,7 @@ impl Layout {
                 &format!("messages={}:50060", self.ip("a")),
                 "--set",
                 &format!("logging.store={}", self.store()),
+                "--insecure",
             ],
         );
         let logging = self.hosts.spawn(
@@ -123,6 +124,7 @@ impl Layout {
                 &format!("{me}:50051"),
                 "--registry",
                 &format!("http://{me}:50050"),
+                "--insecure",
             ],
         );
         Site {
@@ -195,7 +197,7 @@ async fn start(hosts: Hosts) -> Layout {
         "a",
         "messages",
         &bin("messages"),
-        &["--addr", &messages_addr],
+        &["--addr", &messages_addr, "--insecure"],
     );
     let registries = format!(
         "http://{}:50050,http://{}:50050",
@@ -206,7 +208,13 @@ async fn start(hosts: Hosts) -> Layout {
         "d",
         "facade",
         &bin("facade"),
-        &["--addr", "0.0.0.0:8080", "--registry", &registries],
+        &[
+            "--addr",
+            "0.0.0.0:8080",
+            "--registry",
+            &registries,
+            "--insecure",
+        ],
     );
     let mut layout = Layout {
         hosts,

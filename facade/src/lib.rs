@@ -20,10 +20,8 @@ pub mod message_path;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use anyhow::Context;
 use clap::{builder::TypedValueParser, Parser};
 use registry_client::RegistryArgs;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -82,6 +80,9 @@ pub struct Config {
     pub append_batch: usize,
 
     #[command(flatten)]
+    pub tls: rpc::TlsArgs,
+
+    #[command(flatten)]
     pub log: telemetry::LogArgs,
 }
 
@@ -95,20 +96,29 @@ impl Config {
     }
 }
 
+/// Binds `config.addr` (TLS when configured: the public port takes a client certificate
+/// if offered and needs none) and serves until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(config.addr)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.addr))?;
+    let listener = config
+        .tls
+        .bind(config.addr, rpc::ClientCerts::Optional)
+        .await?;
     serve(listener, config, shutdown).await
 }
 
+/// Serves on a bound listener (a `TcpListener`, or an [`rpc::Listener`] that speaks TLS).
 pub async fn serve(
-    listener: TcpListener,
+    listener: impl Into<rpc::Listener>,
     config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let listener = listener.into();
     let addr = listener.local_addr()?;
-    let registry = config.registry.client()?.with_deadline(LOOKUP_DEADLINE);
+    let transport = config.tls.transport()?;
+    let registry = config
+        .registry
+        .client(&transport)?
+        .with_deadline(LOOKUP_DEADLINE);
     let replicas = registry.replica_addresses();
     let _follow = registry.follow_replicas(&shutdown);
     let failover = Failover::new(
@@ -130,12 +140,18 @@ pub async fn serve(
         messages: config.append_batch,
         patience: config.append_patience,
     };
-    let facade = Facade::new(discovery, failover, config.max_message_bytes, batching);
+    let facade = Facade::new(
+        discovery,
+        failover,
+        transport,
+        config.max_message_bytes,
+        batching,
+    );
 
     let (routes, health) = rpc::routes()?;
     health.set_serving::<FacadeServer<FacadeService>>().await;
     let routes = routes.add_service(FacadeServer::new(FacadeService::new(Arc::clone(&facade))));
-    info!(%addr, registry = ?replicas, discovery = ?config.discovery,
+    info!(%addr, registry = ?replicas, discovery = ?config.discovery, tls = listener.is_tls(),
           "facade listening (HTTP and gRPC)");
     rpc::serve(listener, routes, http_api::router(facade), shutdown).await?;
     info!("facade stopped");

@@ -8,13 +8,12 @@
 pub mod service;
 pub mod store;
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
 use registry_client::{Registration, RegistrationMode, RegistryArgs, RegistryClient};
 use retry::{Retry, RetryError};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -49,10 +48,16 @@ pub struct Config {
     #[arg(long, value_enum, default_value_t = RegistrationMode::Session)]
     pub registration: RegistrationMode,
 
-    /// The message store: `memory`, or `nats://HOST:PORT,...` [default: the registry's
-    /// `logging.store` setting, else memory].
+    /// The message store: `memory`, or `nats://HOST:PORT,...` (`tls://` too) [default:
+    /// the registry's `logging.store` setting, else memory].
     #[arg(long)]
     pub store: Option<String>,
+
+    /// NATS store: the file holding this service's nkey seed, for a cluster that lets in
+    /// only its users (`runner certs` writes `logging.nk`). With --tls-*, the store's
+    /// connection is TLS with the same certificate.
+    #[arg(long, value_name = "FILE")]
+    pub store_nkey: Option<PathBuf>,
 
     /// Longest message text accepted, in bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_TEXT_BYTES)]
@@ -81,6 +86,9 @@ pub struct Config {
     pub retention_max_messages: Option<u64>,
 
     #[command(flatten)]
+    pub tls: rpc::TlsArgs,
+
+    #[command(flatten)]
     pub log: telemetry::LogArgs,
 }
 
@@ -97,7 +105,8 @@ impl StoreChoice {
         if text == "memory" {
             return Ok(Self::Memory);
         }
-        if text.starts_with("nats://") {
+        let is_nats = |url: &str| url.starts_with("nats://") || url.starts_with("tls://");
+        if is_nats(text) {
             let urls: Vec<String> = text
                 .split(',')
                 .map(str::trim)
@@ -105,8 +114,8 @@ impl StoreChoice {
                 .map(str::to_owned)
                 .collect();
             anyhow::ensure!(
-                urls.iter().all(|url| url.starts_with("nats://")),
-                "every store URL must start with nats://, got {text:?}"
+                urls.iter().all(|url| is_nats(url)),
+                "every store URL must start with nats:// or tls://, got {text:?}"
             );
             return Ok(Self::Nats(urls));
         }
@@ -178,12 +187,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         max_text_bytes: config.max_text_bytes,
         advertise: config.advertise.clone(),
     };
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}"))?;
+    let listener = config.tls.bind(addr, rpc::ClientCerts::Required).await?;
     let registry = config
         .registry
-        .client()?
+        .client(&config.tls.transport()?)?
         .with_registration(config.registration);
     let Some(choice) = choose_store(&config, &registry, &shutdown).await? else {
         info!("logging stopped before it was ready");
@@ -199,6 +206,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
         StoreChoice::Nats(urls) => {
             let mut nats = NatsConfig::new(urls);
+            nats.credentials = store_credentials(&config)?;
             nats.retention = Retention {
                 max_age: config.retention_max_age,
                 max_bytes: config.retention_max_bytes,
@@ -215,6 +223,29 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             serve(listener, store, registry, options, shutdown).await
         }
     }
+}
+
+/// TLS (this instance's own certificate) and the nkey, for a locked-down NATS cluster.
+fn store_credentials(config: &Config) -> anyhow::Result<local_nats::Credentials> {
+    let tls = match (
+        &config.tls.tls_ca,
+        &config.tls.tls_cert,
+        &config.tls.tls_key,
+    ) {
+        (Some(ca), Some(cert), Some(key)) => Some((ca.clone(), cert.clone(), key.clone())),
+        _ => None,
+    };
+    let nkey_seed = config
+        .store_nkey
+        .as_ref()
+        .map(|path| {
+            rpc::tls::check_private(path)?;
+            let seed = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the nkey file {}", path.display()))?;
+            anyhow::Ok(seed.trim().to_owned())
+        })
+        .transpose()?;
+    Ok(local_nats::Credentials { tls, nkey_seed })
 }
 
 /// How an instance serves, beyond its listener and store.
@@ -235,14 +266,16 @@ impl Default for ServeOptions {
     }
 }
 
-/// Serves on a bound listener with the given store, registered with `registry`.
+/// Serves on a bound listener (a `TcpListener`, or an [`rpc::Listener`] that speaks TLS)
+/// with the given store, registered with `registry`.
 pub async fn serve<S: MessageStore>(
-    listener: TcpListener,
+    listener: impl Into<rpc::Listener>,
     store: Arc<S>,
     registry: RegistryClient,
     options: ServeOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let listener = listener.into();
     let addr = listener.local_addr()?;
     let max_text_bytes = options.max_text_bytes;
     let advertise = options.advertise.unwrap_or_else(|| addr.to_string());
@@ -255,6 +288,7 @@ pub async fn serve<S: MessageStore>(
         store,
         max_text_bytes,
     )));
+    let tls = listener.is_tls();
     let server_stop = CancellationToken::new();
     let mut server = tokio::spawn(rpc::serve(
         listener,
@@ -262,7 +296,7 @@ pub async fn serve<S: MessageStore>(
         rpc::http_router().merge(telemetry::metrics_router()),
         server_stop.clone(),
     ));
-    info!(%addr, advertise, store = kind, "logging listening");
+    info!(%addr, advertise, store = kind, tls = tls, "logging listening");
 
     // The listener already accepts connections, so it is safe to be found now.
     let registration = Registration::start(
@@ -312,5 +346,9 @@ mod tests {
             .to_string();
         assert!(error.contains("unknown store"), "{error}");
         assert!(StoreChoice::parse("nats://a,http://b").is_err());
+        assert_eq!(
+            StoreChoice::parse("tls://a:4222,nats://b:4222").expect("nats"),
+            StoreChoice::Nats(vec!["tls://a:4222".into(), "nats://b:4222".into()])
+        );
     }
 }

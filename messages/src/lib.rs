@@ -5,10 +5,8 @@
 
 use std::net::SocketAddr;
 
-use anyhow::Context;
 use clap::Parser;
 use proto::messages::v1::{self as pb, messages_server::MessagesServer};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::info;
@@ -22,6 +20,9 @@ pub struct Config {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:50060")]
     pub addr: SocketAddr,
+
+    #[command(flatten)]
+    pub tls: rpc::TlsArgs,
 
     #[command(flatten)]
     pub log: telemetry::LogArgs,
@@ -42,21 +43,29 @@ impl pb::messages_server::Messages for MessagesService {
     }
 }
 
+/// Binds `config.addr` (TLS with client certificates required, when configured) and
+/// serves until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(config.addr)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.addr))?;
+    let listener = config
+        .tls
+        .bind(config.addr, rpc::ClientCerts::Required)
+        .await?;
     serve(listener, shutdown).await
 }
 
-pub async fn serve(listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Serves on a bound listener (a `TcpListener`, or an [`rpc::Listener`] that speaks TLS).
+pub async fn serve(
+    listener: impl Into<rpc::Listener>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = listener.into();
     let addr = listener.local_addr()?;
     let (routes, health) = rpc::routes()?;
     health
         .set_serving::<MessagesServer<MessagesService>>()
         .await;
     let routes = routes.add_service(MessagesServer::new(MessagesService));
-    info!(%addr, "messages listening");
+    info!(%addr, tls = listener.is_tls(), "messages listening");
     let http = rpc::http_router().merge(telemetry::metrics_router());
     rpc::serve(listener, routes, http, shutdown).await?;
     info!("messages stopped");

@@ -10,6 +10,7 @@
 //! Binaries are taken from the directory of the runner's own executable, so
 //! `target/release/runner` starts `target/release/config-server` and so on.
 
+pub mod certs;
 mod children;
 
 use std::{
@@ -101,6 +102,17 @@ pub struct Config {
     /// Where the service binaries are [default: the runner's own directory].
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What the runner does instead of starting the system.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Writes a CA and a certificate for every service on every host, for --tls-cert,
+    /// --tls-key and --tls-ca.
+    Certs(certs::CertsArgs),
 }
 
 /// Everything the run will start, decided from the flags before anything starts.

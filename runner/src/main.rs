@@ -1,10 +1,20 @@
 use clap::Parser;
-use runner::{Config, STOP_GRACE};
+use runner::{certs, Command, Config, STOP_GRACE};
 use shutdown::Received;
 
 #[tokio::main]
 async fn main() {
     let config = Config::parse();
+    if let Some(Command::Certs(args)) = &config.command {
+        match certs::write(args) {
+            Ok(written) => certs::print(&written),
+            Err(error) => {
+                eprintln!("runner: error: {error:#}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     let shutdown = shutdown::on_signal_with(|received| match received {
         Received::First(signal) => println!("runner: {signal}: stopping everything"),
         Received::Again(signal) => println!(

@@ -9,21 +9,31 @@ use tonic::{transport::Channel, Status};
 
 use crate::discovery::Discovery;
 
-#[derive(Default)]
 pub(super) struct Channels {
+    transport: rpc::Transport,
     channels: DashMap<String, Channel>,
     /// The discovery change count the pool was last pruned at.
     pruned_at: AtomicU64,
 }
 
 impl Channels {
+    pub(super) fn new(transport: rpc::Transport) -> Self {
+        Self {
+            transport,
+            channels: DashMap::new(),
+            pruned_at: AtomicU64::new(0),
+        }
+    }
+
     /// The channel to `address`, made now if there is none.
     pub(super) fn get(&self, address: &str, discovery: &Discovery) -> Result<Channel, Status> {
         self.forget_unlisted(discovery);
         if let Some(channel) = self.channels.get(address) {
             return Ok(channel.clone());
         }
-        let channel = rpc::channel(address)
+        let channel = self
+            .transport
+            .channel(address)
             .map_err(|e| Status::unavailable(format!("bad instance address {address}: {e}")))?;
         let channel = self
             .channels

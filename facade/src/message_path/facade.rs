@@ -63,16 +63,19 @@ pub struct Facade {
 }
 
 impl Facade {
+    /// The message path over `discovery` and `failover`; its channels to instances go
+    /// over `transport` (TLS when the process has an identity).
     pub fn new(
         discovery: Discovery,
         failover: Failover,
+        transport: rpc::Transport,
         max_message_bytes: usize,
         batching: AppendBatching,
     ) -> Arc<Self> {
         Arc::new(Self {
             discovery,
             failover,
-            channels: Channels::default(),
+            channels: Channels::new(transport),
             max_message_bytes,
             messages_deadline: Duration::from_secs(1),
             appends: Batcher::new(batch::Limits {

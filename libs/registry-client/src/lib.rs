@@ -125,10 +125,10 @@ impl RegistryArgs {
         }
     }
 
-    /// A client for these replicas, carrying the token if there is one.
-    pub fn client(&self) -> anyhow::Result<RegistryClient> {
+    /// A client for these replicas over `transport`, carrying the token if there is one.
+    pub fn client(&self, transport: &rpc::Transport) -> anyhow::Result<RegistryClient> {
         let seeds = self.seeds()?;
-        let client = RegistryClient::with_replicas(&seeds)
+        let client = RegistryClient::with_replicas(&seeds, transport)
             .with_context(|| format!("invalid registry address in {}", seeds.join(",")))?;
         match token::token_file(self.token_file.as_ref()) {
             Some(path) => client.with_token(&token::read_token(&path)?),
@@ -140,16 +140,19 @@ impl RegistryArgs {
 impl RegistryClient {
     /// A client for the registry at `url` (`http://host:port` or `host:port`; several
     /// replicas separated by commas). Connects on first use, so it can be made before
-    /// the registry is up.
-    pub fn new(url: &str) -> Result<Self, tonic::transport::Error> {
+    /// the registry is up. Plaintext; [`RegistryClient::with_replicas`] takes a transport.
+    pub fn new(url: &str) -> Result<Self, rpc::AddressError> {
         let urls: Vec<String> = url.split(',').map(str::to_owned).collect();
-        Self::with_replicas(&urls)
+        Self::with_replicas(&urls, &rpc::Transport::plaintext())
     }
 
-    /// A client that starts from these replicas.
-    pub fn with_replicas(urls: &[String]) -> Result<Self, tonic::transport::Error> {
+    /// A client that starts from these replicas, reached over `transport`.
+    pub fn with_replicas(
+        urls: &[String],
+        transport: &rpc::Transport,
+    ) -> Result<Self, rpc::AddressError> {
         Ok(Self {
-            replicas: Arc::new(Replicas::new(urls)?),
+            replicas: Arc::new(Replicas::new(urls, transport)?),
             deadline: CALL_DEADLINE,
             token: None,
             registration: RegistrationMode::Session,

@@ -24,6 +24,7 @@ use parking_lot::RwLock;
 
 use anyhow::Context;
 use proto::registry::v1::registry_client;
+use rpc::{AddressError, Transport};
 use tokio::time::Instant;
 use tonic::{transport::Channel, Code, Status};
 use tracing::{debug, info};
@@ -53,34 +54,40 @@ pub(crate) type Client = registry_client::RegistryClient<Channel>;
 pub(crate) struct Replica {
     pub(crate) address: String,
     pub(crate) client: Client,
+    transport: Transport,
 }
 
 impl Replica {
     /// A client on a connection of its own, for one session: opened afresh for every
     /// session (never a pooled connection that a reset may have broken), and closed
     /// with it.
-    pub(crate) fn session_client(&self) -> Result<Client, tonic::transport::Error> {
-        let channel = rpc::endpoint(&self.address)?
+    pub(crate) fn session_client(&self) -> Result<Client, AddressError> {
+        let channel = self
+            .transport
+            .endpoint(&self.address)?
             .http2_keep_alive_interval(SESSION_KEEPALIVE)
             .keep_alive_timeout(SESSION_KEEPALIVE)
             .connect_lazy();
         Ok(registry_client::RegistryClient::new(channel))
     }
 
-    fn new(address: &str) -> Result<Self, tonic::transport::Error> {
-        let channel = rpc::endpoint(address)?
+    fn new(address: &str, transport: &Transport) -> Result<Self, AddressError> {
+        let channel = transport
+            .endpoint(address)?
             .http2_keep_alive_interval(KEEPALIVE)
             .keep_alive_timeout(KEEPALIVE)
             .connect_lazy();
         Ok(Self {
             address: address.to_owned(),
             client: registry_client::RegistryClient::new(channel),
+            transport: transport.clone(),
         })
     }
 }
 
 pub(crate) struct Replicas {
     seeds: Vec<String>,
+    transport: Transport,
     known: RwLock<Arc<Vec<Replica>>>,
     /// Index into `known` of the replica to ask first.
     preferred: AtomicUsize,
@@ -103,9 +110,12 @@ fn worth_another_replica(status: &Status) -> bool {
 }
 
 impl Replicas {
-    pub(crate) fn new(urls: &[String]) -> Result<Self, tonic::transport::Error> {
+    /// The replicas at `urls`, reached over `transport`. A URL whose scheme asks for
+    /// what the transport is not (`https://` without TLS, `http://` with it) is an error.
+    pub(crate) fn new(urls: &[String], transport: &Transport) -> Result<Self, AddressError> {
         let mut seeds: Vec<String> = Vec::new();
-        for url in urls {
+        for url in urls.iter().filter(|url| !url.is_empty()) {
+            transport.endpoint(url)?;
             let address = normalize(url);
             if !address.is_empty() && !seeds.contains(&address) {
                 seeds.push(address);
@@ -113,10 +123,11 @@ impl Replicas {
         }
         let known = seeds
             .iter()
-            .map(|address| Replica::new(address))
+            .map(|address| Replica::new(address, transport))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             seeds,
+            transport: transport.clone(),
             known: RwLock::new(Arc::new(known)),
             preferred: AtomicUsize::new(0),
         })
@@ -126,6 +137,7 @@ impl Replicas {
     pub(crate) fn of(replica: Replica) -> Self {
         Self {
             seeds: vec![replica.address.clone()],
+            transport: replica.transport.clone(),
             known: RwLock::new(Arc::new(vec![replica])),
             preferred: AtomicUsize::new(0),
         }
@@ -187,7 +199,7 @@ impl Replicas {
 
     /// Takes `listed` (what a replica lists as [`REGISTRY_SERVICE`]) plus the seeds as
     /// the known replicas; returns whether that changed anything.
-    pub(crate) fn learn(&self, listed: Vec<String>) -> Result<bool, tonic::transport::Error> {
+    pub(crate) fn learn(&self, listed: Vec<String>) -> Result<bool, AddressError> {
         let old = self.known();
         let mut wanted = self.seeds.clone();
         for address in listed {
@@ -202,7 +214,7 @@ impl Replicas {
                 Some(replica) => known.push(replica.clone()),
                 None => {
                     unchanged = false;
-                    known.push(Replica::new(address)?);
+                    known.push(Replica::new(address, &self.transport)?);
                 }
             }
         }
@@ -258,8 +270,11 @@ mod tests {
 
     #[tokio::test]
     async fn learning_keeps_the_seeds_adds_the_listed_and_keeps_the_preferred() {
-        let replicas =
-            Replicas::new(&["http://127.0.0.1:1".into(), "127.0.0.1:1".into()]).expect("replicas");
+        let replicas = Replicas::new(
+            &["http://127.0.0.1:1".into(), "127.0.0.1:1".into()],
+            &Transport::plaintext(),
+        )
+        .expect("replicas");
         assert_eq!(replicas.addresses(), ["127.0.0.1:1"], "seeds deduplicated");
         let listed = vec!["127.0.0.1:2".to_owned(), "127.0.0.1:3".to_owned()];
         assert!(replicas.learn(listed.clone()).expect("learn"));
@@ -276,11 +291,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_moves_on_from_replicas_that_do_not_answer_and_remembers_who_did() {
-        let replicas = Replicas::new(&[
-            "127.0.0.1:1".into(),
-            "127.0.0.1:2".into(),
-            "127.0.0.1:3".into(),
-        ])
+        let replicas = Replicas::new(
+            &[
+                "127.0.0.1:1".into(),
+                "127.0.0.1:2".into(),
+                "127.0.0.1:3".into(),
+            ],
+            &Transport::plaintext(),
+        )
         .expect("replicas");
         // Every replica refusing: each is asked once, and the last refusal comes back.
         let asked = std::sync::atomic::AtomicUsize::new(0);
@@ -326,8 +344,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_silent_replica_gets_only_its_share_of_the_deadline() {
-        let replicas =
-            Replicas::new(&["127.0.0.1:1".into(), "127.0.0.1:2".into()]).expect("replicas");
+        let replicas = Replicas::new(
+            &["127.0.0.1:1".into(), "127.0.0.1:2".into()],
+            &Transport::plaintext(),
+        )
+        .expect("replicas");
         let asked = std::sync::atomic::AtomicUsize::new(0);
         let start = std::time::Instant::now();
         let result = replicas

@@ -14,8 +14,10 @@ use tonic::{
 /// Where the runner writes its token, and where services look when not told.
 pub const DEFAULT_TOKEN_FILE: &str = "data/registry.token";
 
-/// Reads a token file: the first line, trimmed; it must not be empty.
+/// Reads a token file: the first line, trimmed; it must not be empty, and the file must
+/// be readable by its owner only.
 pub fn read_token(path: &Path) -> anyhow::Result<String> {
+    rpc::tls::check_private(path)?;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read token file {}", path.display()))?;
     let token = text.lines().next().unwrap_or_default().trim().to_owned();
@@ -62,10 +64,32 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let file = dir.join("token");
         std::fs::write(&file, "  abc123 \nignored\n").expect("write");
+        set_mode(&file, 0o600);
         assert_eq!(read_token(&file).expect("token"), "abc123");
         std::fs::write(&file, "\n").expect("write");
         assert!(read_token(&file).is_err());
         assert!(read_token(&dir.join("missing")).is_err());
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    fn set_mode(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    #[test]
+    fn a_token_others_may_read_is_refused() {
+        let dir = std::env::temp_dir().join(format!("token-mode-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("token");
+        std::fs::write(&file, "abc123\n").expect("write");
+        for mode in [0o644, 0o640, 0o604] {
+            set_mode(&file, mode);
+            let error = read_token(&file).expect_err("refused").to_string();
+            assert!(error.contains("chmod 600"), "{error}");
+        }
+        set_mode(&file, 0o400);
+        assert_eq!(read_token(&file).expect("token"), "abc123");
         std::fs::remove_dir_all(dir).ok();
     }
 }

@@ -13,8 +13,15 @@
 //! deadline on one request, both in the header (so the server can give up too) and
 //! locally (so a hung peer cannot hang us). [`request_id`] carries one id per client
 //! request through every service's log lines.
+//!
+//! Security: [`tls`] holds the TLS flags, the listener that speaks TLS, and the
+//! [`Transport`] whose channels do; the plaintext shorthands [`channel`] and
+//! [`endpoint`] are for loopback, tests and tools.
 
 pub mod request_id;
+pub mod tls;
+
+pub use tls::{peer, AddressError, ClientCerts, Identity, Listener, Peer, Tls, TlsArgs, Transport};
 
 use std::{future::Future, io, time::Duration};
 
@@ -22,10 +29,8 @@ use axum::{
     extract::Request,
     http::{header::CONTENT_TYPE, StatusCode},
     response::IntoResponse,
-    serve::ListenerExt,
     Json, Router,
 };
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{
     service::Routes,
@@ -66,10 +71,11 @@ pub fn http_router<S: Clone + Send + Sync + 'static>() -> Router<S> {
 }
 
 /// Serves gRPC `routes` and the `http` router (made with [`http_router`]) on `listener`
-/// until `shutdown` is cancelled, then stops accepting and waits for in-flight requests
-/// to finish.
+/// (a `TcpListener`, or a [`Listener`] that speaks TLS) until `shutdown` is cancelled,
+/// then stops accepting and waits for in-flight requests to finish. Handlers find the
+/// connection's [`Peer`] in their request's extensions.
 pub async fn serve(
-    listener: TcpListener,
+    listener: impl Into<Listener>,
     routes: Routes,
     http: Router,
     shutdown: CancellationToken,
@@ -83,13 +89,9 @@ pub async fn serve(
         };
         route.oneshot(request)
     }));
-    let listener = listener.tap_io(|tcp| {
-        // Small request/response messages: never wait for Nagle.
-        let _ = tcp.set_nodelay(true);
-    });
     axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        listener.into(),
+        app.into_make_service_with_connect_info::<Peer>(),
     )
     .with_graceful_shutdown(shutdown.cancelled_owned())
     .await
@@ -114,7 +116,12 @@ async fn not_found(request: Request) -> impl IntoResponse {
 /// Whether the gRPC server at `address` reports health `SERVING` for `service` (`""` is
 /// the server as a whole). Any failure, including no answer within 500 ms, is `false`.
 pub async fn is_serving(address: &str, service: &str) -> bool {
-    let Ok(channel) = channel(address) else {
+    is_serving_over(&Transport::plaintext(), address, service).await
+}
+
+/// [`is_serving`], over `transport` (TLS, for a server that speaks only TLS).
+pub async fn is_serving_over(transport: &Transport, address: &str, service: &str) -> bool {
+    let Ok(channel) = transport.channel(address) else {
         return false;
     };
     let mut client = HealthClient::new(channel);
@@ -127,25 +134,15 @@ pub async fn is_serving(address: &str, service: &str) -> bool {
     )
 }
 
-/// A lazily connected channel to `host:port` (or a full `http://` URL). Cheap to clone;
-/// it reconnects by itself after the peer comes back.
-pub fn channel(address: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(endpoint(address)?.connect_lazy())
+/// A lazily connected plaintext channel to `host:port` (or an `http://` URL). Cheap to
+/// clone; it reconnects by itself after the peer comes back.
+pub fn channel(address: &str) -> Result<Channel, tls::AddressError> {
+    Transport::plaintext().channel(address)
 }
 
-/// The endpoint [`channel`] connects to, for callers that tune it further (the registry
-/// client pings more often, to notice a frozen replica).
-pub fn endpoint(address: &str) -> Result<Endpoint, tonic::transport::Error> {
-    let uri = if address.contains("://") {
-        address.to_owned()
-    } else {
-        format!("http://{address}")
-    };
-    Ok(Endpoint::from_shared(uri)?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5)))
+/// The plaintext endpoint [`channel`] connects to, for callers that tune it further.
+pub fn endpoint(address: &str) -> Result<Endpoint, tls::AddressError> {
+    Transport::plaintext().endpoint(address)
 }
 
 /// A request carrying `deadline` in its `grpc-timeout` header.

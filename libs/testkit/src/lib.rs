@@ -299,10 +299,26 @@ pub fn grpcurl_path() -> PathBuf {
     }
 }
 
+/// Waits until `addr` reports SERVING over `transport` (TLS, for a server that speaks
+/// only TLS).
+pub async fn wait_serving_over(transport: &rpc::Transport, addr: SocketAddr) {
+    let address = addr.to_string();
+    eventually(Duration::from_secs(20), &format!("{addr} SERVING"), || {
+        rpc::is_serving_over(transport, &address, "")
+    })
+    .await;
+}
+
 /// Runs grpcurl in plaintext against `addr`, optionally with a JSON body.
 pub fn grpcurl(addr: SocketAddr, method: &str, body: Option<&str>) -> Output {
+    grpcurl_with(&["-plaintext"], addr, method, body)
+}
+
+/// Runs grpcurl with `flags` (`-plaintext`, or `-cacert`, `-cert`, `-key`, `-H` ...)
+/// against `addr`, optionally with a JSON body.
+pub fn grpcurl_with(flags: &[&str], addr: SocketAddr, method: &str, body: Option<&str>) -> Output {
     let mut command = Command::new(grpcurl_path());
-    command.args(["-plaintext", "-max-time", "10"]);
+    command.args(flags).args(["-max-time", "10"]);
     if let Some(body) = body {
         command.args(["-d", body]);
     }

@@ -55,7 +55,7 @@ use futures_util::{future::join_all, StreamExt};
 use retry::Retry;
 use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::{CancellationToken, DropGuard};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 pub use self::{
     blocks::STREAM as BLOCKS_STREAM,
@@ -116,6 +116,8 @@ pub struct NatsConfig {
     /// Whether this instance builds blocks (see [`blocks`]). Reads use the blocks there
     /// are either way; only tests turn it off, to read a log without them.
     pub build_blocks: bool,
+    /// TLS and the user's nkey, for a locked-down cluster.
+    pub credentials: local_nats::Credentials,
 }
 
 impl NatsConfig {
@@ -130,6 +132,7 @@ impl NatsConfig {
             timeout: Duration::from_millis(900),
             retention: Retention::default(),
             build_blocks: true,
+            credentials: local_nats::Credentials::default(),
         }
     }
 }
@@ -173,7 +176,17 @@ impl NatsStore {
     /// [`MIN_SERVER_VERSION`] is an error at once.
     pub async fn connect(config: NatsConfig, cancel: &CancellationToken) -> anyhow::Result<Self> {
         let was_disconnected = Arc::new(AtomicBool::new(false));
-        let client = async_nats::ConnectOptions::new()
+        if config.credentials.tls.is_none() {
+            if let Some(url) = config.urls.iter().find(|url| url.starts_with("tls://")) {
+                anyhow::bail!(
+                    "the store URL {url} asks for TLS, but no TLS is configured: pass \
+                     --tls-cert, --tls-key and --tls-ca"
+                );
+            }
+        }
+        let client = config
+            .credentials
+            .options()
             .name("logging")
             .connection_timeout(config.timeout)
             .retry_on_initial_connect()
@@ -453,6 +466,20 @@ fn report(event: async_nats::Event, was_disconnected: &AtomicBool) {
         Event::Connected | Event::Closed | Event::Draining | Event::ClientError(_) => {
             debug!(%event, "store: NATS event")
         }
+        // The server names the subject: `Permissions Violation for Publish to "..."`.
+        Event::ServerError(async_nats::ServerError::Other(refusal))
+            if refusal.contains("Permissions Violation") =>
+        {
+            error!(
+                refusal,
+                "store: NATS refused a request this user may not make (its permissions \
+                 allow appends and reads, never deleting, purging or changing the log)"
+            )
+        }
+        Event::ServerError(async_nats::ServerError::AuthorizationViolation) => error!(
+            "store: NATS refused this user: check --store-nkey (and --tls-* for a cluster \
+             that requires client certificates)"
+        ),
         other => warn!(event = %other, "store: NATS event"),
     }
 }
