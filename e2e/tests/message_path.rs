@@ -81,10 +81,25 @@ async fn sigterm_deregisters_at_once_and_exits_cleanly() {
     let (victim, _) = system.logging[0];
     let status = system.logging_proc(victim).terminate().await;
     assert!(status.success(), "exit 0 on SIGTERM: {status}");
-    // Gone right away, not after the TTL: the instance deregistered before exiting.
+    // Gone right away, not after the TTL, and because it said goodbye: its session
+    // ending would remove it at once too, but as "connection lost".
     let registered = system.registered().await;
     assert!(!registered.contains(&victim.to_string()), "{registered:?}");
     assert_eq!(registered.len(), 1);
+    let (_, _, page) = curl(
+        "GET",
+        &format!("http://{}/v1/services", system.registry),
+        &[],
+    );
+    let page: serde_json::Value = serde_json::from_str(&page).expect("JSON");
+    let reasons: Vec<&str> = page["removed"]
+        .as_array()
+        .expect("removed")
+        .iter()
+        .filter(|removed| removed["address"] == victim.to_string().as_str())
+        .filter_map(|removed| removed["reason"].as_str())
+        .collect();
+    assert_eq!(reasons, ["deregistered"], "{page}");
     let (status, _) = curl_post(system.facade, "after sigterm");
     assert_eq!(status, 201);
 }

@@ -1,10 +1,18 @@
 //! A TCP proxy a test can cut: [`Proxy::reset_all`] resets every connection through it
 //! at once while both ends live on, the way a restarted load balancer or NAT box drops
-//! connections. New connections go through as before.
+//! connections. New connections go through as before. It also keeps every byte it
+//! carried, both ways ([`Proxy::recorded`]), as an eavesdropper on the path would.
 
-use std::net::SocketAddr;
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
 
+use parking_lot::Mutex;
 use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::watch,
     task::JoinHandle,
@@ -14,6 +22,7 @@ pub struct Proxy {
     addr: SocketAddr,
     resets: watch::Sender<u64>,
     accept: JoinHandle<()>,
+    recorded: Arc<Mutex<Vec<u8>>>,
 }
 
 impl Proxy {
@@ -23,15 +32,18 @@ impl Proxy {
         let addr = listener.local_addr().expect("proxy address");
         let (resets, _) = watch::channel(0);
         let cut = resets.subscribe();
+        let recorded = Arc::new(Mutex::new(Vec::new()));
+        let record = Arc::clone(&recorded);
         let accept = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 let mut cut = cut.clone();
                 cut.mark_unchanged();
+                let record = Arc::clone(&record);
                 tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(target).await else {
                         return;
                     };
-                    forward(inbound, outbound, cut).await;
+                    forward(inbound, outbound, cut, record).await;
                 });
             }
         });
@@ -39,7 +51,23 @@ impl Proxy {
             addr,
             resets,
             accept,
+            recorded,
         }
+    }
+
+    /// Every byte carried so far, in either direction.
+    pub fn recorded(&self) -> Vec<u8> {
+        self.recorded.lock().clone()
+    }
+
+    /// Whether `needle` crossed the proxy in the clear, in either direction.
+    pub fn saw(&self, needle: &[u8]) -> bool {
+        !needle.is_empty()
+            && self
+                .recorded
+                .lock()
+                .windows(needle.len())
+                .any(|window| window == needle)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -59,13 +87,67 @@ impl Drop for Proxy {
     }
 }
 
-async fn forward(mut inbound: TcpStream, mut outbound: TcpStream, mut cut: watch::Receiver<u64>) {
+async fn forward(
+    inbound: TcpStream,
+    outbound: TcpStream,
+    mut cut: watch::Receiver<u64>,
+    record: Arc<Mutex<Vec<u8>>>,
+) {
+    let mut inbound = Recording {
+        stream: inbound,
+        record: Arc::clone(&record),
+    };
+    let mut outbound = Recording {
+        stream: outbound,
+        record,
+    };
     tokio::select! {
         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
         _ = cut.changed() => {
             // No linger: closing sends RST instead of FIN, on both sides.
-            let _ = inbound.set_zero_linger();
-            let _ = outbound.set_zero_linger();
+            let _ = inbound.stream.set_zero_linger();
+            let _ = outbound.stream.set_zero_linger();
         }
+    }
+}
+
+/// A stream that keeps a copy of everything read from it.
+struct Recording {
+    stream: TcpStream,
+    record: Arc<Mutex<Vec<u8>>>,
+}
+
+impl AsyncRead for Recording {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            self.record
+                .lock()
+                .extend_from_slice(&buf.filled()[before..]);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Recording {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
