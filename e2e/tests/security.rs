@@ -612,3 +612,184 @@ async fn services_refuse_to_start_where_they_would_be_exposed() {
     table.finish();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The store locked down as `runner certs` configures it, on a three-node cluster on
+/// loopback: logging's own store stores and reads through it, and nobody else gets in,
+/// nor may logging's own credentials lose the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_lets_in_only_logging_and_logging_cannot_lose_the_log() {
+    use logging::store::{Appended, Message, MessageStore, NatsConfig, NatsStore};
+
+    let dir = std::env::temp_dir().join(format!("locked-nats-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let certs = Certs::make(&dir);
+    let path = |file: &str| PathBuf::from(certs.file("local", file, "")).with_extension("");
+    let seed = std::fs::read_to_string(certs.dir.join("local/logging.nk")).expect("nkey");
+    let lockdown = local_nats::Lockdown {
+        cert: path("nats").with_extension("pem"),
+        key: path("nats").with_extension("key"),
+        ca: PathBuf::from(certs.ca()),
+        route_secret: "a-route-password".into(),
+        logging_user: local_nats::Lockdown::public_user(&seed).expect("an nkey seed"),
+    };
+    let first = e2e::free_ports(6);
+    let nodes = local_nats::cluster(
+        &[first, first + 1, first + 2],
+        &[first + 3, first + 4, first + 5],
+        &dir.join("nats"),
+    );
+    let server = local_nats::server_path().expect("nats-server (scripts/setup installs it)");
+    let _nodes: Vec<Proc> = nodes
+        .iter()
+        .map(|node| {
+            let locked = node.locked_args(&nodes, &lockdown).expect("config");
+            Proc::spawn(&node.name, &server, &args(&locked))
+        })
+        .collect();
+    let urls = local_nats::urls(&nodes);
+    let logging = local_nats::Credentials {
+        tls: Some((
+            PathBuf::from(certs.ca()),
+            path("logging").with_extension("pem"),
+            path("logging").with_extension("key"),
+        )),
+        nkey_seed: Some(seed.trim().to_owned()),
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    local_nats::wait_ready_as(&logging, &urls, Duration::from_secs(60), &cancel)
+        .await
+        .expect("the locked cluster, to logging's user");
+
+    let mut config = NatsConfig::new(urls.split(',').map(str::to_owned).collect());
+    config.credentials = logging.clone();
+    let store = NatsStore::connect(config, &cancel)
+        .await
+        .expect("logging's store connects");
+    let message = |id: &str, text: &str| Message {
+        id: id.into(),
+        text: text.into(),
+    };
+    let mut table = Table::default();
+    let stored = store.append(message("m1", "kept")).await;
+    table.check(
+        "logging appends",
+        "inserted",
+        matches!(stored, Ok(Appended::Inserted)),
+        format!("{stored:?}"),
+    );
+    let again = store.append(message("m1", "kept")).await;
+    table.check(
+        "logging appends the same id again",
+        "duplicate",
+        matches!(again, Ok(Appended::Duplicate)),
+        format!("{again:?}"),
+    );
+
+    let attempt = |options: async_nats::ConnectOptions| async {
+        options
+            .connection_timeout(Duration::from_secs(2))
+            .connect(urls.split(',').next().expect("a url"))
+            .await
+    };
+    let anonymous = attempt(
+        local_nats::Credentials {
+            tls: logging.tls.clone(),
+            nkey_seed: None,
+        }
+        .options(),
+    )
+    .await;
+    table.check(
+        "connect with a valid certificate and no user",
+        "refused",
+        anonymous.is_err(),
+        format!("{:?}", anonymous.err()),
+    );
+    let plain = attempt(async_nats::ConnectOptions::new()).await;
+    table.check(
+        "connect without TLS",
+        "refused",
+        plain.is_err(),
+        format!("{:?}", plain.err()),
+    );
+
+    let client = attempt(logging.options())
+        .await
+        .expect("logging's credentials connect");
+    for subject in [
+        "$JS.API.STREAM.DELETE.MESSAGES",
+        "$JS.API.STREAM.PURGE.MESSAGES",
+        "$JS.API.STREAM.UPDATE.MESSAGES",
+    ] {
+        let answer =
+            tokio::time::timeout(Duration::from_secs(3), client.request(subject, "{}".into()))
+                .await;
+        table.check(
+            format!("logging's user asks {subject}"),
+            "no answer (refused)",
+            !matches!(answer, Ok(Ok(_))),
+            format!("{answer:?}"),
+        );
+    }
+    let info = async_nats::jetstream::new(client.clone())
+        .get_stream("MESSAGES")
+        .await
+        .map(|stream| stream.cached_info().state.messages);
+    table.check(
+        "the stream after those",
+        "still there, 1 message",
+        matches!(info, Ok(1)),
+        format!("{info:?}"),
+    );
+
+    // A node with none of the keys, routed at the cluster.
+    let rogue_ports = e2e::free_ports(3);
+    let rogue_data = dir.join("rogue");
+    let rogue = Proc::spawn(
+        "rogue-nats",
+        &server,
+        &[
+            "--addr",
+            "127.0.0.1",
+            "--port",
+            &rogue_ports.to_string(),
+            "--server_name",
+            "rogue",
+            "--jetstream",
+            "--store_dir",
+            &rogue_data.display().to_string(),
+            "--cluster_name",
+            "messages",
+            "--cluster",
+            &format!("nats://127.0.0.1:{}", rogue_ports + 1),
+            "--routes",
+            &format!("nats://127.0.0.1:{}", first + 3),
+            "--http_port",
+            &(rogue_ports + 2).to_string(),
+        ],
+    );
+    let routez = format!("http://127.0.0.1:{}/routez", rogue_ports + 2);
+    // The cluster's node hangs up on the route (no certificate, no password).
+    let tried = eventually(
+        Duration::from_secs(20),
+        "the rogue's route closed",
+        || async { rogue.output().contains("Router connection closed") },
+    )
+    .await;
+    let routes = Command::new("curl")
+        .args(["-s", "--max-time", "5", &routez])
+        .output()
+        .expect("curl runs");
+    let routes: serde_json::Value =
+        serde_json::from_slice(&routes.stdout).unwrap_or(serde_json::Value::Null);
+    table.check(
+        "a rogue node routed at the cluster",
+        "0 routes",
+        routes["num_routes"] == 0,
+        format!("num_routes {} after {tried:?}", routes["num_routes"]),
+    );
+    table.finish();
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -8,8 +8,10 @@
 //! authentication), so one file pair is all a service needs.
 //!
 //! For the NATS cluster it also makes the logging user's nkey (`logging.nk`, the seed
-//! logging connects with; nodes derive its public half) and the password routes present
-//! to each other (`nats-route.secret`), copied into every host's folder.
+//! logging connects with) and a password for the routes, and writes each host's
+//! `nats.conf` (`local_nats::Lockdown`): client and route ports on the host's first
+//! address (4222 and 6222), TLS with client certificates on both, the route password,
+//! and logging's nkey as the one user, with permissions to append and read only.
 //!
 //! Keys are written readable by their owner only, nothing is overwritten, and the
 //! command prints which folder goes to which host.
@@ -32,8 +34,8 @@ use rcgen::{
 pub const SERVICES: [&str; 5] = ["config-server", "logging", "messages", "facade", "nats"];
 /// The logging user's nkey seed, in each host's folder.
 pub const LOGGING_NKEY: &str = "logging.nk";
-/// The password NATS routes present to each other, in each host's folder.
-pub const ROUTE_SECRET: &str = "nats-route.secret";
+/// Each host's NATS node configuration, in its folder.
+pub const NATS_CONFIG: &str = "nats.conf";
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct CertsArgs {
@@ -133,10 +135,21 @@ pub fn write(args: &CertsArgs) -> anyhow::Result<Written> {
         0o600,
     )?;
 
-    let seed = nkeys::KeyPair::new_user()
-        .seed()
-        .context("cannot make the logging user's nkey")?;
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().context("cannot make the logging user's nkey")?;
     let route_secret = random_secret();
+    let nodes: Vec<local_nats::Node> = hosts
+        .iter()
+        .filter_map(|host| {
+            Some(local_nats::Node {
+                name: format!("nats-{}", host.name),
+                host: host.addresses.first()?.to_string(),
+                client_port: 4222,
+                cluster_port: (hosts.len() > 1).then_some(6222),
+                data_dir: PathBuf::from("data/nats").join(&host.name),
+            })
+        })
+        .collect();
 
     let mut written = Written {
         ca: ca_path,
@@ -152,11 +165,20 @@ pub fn write(args: &CertsArgs) -> anyhow::Result<Written> {
             format!("{seed}\n").as_bytes(),
             0o600,
         )?;
-        write_new(
-            &dir.join(ROUTE_SECRET),
-            format!("{route_secret}\n").as_bytes(),
-            0o600,
-        )?;
+        let node = nodes
+            .iter()
+            .find(|node| node.name == format!("nats-{}", host.name));
+        if let Some(node) = node.filter(|_| args.services.iter().any(|s| s == "nats")) {
+            let lockdown = local_nats::Lockdown {
+                cert: dir.join("nats.pem"),
+                key: dir.join("nats.key"),
+                ca: dir.join("ca.pem"),
+                route_secret: route_secret.clone(),
+                logging_user: user.public_key(),
+            };
+            let config = node.config(&nodes, &lockdown);
+            write_new(&dir.join(NATS_CONFIG), config.as_bytes(), 0o600)?;
+        }
         for service in &args.services {
             let mut sans: Vec<SanType> = host
                 .addresses
@@ -273,8 +295,8 @@ pub fn print(written: &Written) {
             d = dir.display()
         );
         println!(
-            "    and logging --store-nkey {}/{LOGGING_NKEY}",
-            dir.display()
+            "    and logging --store-nkey {d}/{LOGGING_NKEY}; NATS: nats-server --config {d}/{NATS_CONFIG}",
+            d = dir.display()
         );
     }
     for client in &written.clients {
