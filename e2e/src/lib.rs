@@ -336,14 +336,20 @@ pub async fn list_instance(addr: SocketAddr) -> Vec<(String, String)> {
 /// Every message with its id, through the facade's paged API (`GET /v1/messages`, 1000
 /// a page) with curl: (the status of the first failing page, or 200; [(id, msg)]).
 pub fn get_messages(facade: SocketAddr) -> (u16, Vec<(String, String)>) {
+    get_messages_at(&format!("http://{facade}"), &[])
+}
+
+/// [`get_messages`] from the facade at `base` (`https://host:port`), with curl's `args`
+/// (`--cacert FILE`).
+pub fn get_messages_at(base: &str, args: &[&str]) -> (u16, Vec<(String, String)>) {
     let mut messages = Vec::new();
     let mut after: Option<String> = None;
     loop {
-        let mut url = format!("http://{facade}/v1/messages?limit=1000");
+        let mut url = format!("{base}/v1/messages?limit=1000");
         if let Some(cursor) = &after {
             url.push_str(&format!("&after={cursor}"));
         }
-        let (status, _, body) = curl("GET", &url, &[]);
+        let (status, _, body) = curl("GET", &url, args);
         if status != 200 {
             return (status, messages);
         }
@@ -363,7 +369,12 @@ pub fn get_messages(facade: SocketAddr) -> (u16, Vec<(String, String)>) {
 
 /// The lab's `GET /messages` with curl: (status, the texts in `logs`, the whole body).
 pub fn get_lab(facade: SocketAddr) -> (u16, Vec<String>, serde_json::Value) {
-    let (status, _, body) = curl("GET", &format!("http://{facade}/messages"), &[]);
+    get_lab_at(&format!("http://{facade}"), &[])
+}
+
+/// [`get_lab`] from the facade at `base` (`https://host:port`), with curl's `args`.
+pub fn get_lab_at(base: &str, args: &[&str]) -> (u16, Vec<String>, serde_json::Value) {
+    let (status, _, body) = curl("GET", &format!("{base}/messages"), args);
     let body: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
     let logs = body["logs"]
         .as_array()

@@ -6,6 +6,7 @@
 use std::{
     io,
     net::SocketAddr,
+    path::Path,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -23,11 +24,54 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
+use tokio_rustls::{
+    rustls::{self, pki_types::pem::PemObject},
+    TlsConnector,
+};
 use tokio_util::sync::CancellationToken;
+
+/// Where requests go: an address, over TLS (checked against a CA) or not.
+#[derive(Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    tls: Option<TlsConnector>,
+}
+
+impl From<SocketAddr> for Target {
+    fn from(addr: SocketAddr) -> Self {
+        Self { addr, tls: None }
+    }
+}
+
+impl Target {
+    /// HTTPS to `addr`, whose certificate the CA in `ca` (PEM) signed.
+    pub fn https(addr: SocketAddr, ca: &Path) -> io::Result<Self> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in
+            rustls::pki_types::CertificateDer::pem_file_iter(ca).map_err(io::Error::other)?
+        {
+            roots
+                .add(cert.map_err(io::Error::other)?)
+                .map_err(io::Error::other)?;
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(io::Error::other)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Self {
+            addr,
+            tls: Some(TlsConnector::from(Arc::new(config))),
+        })
+    }
+}
 
 /// An HTTP/1.1 client (hyper's) on one keep-alive connection, opened again after an error.
 pub struct HttpClient {
-    addr: SocketAddr,
+    target: Target,
     sender: Option<SendRequest<Full<Bytes>>>,
 }
 
@@ -35,8 +79,11 @@ pub struct HttpClient {
 pub type HttpResponse = (u16, Vec<(String, String)>, Vec<u8>);
 
 impl HttpClient {
-    pub fn new(addr: SocketAddr) -> Self {
-        Self { addr, sender: None }
+    pub fn new(target: impl Into<Target>) -> Self {
+        Self {
+            target: target.into(),
+            sender: None,
+        }
     }
 
     /// Sends one request; connects first if there is no open connection.
@@ -50,7 +97,7 @@ impl HttpClient {
         let mut request = Request::builder()
             .method(method)
             .uri(path)
-            .header(HOST, self.addr.to_string());
+            .header(HOST, self.target.addr.to_string());
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
@@ -67,7 +114,7 @@ impl HttpClient {
     async fn exchange(&mut self, request: Request<Full<Bytes>>) -> io::Result<HttpResponse> {
         let sender = match &mut self.sender {
             Some(sender) if !sender.is_closed() => sender,
-            _ => self.sender.insert(connect(self.addr).await?),
+            _ => self.sender.insert(connect(&self.target).await?),
         };
         sender.ready().await.map_err(io::Error::other)?;
         let response = sender
@@ -93,11 +140,22 @@ impl HttpClient {
     }
 }
 
-/// Opens a connection to `addr` and drives it on a task of its own.
-async fn connect(addr: SocketAddr) -> io::Result<SendRequest<Full<Bytes>>> {
-    let tcp = TcpStream::connect(addr).await?;
+/// Opens a connection to `target` and drives it on a task of its own.
+async fn connect(target: &Target) -> io::Result<SendRequest<Full<Bytes>>> {
+    let tcp = TcpStream::connect(target.addr).await?;
     tcp.set_nodelay(true)?;
-    let (sender, connection) = http1::handshake(TokioIo::new(tcp))
+    let Some(tls) = &target.tls else {
+        return handshake(tcp).await;
+    };
+    let name = rustls::pki_types::ServerName::IpAddress(target.addr.ip().into());
+    handshake(tls.connect(name, tcp).await?).await
+}
+
+async fn handshake<Io>(io: Io) -> io::Result<SendRequest<Full<Bytes>>>
+where
+    Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = http1::handshake(TokioIo::new(io))
         .await
         .map_err(io::Error::other)?;
     tokio::spawn(connection); // ends when the sender is dropped or the peer closes
@@ -130,19 +188,20 @@ const MAX_RETRIES: usize = 30;
 
 /// Runs `clients` closed-loop clients until `stop` is cancelled, client `i` against
 /// `facades[i % facades.len()]`.
-pub async fn post_load(
-    facades: Vec<SocketAddr>,
+pub async fn post_load<T: Into<Target>>(
+    facades: Vec<T>,
     clients: usize,
     progress: Arc<Progress>,
     stop: CancellationToken,
 ) -> LoadReport {
     let report = Arc::new(Mutex::new(LoadReport::default()));
+    let facades: Vec<Target> = facades.into_iter().map(Into::into).collect();
     let mut tasks = Vec::new();
     for client in 0..clients {
         let report = Arc::clone(&report);
         let progress = Arc::clone(&progress);
         let stop = stop.clone();
-        let facade = facades[client % facades.len()];
+        let facade = facades[client % facades.len()].clone();
         tasks.push(tokio::spawn(async move {
             let mut http = HttpClient::new(facade);
             let mut i = 0;

@@ -2,8 +2,11 @@
 //! (`testkit::hosts`), under load from a fourth, through network partitions.
 //!
 //! Hosts a, b and c each run a NATS node (one cluster of three), a registry replica and
-//! a logging instance, started with the README's commands; host d runs the facade and
-//! four closed-loop clients posting with Idempotency-Keys. Faults, one after the other:
+//! a logging instance, started with the README's commands, secured as it has them: the
+//! certificates and nkeys of `runner certs`, TLS on every port, NATS locked down (its
+//! nodes' configuration is the one `runner certs` writes, with this test's ports and
+//! folders). Host d runs the facade and four closed-loop clients posting over HTTPS with
+//! Idempotency-Keys. Faults, one after the other:
 //! a isolated, a cut from b, d cut from c, b crashed (kill -9 of everything on it) and
 //! started again. After each: replicas that could not hear an instance dropped it within
 //! the TTL and list it again soon after the heal, and the load made progress. At the end
@@ -19,12 +22,13 @@ use std::{
 };
 
 use e2e::{
-    bin, eventually, get_lab, get_messages,
+    bin, eventually, get_lab_at, get_messages_at,
     hosts::Hosts,
-    load::{audit, post_load, Progress},
-    nats::{move_leader, until_current},
-    wait_serving, Proc,
+    load::{audit, post_load, Progress, Target},
+    nats::{move_leader_as, until_current_as},
+    wait_serving_over, Proc,
 };
+use local_nats::{Credentials, Lockdown};
 use tokio_util::sync::CancellationToken;
 
 const CLIENTS: usize = 4;
@@ -46,9 +50,102 @@ struct Layout {
     hosts: Hosts,
     sites: Vec<Site>,
     data: PathBuf,
+    certs: Certs,
     _messages: Proc,
     _facade: Proc,
     facade: SocketAddr,
+}
+
+/// What `runner certs --host a=... --host d=...` wrote for the four hosts.
+struct Certs {
+    dir: PathBuf,
+    route_secret: String,
+}
+
+impl Certs {
+    fn make(hosts: &Hosts, data: &std::path::Path) -> Self {
+        let dir = data.join("certs");
+        let mut command = std::process::Command::new(bin("runner"));
+        command.args(["certs", "--out"]).arg(&dir);
+        for name in ["a", "b", "c", "d"] {
+            command.args(["--host", &format!("{name}={}", hosts.ip(name))]);
+        }
+        let output = command.output().expect("runner certs runs");
+        assert!(output.status.success(), "runner certs: {output:?}");
+        Self {
+            dir,
+            route_secret: "partition-route-password".into(),
+        }
+    }
+
+    fn file(&self, host: &str, file: &str) -> String {
+        self.dir.join(host).join(file).display().to_string()
+    }
+
+    fn ca(&self) -> String {
+        self.dir.join("ca.pem").display().to_string()
+    }
+
+    /// The TLS flags of `service` on `host`.
+    fn flags(&self, host: &str, service: &str) -> [String; 6] {
+        [
+            "--tls-cert".into(),
+            self.file(host, &format!("{service}.pem")),
+            "--tls-key".into(),
+            self.file(host, &format!("{service}.key")),
+            "--tls-ca".into(),
+            self.ca(),
+        ]
+    }
+
+    fn seed(&self, path: &std::path::Path) -> String {
+        std::fs::read_to_string(path)
+            .expect("nkey")
+            .trim()
+            .to_owned()
+    }
+
+    /// Host `name`'s node configuration, as `runner certs` writes it.
+    fn lockdown(&self, name: &str) -> Lockdown {
+        Lockdown {
+            cert: self.file(name, "nats.pem").into(),
+            key: self.file(name, "nats.key").into(),
+            ca: self.ca().into(),
+            route_secret: self.route_secret.clone(),
+            logging_user: Lockdown::public_user(&self.seed(&self.dir.join("a/logging.nk")))
+                .expect("nkey"),
+            admin_user: Some(
+                Lockdown::public_user(&self.seed(&self.dir.join("admin.nk"))).expect("nkey"),
+            ),
+        }
+    }
+
+    /// The operator, on host d: moves stream leaders, reads stream state.
+    fn admin(&self) -> Credentials {
+        Credentials {
+            tls: Some((
+                self.ca().into(),
+                self.file("d", "facade.pem").into(),
+                self.file("d", "facade.key").into(),
+            )),
+            nkey_seed: Some(self.seed(&self.dir.join("admin.nk"))),
+        }
+    }
+
+    /// Health checks and lookups from host d, with its facade's certificate.
+    fn transport(&self) -> rpc::Transport {
+        rpc::Tls::load(
+            std::path::Path::new(&self.file("d", "facade.pem")),
+            std::path::Path::new(&self.file("d", "facade.key")),
+            std::path::Path::new(&self.ca()),
+        )
+        .expect("certificates")
+        .transport()
+    }
+}
+
+fn args(list: &[String]) -> Vec<&str> {
+    list.iter().map(String::as_str).collect()
 }
 
 fn nodes(hosts: &Hosts, data: &std::path::Path) -> Vec<local_nats::Node> {
@@ -72,7 +169,7 @@ impl Layout {
     fn store(&self) -> String {
         ["a", "b", "c"]
             .iter()
-            .map(|name| format!("nats://{}:4222", self.ip(name)))
+            .map(|name| format!("tls://{}:4222", self.ip(name)))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -84,48 +181,53 @@ impl Layout {
             .iter()
             .find(|node| node.name == format!("nats-{name}"))
             .expect("a node");
-        let nats_args = node.args(&nodes);
-        let nats_args: Vec<&str> = nats_args.iter().map(String::as_str).collect();
+        let nats_args = node
+            .locked_args(&nodes, &self.certs.lockdown(name))
+            .expect("node config");
         let server = local_nats::server_path().expect("nats-server (scripts/setup installs it)");
         let nats = self
             .hosts
-            .spawn(name, &format!("nats-{name}"), &server, &nats_args);
+            .spawn(name, &format!("nats-{name}"), &server, &args(&nats_args));
         let me = self.ip(name);
         let replicas = ["a", "b", "c"]
             .iter()
             .map(|host| format!("{}:50050", self.ip(host)))
             .collect::<Vec<_>>()
             .join(",");
+        let mut registry_args = vec![
+            "--addr".to_owned(),
+            format!("{me}:50050"),
+            "--replica".into(),
+            replicas,
+            "--static".into(),
+            format!("messages={}:50060", self.ip("a")),
+            "--set".into(),
+            format!("logging.store={}", self.store()),
+        ];
+        registry_args.extend(self.certs.flags(name, "config-server"));
         let registry = self.hosts.spawn(
             name,
             &format!("config-server-{name}"),
             &bin("config-server"),
-            &[
-                "--addr",
-                &format!("{me}:50050"),
-                "--replica",
-                &replicas,
-                "--static",
-                &format!("messages={}:50060", self.ip("a")),
-                "--set",
-                &format!("logging.store={}", self.store()),
-                "--insecure",
-            ],
+            &args(&registry_args),
         );
+        let mut logging_args = vec![
+            "50051".to_owned(),
+            "--host".into(),
+            "0.0.0.0".into(),
+            "--advertise".into(),
+            format!("{me}:50051"),
+            "--registry".into(),
+            format!("https://{me}:50050"),
+            "--store-nkey".into(),
+            self.certs.file(name, "logging.nk"),
+        ];
+        logging_args.extend(self.certs.flags(name, "logging"));
         let logging = self.hosts.spawn(
             name,
             &format!("logging-{name}"),
             &bin("logging"),
-            &[
-                "50051",
-                "--host",
-                "0.0.0.0",
-                "--advertise",
-                &format!("{me}:50051"),
-                "--registry",
-                &format!("http://{me}:50050"),
-                "--insecure",
-            ],
+            &args(&logging_args),
         );
         Site {
             name,
@@ -138,11 +240,25 @@ impl Layout {
     /// The `logging` addresses replica `name` lists, asked on its own host (so a cut
     /// between the test's host and it does not matter); `None` when it does not answer.
     fn listed_by(&self, name: &str) -> Option<Vec<String>> {
-        let url = format!("http://{}:50050/v1/services", self.ip(name));
-        let body = self
-            .hosts
-            .run(name, "curl", &["-s", "--max-time", "1", &url])
-            .ok()?;
+        let url = format!("https://{}:50050/v1/services", self.ip(name));
+        let (ca, cert, key) = (
+            self.certs.ca(),
+            self.certs.file(name, "facade.pem"),
+            self.certs.file(name, "facade.key"),
+        );
+        let curl = [
+            "-s",
+            "--max-time",
+            "1",
+            "--cacert",
+            &ca,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            &url,
+        ];
+        let body = self.hosts.run(name, "curl", &curl).ok()?;
         let status: serde_json::Value = serde_json::from_str(&body).ok()?;
         let mut listed: Vec<String> = status["services"]
             .as_array()?
@@ -191,35 +307,29 @@ impl Layout {
 async fn start(hosts: Hosts) -> Layout {
     let data = std::env::temp_dir().join(format!("partitions-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
+    let certs = Certs::make(&hosts, &data);
     let facade = SocketAddr::new(hosts.ip("d").into(), 8080);
-    let messages_addr = format!("{}:50060", hosts.ip("a"));
-    let messages = hosts.spawn(
-        "a",
-        "messages",
-        &bin("messages"),
-        &["--addr", &messages_addr, "--insecure"],
-    );
+    let mut messages_args = vec!["--addr".to_owned(), format!("{}:50060", hosts.ip("a"))];
+    messages_args.extend(certs.flags("a", "messages"));
+    let messages = hosts.spawn("a", "messages", &bin("messages"), &args(&messages_args));
     let registries = format!(
-        "http://{}:50050,http://{}:50050",
+        "https://{}:50050,https://{}:50050",
         hosts.ip("a"),
         hosts.ip("b")
     );
-    let facade_proc = hosts.spawn(
-        "d",
-        "facade",
-        &bin("facade"),
-        &[
-            "--addr",
-            "0.0.0.0:8080",
-            "--registry",
-            &registries,
-            "--insecure",
-        ],
-    );
+    let mut facade_args = vec![
+        "--addr".to_owned(),
+        "0.0.0.0:8080".into(),
+        "--registry".into(),
+        registries,
+    ];
+    facade_args.extend(certs.flags("d", "facade"));
+    let facade_proc = hosts.spawn("d", "facade", &bin("facade"), &args(&facade_args));
     let mut layout = Layout {
         hosts,
         sites: Vec::new(),
         data,
+        certs,
         _messages: messages,
         _facade: facade_proc,
         facade,
@@ -228,17 +338,20 @@ async fn start(hosts: Hosts) -> Layout {
         let site = layout.start_site(name);
         layout.sites.push(site);
     }
-    local_nats::wait_ready(
+    local_nats::wait_ready_as(
+        &layout.certs.admin(),
         &layout.store(),
         Duration::from_secs(60),
         &CancellationToken::new(),
     )
     .await
     .expect("the NATS cluster across a, b and c");
+    let transport = layout.certs.transport();
     for name in ["a", "b", "c"] {
-        wait_serving(format!("{}:50051", layout.ip(name)).parse().expect("addr")).await;
+        let addr = format!("{}:50051", layout.ip(name)).parse().expect("addr");
+        wait_serving_over(&transport, addr).await;
     }
-    wait_serving(facade).await;
+    wait_serving_over(&transport, facade).await;
     layout
         .until_all(&EVERYWHERE, true, Duration::from_secs(20))
         .await;
@@ -330,8 +443,10 @@ async fn run(hosts: Hosts) {
     let mut layout = start(hosts).await;
     let progress = Arc::new(Progress::default());
     let stop = CancellationToken::new();
+    let ca = layout.certs.ca();
+    let https = Target::https(layout.facade, std::path::Path::new(&ca)).expect("the CA");
     let load = tokio::spawn(post_load(
-        vec![layout.facade],
+        vec![https],
         CLIENTS,
         Arc::clone(&progress),
         stop.clone(),
@@ -341,7 +456,8 @@ async fn run(hosts: Hosts) {
 
     // 1. Host a isolated for 10 s, leading the stream (the worst case): b and c elect a
     // new leader and stop hearing logging-a; d writes through them.
-    move_leader(&layout.store(), "MESSAGES", "nats-a").await;
+    let admin = layout.certs.admin();
+    move_leader_as(&admin, &layout.store(), "MESSAGES", "nats-a").await;
     let before = window(&progress);
     layout.hosts.isolate("a");
     let cut = Instant::now();
@@ -356,7 +472,11 @@ async fn run(hosts: Hosts) {
     layout.until_all(&EVERYWHERE, true, BACK_LIMIT).await;
     let back = healed.elapsed();
     // Nothing on the healed host stays wedged: its instance answers, and it writes.
-    wait_serving(layout.logging_of("a").parse().expect("addr")).await;
+    wait_serving_over(
+        &layout.certs.transport(),
+        layout.logging_of("a").parse().expect("addr"),
+    )
+    .await;
     more_acks(&progress, 50, "writes after a is back").await;
     rows.push(Row::new(
         "a isolated for 10 s",
@@ -368,7 +488,7 @@ async fn run(hosts: Hosts) {
 
     // 2. a cut from b, while d reaches both: each stops hearing the other's instance.
     // Each fault starts on a cluster healed from the one before.
-    until_current(&layout.store(), "MESSAGES").await;
+    until_current_as(&admin, &layout.store(), "MESSAGES").await;
     let before = window(&progress);
     layout.hosts.cut("a", "b");
     let cut = Instant::now();
@@ -397,7 +517,7 @@ async fn run(hosts: Hosts) {
     ));
 
     // 3. d cut from c: the facade loses logging-c and replica c; nobody else does.
-    until_current(&layout.store(), "MESSAGES").await;
+    until_current_as(&admin, &layout.store(), "MESSAGES").await;
     let before = window(&progress);
     layout.hosts.cut("d", "c");
     let cut = Instant::now();
@@ -424,7 +544,7 @@ async fn run(hosts: Hosts) {
 
     // 4. b crashes (kill -9 of everything on it) while leading the stream, then starts
     // again.
-    move_leader(&layout.store(), "MESSAGES", "nats-b").await;
+    move_leader_as(&admin, &layout.store(), "MESSAGES", "nats-b").await;
     let before = window(&progress);
     let b = layout
         .sites
@@ -460,9 +580,10 @@ async fn run(hosts: Hosts) {
 
     stop.cancel();
     let report = load.await.expect("load");
-    let (status, stored) = get_messages(layout.facade);
+    let base = format!("https://{}", layout.facade);
+    let (status, stored) = get_messages_at(&base, &["--cacert", &ca]);
     assert_eq!(status, 200, "pages");
-    let (lab_status, lab, _) = get_lab(layout.facade);
+    let (lab_status, lab, _) = get_lab_at(&base, &["--cacert", &ca]);
     assert_eq!(lab_status, 200, "the lab GET");
     let outcome = audit(&report.acked, &stored);
 

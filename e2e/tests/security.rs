@@ -632,6 +632,7 @@ async fn the_store_lets_in_only_logging_and_logging_cannot_lose_the_log() {
         ca: PathBuf::from(certs.ca()),
         route_secret: "a-route-password".into(),
         logging_user: local_nats::Lockdown::public_user(&seed).expect("an nkey seed"),
+        admin_user: None,
     };
     let first = e2e::free_ports(6);
     let nodes = local_nats::cluster(

@@ -11,7 +11,8 @@
 //! logging connects with) and a password for the routes, and writes each host's
 //! `nats.conf` (`local_nats::Lockdown`): client and route ports on the host's first
 //! address (4222 and 6222), TLS with client certificates on both, the route password,
-//! and logging's nkey as the one user, with permissions to append and read only.
+//! logging's nkey as a user with permissions to append and read only, and an admin user
+//! whose seed (`admin.nk`) stays beside the CA's key, for an operator's stream edits.
 //!
 //! Keys are written readable by their owner only, nothing is overwritten, and the
 //! command prints which folder goes to which host.
@@ -36,6 +37,8 @@ pub const SERVICES: [&str; 5] = ["config-server", "logging", "messages", "facade
 pub const LOGGING_NKEY: &str = "logging.nk";
 /// Each host's NATS node configuration, in its folder.
 pub const NATS_CONFIG: &str = "nats.conf";
+/// The NATS operator's nkey seed, next to the CA's key (not in any host's folder).
+pub const ADMIN_NKEY: &str = "admin.nk";
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct CertsArgs {
@@ -137,6 +140,13 @@ pub fn write(args: &CertsArgs) -> anyhow::Result<Written> {
 
     let user = nkeys::KeyPair::new_user();
     let seed = user.seed().context("cannot make the logging user's nkey")?;
+    let admin = nkeys::KeyPair::new_user();
+    let admin_seed = admin.seed().context("cannot make the admin's nkey")?;
+    write_new(
+        &args.out.join(ADMIN_NKEY),
+        format!("{admin_seed}\n").as_bytes(),
+        0o600,
+    )?;
     let route_secret = random_secret();
     let nodes: Vec<local_nats::Node> = hosts
         .iter()
@@ -175,6 +185,7 @@ pub fn write(args: &CertsArgs) -> anyhow::Result<Written> {
                 ca: dir.join("ca.pem"),
                 route_secret: route_secret.clone(),
                 logging_user: user.public_key(),
+                admin_user: Some(admin.public_key()),
             };
             let config = node.config(&nodes, &lockdown);
             write_new(&dir.join(NATS_CONFIG), config.as_bytes(), 0o600)?;
@@ -274,8 +285,10 @@ fn write_new(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
 pub fn print(written: &Written) {
     println!("runner: wrote a CA to {}", written.ca.display());
     println!(
-        "  its key ({}) signs new certificates: keep it, and keep it off the hosts",
-        written.ca.with_extension("key").display()
+        "  its key ({}) signs new certificates, and {} is NATS's admin user: keep both, \
+         off the hosts",
+        written.ca.with_extension("key").display(),
+        written.ca.with_file_name(ADMIN_NKEY).display()
     );
     for (host, dir) in &written.hosts {
         let reached: Vec<String> = host

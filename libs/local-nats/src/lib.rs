@@ -128,6 +128,9 @@ pub struct Lockdown {
     pub route_secret: String,
     /// `U...`: the public half of the seed logging holds.
     pub logging_user: String,
+    /// An operator's user, allowed everything (stream edits, leader moves): the public
+    /// half of a seed kept off the hosts.
+    pub admin_user: Option<String>,
 }
 
 impl Lockdown {
@@ -163,7 +166,12 @@ impl Node {
              tls {tls}\n\
              authorization {{\n  users: [\n    {{ nkey: {user}, permissions: {{\n      \
              publish: {{ allow: {allow}, deny: {deny} }},\n      \
-             subscribe: {{ allow: [\"_INBOX.>\"] }}\n    }} }}\n  ]\n}}\n",
+             subscribe: {{ allow: [\"_INBOX.>\"] }}\n    }} }}{admin}\n  ]\n}}\n",
+            admin = lockdown
+                .admin_user
+                .as_ref()
+                .map(|admin| format!(",\n    {{ nkey: {} }}", quoted(admin)))
+                .unwrap_or_default(),
             name = quoted(&self.name),
             listen = quoted(&format!("{}:{}", self.host, self.client_port)),
             dir = quoted(&self.data_dir.display().to_string()),

@@ -6,6 +6,7 @@ use std::{
     time::Duration,
 };
 
+use local_nats::Credentials;
 use tokio_util::sync::CancellationToken;
 
 use crate::{free_port, Proc};
@@ -146,8 +147,18 @@ impl Nats {
 /// The server that leads `stream`, and whether every other replica is current (caught
 /// up and online), asked through `urls` (any node that answers).
 pub async fn leader_of(urls: &str, stream: &str) -> Option<(String, bool)> {
+    leader_of_as(&Credentials::default(), urls, stream).await
+}
+
+/// [`leader_of`], for a client with `credentials` (a locked-down cluster's admin).
+pub async fn leader_of_as(
+    credentials: &Credentials,
+    urls: &str,
+    stream: &str,
+) -> Option<(String, bool)> {
     let servers: Vec<&str> = urls.split(',').collect();
-    let client = async_nats::ConnectOptions::new()
+    let client = credentials
+        .options()
         .connection_timeout(std::time::Duration::from_millis(500))
         .connect(servers.as_slice())
         .await
@@ -165,11 +176,16 @@ pub async fn leader_of(urls: &str, stream: &str) -> Option<(String, bool)> {
 /// Waits until every replica of `stream` is current: a cluster healed from one fault,
 /// before a test brings the next.
 pub async fn until_current(urls: &str, stream: &str) {
+    until_current_as(&Credentials::default(), urls, stream).await;
+}
+
+/// [`until_current`], for a client with `credentials`.
+pub async fn until_current_as(credentials: &Credentials, urls: &str, stream: &str) {
     crate::eventually(
         std::time::Duration::from_secs(60),
         &format!("every replica of {stream} current"),
         || async {
-            leader_of(urls, stream)
+            leader_of_as(credentials, urls, stream)
                 .await
                 .is_some_and(|(_, current)| current)
         },
@@ -182,18 +198,23 @@ pub async fn until_current(urls: &str, stream: &str) {
 /// replica current: how a test makes sure the node it is about to cut off or kill is the
 /// one writes depend on, on a cluster that has healed from whatever came before.
 pub async fn move_leader(urls: &str, stream: &str, to: &str) {
-    until_current(urls, stream).await;
+    move_leader_as(&Credentials::default(), urls, stream, to).await;
+}
+
+/// [`move_leader`], for a client with `credentials`.
+pub async fn move_leader_as(credentials: &Credentials, urls: &str, stream: &str, to: &str) {
+    until_current_as(credentials, urls, stream).await;
     crate::eventually(
         std::time::Duration::from_secs(30),
         &format!("{to} leading {stream}"),
         || async {
-            match leader_of(urls, stream).await {
+            match leader_of_as(credentials, urls, stream).await {
                 Some((leader, true)) if leader == to => return true,
                 Some((_, false)) | None => return false,
                 Some(_) => {}
             }
             let servers: Vec<&str> = urls.split(',').collect();
-            if let Ok(client) = async_nats::connect(servers.as_slice()).await {
+            if let Ok(client) = credentials.options().connect(servers.as_slice()).await {
                 let request = serde_json::json!({ "placement": { "preferred": to } });
                 let _ = client
                     .request(
