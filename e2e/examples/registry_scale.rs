@@ -43,6 +43,43 @@ struct Args {
     /// The config-server binary to measure (another build, to compare).
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/config-server"))]
     server: std::path::PathBuf,
+    /// Everything over TLS with client certificates, from a folder made by
+    /// `runner certs --host bench=127.0.0.1 --services config-server --client
+    /// sim-0@bench ... --client sim-9@bench --client probe@bench`: the server's, and one
+    /// for each simulated service (a certificate registers only its own service).
+    #[arg(long, value_name = "DIR")]
+    tls: Option<std::path::PathBuf>,
+}
+
+/// How the simulated instances of `service` (and the server) speak: plaintext, or TLS
+/// with `service`'s client certificate from `--tls`.
+fn transport(args: &Args, service: &str) -> anyhow::Result<rpc::Transport> {
+    let Some(dir) = &args.tls else {
+        return Ok(rpc::Transport::plaintext());
+    };
+    let client = dir.join("clients").join(format!("{service}-at-bench"));
+    Ok(rpc::Tls::load(
+        &client.with_extension("pem"),
+        &client.with_extension("key"),
+        &dir.join("ca.pem"),
+    )?
+    .transport())
+}
+
+/// The config server's TLS flags under `--tls`.
+fn server_tls(args: &Args) -> Vec<String> {
+    let Some(dir) = &args.tls else {
+        return Vec::new();
+    };
+    let file = |name: &str| dir.join(name).display().to_string();
+    vec![
+        "--tls-cert".into(),
+        file("bench/config-server.pem"),
+        "--tls-key".into(),
+        file("bench/config-server.key"),
+        "--tls-ca".into(),
+        file("ca.pem"),
+    ]
 }
 
 #[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
@@ -71,30 +108,38 @@ async fn run(instances: usize, kept_by: KeptBy, args: &Args) -> anyhow::Result<S
     let binary = args.server.as_path();
     let addr = e2e::free_addr();
     anyhow::ensure!(binary.exists(), "build first: cargo build --release");
-    let server = e2e::Proc::spawn(
-        "config-server",
-        binary,
-        &[
-            "--addr",
-            &addr.to_string(),
-            "--max-instances-per-service",
-            "100000",
-            "--max-instances",
-            "100000",
-        ],
-    );
+    let mut flags = vec![
+        "--addr".to_owned(),
+        addr.to_string(),
+        "--max-instances-per-service".into(),
+        "100000".into(),
+        "--max-instances".into(),
+        "100000".into(),
+    ];
+    flags.extend(server_tls(args));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = e2e::Proc::spawn("config-server", binary, &flags);
     let server_pid = server.pid().as_raw() as u32;
-    e2e::wait_serving(addr).await;
+    let probe = transport(args, "probe")?;
+    e2e::wait_serving_over(&probe, addr).await;
     let rss_idle = rss_mib(server_pid);
 
     let connections = match kept_by {
         KeptBy::Session => instances.div_ceil(args.sessions_per_connection.max(1)),
         KeptBy::Unary => UNARY_CHANNELS,
     };
+    // Instance i is of service sim-(i % 10) and uses connection i % connections: with a
+    // multiple of ten connections, each connection carries one service, and so one
+    // certificate.
+    anyhow::ensure!(
+        args.tls.is_none() || connections % 10 == 0,
+        "with --tls, the connections ({connections}) must be a multiple of 10"
+    );
     // Sessions ping their connections as the registry client's do.
     let channels: Vec<Channel> = (0..connections)
-        .map(|_| {
-            let endpoint = rpc::endpoint(&addr.to_string())?;
+        .map(|c| {
+            let endpoint =
+                transport(args, &format!("sim-{}", c % 10))?.endpoint(&addr.to_string())?;
             Ok(match kept_by {
                 KeptBy::Session => endpoint
                     .http2_keep_alive_interval(registry_client::SESSION_KEEPALIVE)
@@ -103,7 +148,7 @@ async fn run(instances: usize, kept_by: KeptBy, args: &Args) -> anyhow::Result<S
                 KeptBy::Unary => endpoint.connect_lazy(),
             })
         })
-        .collect::<Result<_, rpc::AddressError>>()?;
+        .collect::<anyhow::Result<_>>()?;
     let stop = CancellationToken::new();
     let mut tasks = Vec::new();
     let registered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -157,7 +202,7 @@ async fn run(instances: usize, kept_by: KeptBy, args: &Args) -> anyhow::Result<S
 
     // Lookup latency under that load: a small service and one with instances/10 entries.
     let started = Instant::now();
-    let mut client = RegistryClient::new(rpc::channel(&addr.to_string())?);
+    let mut client = RegistryClient::new(probe.channel(&addr.to_string())?);
     let mut small = Vec::new();
     let mut big = Vec::new();
     while started.elapsed() < MEASURE {
@@ -220,8 +265,14 @@ async fn run(instances: usize, kept_by: KeptBy, args: &Args) -> anyhow::Result<S
     Ok(format!(
         "| {instances} | {} | {:.1}% | {rss_idle:.1} -> {rss:.1} | {} / {} | {} / {} | {} / {} |",
         match kept_by {
-            KeptBy::Session => format!("sessions ({connections} connections)"),
-            KeptBy::Unary => format!("unary calls ({connections} connections)"),
+            KeptBy::Session => format!(
+                "sessions ({connections} connections){}",
+                if args.tls.is_some() { ", TLS" } else { "" }
+            ),
+            KeptBy::Unary => format!(
+                "unary calls ({connections} connections){}",
+                if args.tls.is_some() { ", TLS" } else { "" }
+            ),
         },
         cpu * 100.0,
         ms(percentile(&small, 0.5)),

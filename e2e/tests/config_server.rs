@@ -1,6 +1,6 @@
 //! The built `config-server` binary, driven with grpcurl through reflection alone.
 
-use std::time::Duration;
+use std::{os::unix::fs::PermissionsExt, time::Duration};
 
 use e2e::{eventually, free_addr, grpcurl, grpcurl_json, wait_serving, Proc};
 
@@ -167,6 +167,8 @@ async fn with_a_token_file_grpcurl_must_send_the_bearer_token_to_register() {
     std::fs::create_dir_all(&dir).expect("dir");
     let token_file = dir.join("registry.token");
     std::fs::write(&token_file, "tok-123\n").expect("write");
+    // A token others may read is refused (the security suite checks that).
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let addr = free_addr();
     let mut server = Proc::start(
         "config-server",

@@ -283,3 +283,75 @@ async fn runner_starts_registry_replicas_and_a_bare_logging_finds_them_with_the_
         "the replica file is removed on exit"
     );
 }
+
+/// `runner certs`, then `runner --tls` on its host folder: the whole system secured on
+/// a NATS cluster locked down, reached with curl over HTTPS, and not in plaintext.
+#[tokio::test]
+async fn runner_with_tls_serves_over_https_on_a_locked_store_and_nothing_in_the_clear() {
+    let dir = std::env::temp_dir().join(format!("runner-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let certs = Proc::spawn_in(
+        Some(&dir),
+        "runner-certs",
+        &e2e::bin("runner"),
+        &["certs", "--out", "certs"],
+    )
+    .wait_exit(Duration::from_secs(20))
+    .await;
+    assert!(certs.success(), "runner certs: {certs}");
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let (logging_port, nats_port, cluster_port) = (free_ports(2), free_ports(3), free_ports(3));
+    let args: Vec<String> = vec![
+        "--tls".into(),
+        "certs/local".into(),
+        "--store".into(),
+        "nats".into(),
+        "--logging".into(),
+        "2".into(),
+        "--registry-port".into(),
+        ports[0].to_string(),
+        "--messages-port".into(),
+        ports[1].to_string(),
+        "--facade-port".into(),
+        ports[2].to_string(),
+        "--logging-port".into(),
+        logging_port.to_string(),
+        "--nats-port".into(),
+        nats_port.to_string(),
+        "--nats-cluster-port".into(),
+        cluster_port.to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut runner = Proc::spawn_in(Some(&dir), "runner", &e2e::bin("runner"), &args)
+        .stopped_on_drop_with(Signal::SIGINT);
+    eventually(Duration::from_secs(60), "runner ready", || async {
+        runner.output().contains("runner: ready")
+    })
+    .await;
+    let ca = dir.join("certs/local/ca.pem").display().to_string();
+    let facade = format!("https://127.0.0.1:{}/messages", ports[2]);
+    let json = ["-H", "content-type: application/json", "--cacert", &ca];
+    let body = ["-d", r#"{"msg":"over TLS"}"#];
+    let (status, _, reply) = curl("POST", &facade, &[&json[..], &body[..]].concat());
+    assert_eq!(status, 201, "{reply}");
+    let (status, _, reply) = curl("GET", &facade, &["--cacert", &ca]);
+    assert_eq!(status, 200);
+    assert!(reply.contains("over TLS"), "{reply}");
+    assert!(
+        runner.output().contains("tls://127.0.0.1"),
+        "the store over TLS:\n{}",
+        runner.output()
+    );
+    let plain = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("http://127.0.0.1:{}/messages", ports[2]))
+        .output()
+        .expect("curl runs");
+    assert_eq!(String::from_utf8_lossy(&plain.stdout), "000", "no HTTP answer in the clear");
+
+    runner.signal(Signal::SIGINT);
+    let status = runner.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.success(), "{status}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

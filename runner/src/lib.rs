@@ -103,6 +103,12 @@ pub struct Config {
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
 
+    /// Secured: a host's folder from `runner certs` (e.g. certs/local). Every service
+    /// gets its certificate from it and speaks only TLS, and the NATS cluster is locked
+    /// down (TLS, route password, logging's nkey as its one user).
+    #[arg(long, value_name = "DIR")]
+    pub tls: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -118,6 +124,8 @@ pub enum Command {
 /// Everything the run will start, decided from the flags before anything starts.
 struct Plan {
     store: StorePlan,
+    /// The host folder of `--tls`.
+    tls: Option<PathBuf>,
     /// In start order.
     services: Vec<Service>,
     token_file: PathBuf,
@@ -133,7 +141,27 @@ enum StorePlan {
         program: PathBuf,
         nodes: Vec<Node>,
         urls: String,
+        /// With `--tls`: how the nodes are locked, and how logging (and the runner's
+        /// readiness check) gets in.
+        locked: Option<Box<(local_nats::Lockdown, local_nats::Credentials)>>,
     },
+}
+
+/// The files of `runner certs`' host folder `dir`.
+fn tls_file(dir: &Path, name: &str) -> String {
+    dir.join(name).display().to_string()
+}
+
+/// The TLS flags of `service`, from the host folder `dir`.
+fn tls_flags(dir: &Path, service: &str) -> Vec<String> {
+    vec![
+        "--tls-cert".into(),
+        tls_file(dir, &format!("{service}.pem")),
+        "--tls-key".into(),
+        tls_file(dir, &format!("{service}.key")),
+        "--tls-ca".into(),
+        tls_file(dir, "ca.pem"),
+    ]
 }
 
 /// One service: a binary of ours, its command line, and where it answers health.
@@ -158,6 +186,17 @@ impl Plan {
             StorePlan::Memory => "memory".to_owned(),
             StorePlan::Nats { urls, .. } => urls.clone(),
         };
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let secured = |service: &str, mut args: Vec<String>| {
+            if let Some(dir) = &config.tls {
+                args.extend(tls_flags(dir, service));
+            }
+            args
+        };
         let token = config.token_file.display().to_string();
         let replicas: Vec<String> = (0..config.registries)
             .map(|i| {
@@ -170,7 +209,7 @@ impl Plan {
             .collect::<anyhow::Result<_>>()?;
         let registry_urls = replicas
             .iter()
-            .map(|replica| format!("http://{replica}"))
+            .map(|replica| format!("{scheme}://{replica}"))
             .collect::<Vec<_>>()
             .join(",");
         let messages = format!("127.0.0.1:{}", config.messages_port);
@@ -200,47 +239,56 @@ impl Plan {
                 let port = replica.rsplit(':').next().unwrap_or_default();
                 format!("config-server-{port}")
             };
+            let args = secured("config-server", args);
             services.push(service(&name, "config-server", args, replica));
         }
         services.extend([
             service(
                 "messages",
                 "messages",
-                strings(&["--addr", &messages]),
+                secured("messages", strings(&["--addr", &messages])),
                 &messages,
             ),
             service(
                 "facade",
                 "facade",
-                strings(&[
-                    "--addr",
-                    &facade,
-                    "--registry",
-                    &registry_urls,
-                    "--discovery",
-                    config.discovery.as_flag(),
-                    "--registry-token-file",
-                    &token,
-                ]),
+                secured(
+                    "facade",
+                    strings(&[
+                        "--addr",
+                        &facade,
+                        "--registry",
+                        &registry_urls,
+                        "--discovery",
+                        config.discovery.as_flag(),
+                        "--registry-token-file",
+                        &token,
+                    ]),
+                ),
                 &facade,
             ),
         ]);
         for port in consecutive(config.logging_port, config.logging)? {
+            let mut args = strings(&[
+                &port.to_string(),
+                "--registry",
+                &registry_urls,
+                "--registry-token-file",
+                &token,
+            ]);
+            if let Some(dir) = &config.tls {
+                args.extend(["--store-nkey".to_owned(), tls_file(dir, "logging.nk")]);
+            }
             services.push(service(
                 &format!("logging-{port}"),
                 "logging",
-                strings(&[
-                    &port.to_string(),
-                    "--registry",
-                    &registry_urls,
-                    "--registry-token-file",
-                    &token,
-                ]),
+                secured("logging", args),
                 &format!("127.0.0.1:{port}"),
             ));
         }
         Ok(Self {
             store,
+            tls: config.tls.clone(),
             services,
             token_file: config.token_file.clone(),
             replicas,
@@ -267,9 +315,16 @@ impl Plan {
                 println!("  {:<14} {}", "nats logs", logs.join(" "));
             }
         }
-        let facade = &self.facade;
+        let (scheme, curl) = match &self.tls {
+            Some(dir) => (
+                "https",
+                format!("curl -s --cacert {}", tls_file(dir, "ca.pem")),
+            ),
+            None => ("http", "curl -s".to_owned()),
+        };
+        let facade = format!("{scheme}://{}", self.facade);
         println!(
-            "Try:\n  curl -s -X POST http://{facade}/messages -H 'content-type: application/json' -d '{{\"msg\":\"hello\"}}'\n  curl -s http://{facade}/messages\nMore logging instances: target/release/logging PORT. Ctrl+C stops everything."
+            "Try:\n  {curl} -X POST {facade}/messages -H 'content-type: application/json' -d '{{\"msg\":\"hello\"}}'\n  {curl} {facade}/messages\nMore logging instances: target/release/logging PORT. Ctrl+C stops everything."
         );
         if self.replicas.len() > 1 {
             println!(
@@ -303,11 +358,54 @@ impl StorePlan {
             &consecutive(config.nats_cluster_port, 3)?,
             &config.data_dir,
         );
-        let urls = local_nats::urls(&nodes);
+        let Some(dir) = &config.tls else {
+            let urls = local_nats::urls(&nodes);
+            return Ok(Self::Nats {
+                program,
+                nodes,
+                urls,
+                locked: None,
+            });
+        };
+        let seed_file = dir.join("logging.nk");
+        let seed = std::fs::read_to_string(&seed_file)
+            .with_context(|| format!("cannot read {} (made by runner certs)", seed_file.display()))?
+            .trim()
+            .to_owned();
+        let route_secret: String = {
+            use rand::Rng;
+            rand::rng()
+                .sample_iter(rand::distr::Alphanumeric)
+                .take(32)
+                .map(char::from)
+                .collect()
+        };
+        let lockdown = local_nats::Lockdown {
+            cert: dir.join("nats.pem"),
+            key: dir.join("nats.key"),
+            ca: dir.join("ca.pem"),
+            route_secret,
+            logging_user: local_nats::Lockdown::public_user(&seed)?,
+            admin_user: None,
+        };
+        let credentials = local_nats::Credentials {
+            tls: Some((
+                dir.join("ca.pem"),
+                dir.join("logging.pem"),
+                dir.join("logging.key"),
+            )),
+            nkey_seed: Some(seed),
+        };
+        let urls = nodes
+            .iter()
+            .map(|node| format!("tls://{}:{}", node.host, node.client_port))
+            .collect::<Vec<_>>()
+            .join(",");
         Ok(Self::Nats {
             program,
             nodes,
             urls,
+            locked: Some(Box::new((lockdown, credentials))),
         })
     }
 }
@@ -333,6 +431,16 @@ impl Running {
     /// it answers. Stops at the first failure, or when `shutdown` fires.
     async fn start(&mut self, plan: &Plan, shutdown: &CancellationToken) -> anyhow::Result<()> {
         self.start_store(&plan.store, shutdown).await?;
+        // The runner checks health with the facade's certificate: any the CA signed will do.
+        let transport = match &plan.tls {
+            Some(dir) => rpc::TlsArgs::files(
+                dir.join("facade.pem"),
+                dir.join("facade.key"),
+                dir.join("ca.pem"),
+            )
+            .transport()?,
+            None => rpc::Transport::plaintext(),
+        };
         self.run_files.push(RunFile::token(&plan.token_file)?);
         let listed = plan.replicas.join("\n") + "\n";
         self.run_files
@@ -343,7 +451,7 @@ impl Running {
             plan.replicas_file.display()
         );
         for service in &plan.services {
-            self.start_service(service, shutdown).await?;
+            self.start_service(service, &transport, shutdown).await?;
         }
         Ok(())
     }
@@ -357,6 +465,7 @@ impl Running {
             program,
             nodes,
             urls,
+            locked,
         } = store
         else {
             println!(
@@ -370,10 +479,14 @@ impl Running {
                 .with_context(|| format!("cannot create {}", node.data_dir.display()))?;
             let log = log_file(node);
             let output = Output::problems_after_start(&log)?;
+            let args = match locked.as_deref() {
+                Some((lockdown, _)) => node.locked_args(nodes, lockdown)?,
+                None => node.args(nodes),
+            };
             let child = self.supervisor.spawn(
                 &node.name,
                 program,
-                &node.args(nodes),
+                &args,
                 output,
                 Signal::SIGINT, // nats-server exits 0 on SIGINT, 1 on SIGTERM
             )?;
@@ -388,8 +501,17 @@ impl Running {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        let credentials = locked
+            .as_deref()
+            .map(|(_, credentials)| credentials.clone())
+            .unwrap_or_default();
         let ready = tokio::select! {
-            ready = local_nats::wait_ready(urls, START_TIMEOUT, shutdown) => ready,
+            ready = local_nats::wait_ready_as(
+                &credentials,
+                urls,
+                START_TIMEOUT,
+                shutdown,
+            ) => ready,
             Some(exit) = self.supervisor.exits.recv() => Err(anyhow::anyhow!(
                 "{} exited during start-up ({})", exit.name, exit.describe()
             )),
@@ -412,6 +534,7 @@ impl Running {
     async fn start_service(
         &mut self,
         service: &Service,
+        transport: &rpc::Transport,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
         let child = self
@@ -431,7 +554,7 @@ impl Running {
             .budget(START_TIMEOUT)
             .quiet();
         let serving = || async {
-            match rpc::is_serving(addr, "").await {
+            match rpc::is_serving_over(transport, addr, "").await {
                 true => Ok(()),
                 false => Err("not SERVING yet"),
             }
