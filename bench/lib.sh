@@ -74,10 +74,12 @@ print(f"{rps:.0f} {ms('50'):.2f} {ms('99'):.2f} {non2xx.group(1) if non2xx else 
 PY
 }
 
-# A system through the runner: $1 store, $2 discovery, $3 logging instances. Sets
-# $registry $messages $facade $logging (the first logging port) and $nats_port.
+# A system through the runner: $1 store, $2 discovery, $3 logging instances, and $4
+# optionally a `runner certs` host folder (then everything speaks TLS and the NATS
+# cluster is locked down). Sets $registry $messages $facade $logging (the first logging
+# port) and $nats_port.
 start_system() {
-  local store=$1 discovery=$2 instances=$3
+  local store=$1 discovery=$2 instances=$3 tls=${4:-}
   registry=$(free_port); messages=$(free_port); facade=$(free_port)
   # Consecutive ports for the logging instances, the NATS clients and the NATS routes.
   logging=$(free_block 3); nats_port=$(free_block 3); nats_cluster=$(free_block 3)
@@ -85,7 +87,7 @@ start_system() {
   target/release/runner --store "$store" --discovery "$discovery" --logging "$instances" \
     --registry-port "$registry" --messages-port "$messages" --facade-port "$facade" \
     --logging-port "$logging" --nats-port "$nats_port" --nats-cluster-port "$nats_cluster" \
-    --data-dir "$work/data" > "$work/runner.log" 2>&1 &
+    --data-dir "$work/data" ${tls:+--tls "$tls"} > "$work/runner.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 1 300); do
     grep -q "runner: ready" "$work/runner.log" && return 0

@@ -422,7 +422,7 @@ impl Row {
 
 #[test]
 fn partitions_under_load_lose_nothing_and_fail_nothing_while_a_quorum_is_reachable() {
-    let hosts = match Hosts::new(&["a", "b", "c", "d"]) {
+    let hosts = match Hosts::new(&["a", "b", "c", "d", "e"]) {
         Ok(hosts) => hosts,
         Err(why) => {
             println!("skipped: partitions_under_load_lose_nothing_and_fail_nothing_while_a_quorum_is_reachable (no network namespaces here: {why})");
@@ -586,6 +586,7 @@ async fn run(hosts: Hosts) {
     let (lab_status, lab, _) = get_lab_at(&base, &["--cacert", &ca]);
     assert_eq!(lab_status, 200, "the lab GET");
     let outcome = audit(&report.acked, &stored);
+    let attacks = attacks_from_e(&layout);
 
     println!();
     println!(
@@ -614,6 +615,26 @@ async fn run(hosts: Hosts) {
         report.failed.len()
     );
 
+    println!();
+    println!(
+        "attacks from host e, which has none of the layout's keys but a messages certificate:"
+    );
+    println!("| attempt | refused | what it saw |");
+    println!("|---|---|---|");
+    for attack in &attacks {
+        println!(
+            "| {} | {} | {} |",
+            attack.what,
+            if attack.refused { "yes" } else { "NO" },
+            attack.seen
+        );
+    }
+    let let_in: Vec<&str> = attacks
+        .iter()
+        .filter(|attack| !attack.refused)
+        .map(|attack| attack.what.as_str())
+        .collect();
+    assert!(let_in.is_empty(), "not refused from e: {let_in:?}");
     assert!(report.failed.is_empty(), "failed: {:?}", report.failed);
     assert_eq!(outcome.lost, 0, "acknowledged and lost");
     assert_eq!(outcome.duplicated, 0, "stored twice");
@@ -644,4 +665,266 @@ async fn run(hosts: Hosts) {
         );
     }
     let _ = std::fs::remove_dir_all(&layout.data);
+}
+
+/// One attempt from host e, and whether it was refused.
+struct Attack {
+    what: String,
+    refused: bool,
+    seen: String,
+}
+
+/// From host e, a fifth host with none of the layout's keys, except one stolen
+/// certificate (messages on a): every way in is refused. Runs on a thread of its own
+/// inside e's namespace, so every connection and every process it starts is e's.
+fn attacks_from_e(layout: &Layout) -> Vec<Attack> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                layout.hosts.enter("e").expect("onto host e");
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime")
+                    .block_on(attacks(layout))
+            })
+            .join()
+            .expect("the attacks ran")
+    })
+}
+
+async fn attacks(layout: &Layout) -> Vec<Attack> {
+    let mut attacks = Vec::new();
+    let mut record = |what: String, refused: bool, seen: String| {
+        let seen = seen.replace(['\n', '|'], " ").chars().take(80).collect();
+        attacks.push(Attack {
+            what,
+            refused,
+            seen,
+        });
+    };
+    let grpcurl = |flags: &[&str], addr: &str, method: &str, body: Option<&str>| {
+        let mut command = std::process::Command::new(e2e::grpcurl_path());
+        command
+            .args(flags)
+            .args(["-connect-timeout", "2", "-max-time", "5"]);
+        if let Some(body) = body {
+            command.args(["-d", body]);
+        }
+        let output = command
+            .arg(addr)
+            .arg(method)
+            .output()
+            .expect("grpcurl runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.success(), text)
+    };
+    let ca = layout.certs.ca();
+    let internal = [
+        ("config-server on a", format!("{}:50050", layout.ip("a"))),
+        ("logging on a", format!("{}:50051", layout.ip("a"))),
+        ("messages on a", format!("{}:50060", layout.ip("a"))),
+    ];
+    let health = "grpc.health.v1.Health/Check";
+    for (name, addr) in &internal {
+        let (ok, seen) = grpcurl(&["-plaintext"], addr, health, None);
+        record(format!("plaintext gRPC to {name}"), !ok, seen);
+        let (ok, seen) = grpcurl(&["-cacert", &ca], addr, health, None);
+        record(
+            format!("TLS without a client certificate to {name}"),
+            !ok,
+            seen,
+        );
+    }
+    let facade = layout.facade.to_string();
+    let (ok, seen) = grpcurl(&["-plaintext"], &facade, health, None);
+    record("plaintext gRPC to the facade".into(), !ok, seen);
+    let post = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .args([
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"msg":"from e"}"#,
+        ])
+        .arg(format!("http://{facade}/messages"))
+        .output()
+        .expect("curl runs");
+    let code = String::from_utf8_lossy(&post.stdout).into_owned();
+    record("plain-HTTP POST to the facade".into(), code == "000", code);
+
+    // A stolen messages certificate, used on the registry.
+    let registry = format!("{}:50050", layout.ip("a"));
+    let stolen = [
+        "-cacert".to_owned(),
+        ca.clone(),
+        "-cert".into(),
+        layout.certs.file("a", "messages.pem"),
+        "-key".into(),
+        layout.certs.file("a", "messages.key"),
+    ];
+    let stolen: Vec<&str> = stolen.iter().map(String::as_str).collect();
+    let (_, listed) = grpcurl(
+        &stolen,
+        &registry,
+        "registry.v1.Registry/Lookup",
+        Some(r#"{"service":"logging"}"#),
+    );
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap_or_default();
+    let victim = listed["instances"]
+        .as_array()
+        .and_then(|instances| {
+            instances
+                .iter()
+                .find(|i| i["address"] == layout.logging_of("a").as_str())
+        })
+        .and_then(|instance| instance["instanceId"].as_str())
+        .unwrap_or("logging-a's id unknown")
+        .to_owned();
+    let denied = |(ok, seen): (bool, String)| (!ok && seen.contains("PermissionDenied"), seen);
+    let steal = format!(
+        r#"{{"service":"logging","address":"{}:50051","instanceId":"{victim}"}}"#,
+        layout.ip("e")
+    );
+    let (refused, seen) = denied(grpcurl(
+        &stolen,
+        &registry,
+        "registry.v1.Registry/Register",
+        Some(&steal),
+    ));
+    record(
+        "messages' certificate registers logging-a's id".into(),
+        refused,
+        seen,
+    );
+    let (refused, seen) = denied(grpcurl(
+        &stolen,
+        &registry,
+        "registry.v1.Registry/Register",
+        Some(&format!(
+            r#"{{"service":"config-server","address":"{}:50050"}}"#,
+            layout.ip("e")
+        )),
+    ));
+    record(
+        "messages' certificate registers config-server".into(),
+        refused,
+        seen,
+    );
+    let (refused, seen) = denied(grpcurl(
+        &stolen,
+        &registry,
+        "registry.v1.Registry/Deregister",
+        Some(&format!(r#"{{"instanceId":"{victim}"}}"#)),
+    ));
+    record(
+        "messages' certificate deregisters logging-a".into(),
+        refused,
+        seen,
+    );
+
+    // NATS: no user, and a node of its own routed at the cluster.
+    let nats = format!("tls://{}:4222", layout.ip("a"));
+    let anonymous = async_nats::ConnectOptions::new()
+        .add_root_certificates(ca.clone().into())
+        .require_tls(true)
+        .connection_timeout(Duration::from_secs(2))
+        .connect(nats.as_str())
+        .await;
+    record(
+        "anonymous NATS connect to a".into(),
+        anonymous.is_err(),
+        format!("{:?}", anonymous.err()),
+    );
+    let logging = Credentials {
+        tls: Some((
+            ca.clone().into(),
+            layout.certs.file("a", "logging.pem").into(),
+            layout.certs.file("a", "logging.key").into(),
+        )),
+        nkey_seed: Some(layout.certs.seed(&layout.certs.dir.join("a/logging.nk"))),
+    };
+    match logging
+        .options()
+        .connection_timeout(Duration::from_secs(2))
+        .connect(nats.as_str())
+        .await
+    {
+        Ok(client) => {
+            let answer = tokio::time::timeout(
+                Duration::from_secs(3),
+                client.request("$JS.API.STREAM.DELETE.MESSAGES", "{}".into()),
+            )
+            .await;
+            let kept = async_nats::jetstream::new(client)
+                .get_stream("MESSAGES")
+                .await
+                .map(|stream| stream.cached_info().state.messages);
+            record(
+                "logging's own user deletes the stream".into(),
+                !matches!(answer, Ok(Ok(_))) && kept.as_ref().is_ok_and(|count| *count > 0),
+                format!("answer {answer:?}; messages after: {kept:?}"),
+            );
+        }
+        Err(error) => record(
+            "logging's own user deletes the stream".into(),
+            false,
+            format!("could not even connect: {error}"),
+        ),
+    }
+    let rogue_data = layout.data.join("rogue");
+    let server = local_nats::server_path().expect("nats-server");
+    let e = layout.ip("e");
+    let rogue = Proc::spawn(
+        "rogue-nats",
+        &server,
+        &[
+            "--addr",
+            &e,
+            "--port",
+            "4222",
+            "--server_name",
+            "rogue",
+            "--jetstream",
+            "--store_dir",
+            &rogue_data.display().to_string(),
+            "--cluster_name",
+            "messages",
+            "--cluster",
+            &format!("nats://{e}:6222"),
+            "--routes",
+            &format!("nats://{}:6222", layout.ip("a")),
+            "--http_port",
+            "8222",
+        ],
+    );
+    eventually(
+        Duration::from_secs(20),
+        "the rogue's route closed",
+        || async { rogue.output().contains("Router connection closed") },
+    )
+    .await;
+    let routez = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "5", &format!("http://{e}:8222/routez")])
+        .output()
+        .expect("curl runs");
+    let routes: serde_json::Value = serde_json::from_slice(&routez.stdout).unwrap_or_default();
+    record(
+        "a rogue nats-server on e joining the routes".into(),
+        routes["num_routes"] == 0,
+        format!("num_routes {}", routes["num_routes"]),
+    );
+    attacks
 }
