@@ -8,6 +8,7 @@ use std::{net::SocketAddr, time::Duration};
 pub use testkit::{nats::Nats, *};
 
 pub mod load;
+pub mod verdicts;
 
 /// What a process has used, from `/proc` (for the benchmarks in `examples/`).
 pub mod procfs {
@@ -428,4 +429,45 @@ pub async fn seed_nats(
         ack.await.expect("stored");
     }
     sent
+}
+
+/// A nats-server with none of a locked cluster's keys, on `host` (client port `port`,
+/// routes `port + 1`, monitoring `port + 2`), routed at `route` (`host:port` of a
+/// cluster node's route port). Waits until its route is refused (the node hangs up on
+/// it), then returns how many routes it holds by its own monitoring page: 0 when it
+/// could not join.
+pub async fn rogue_routes(host: &str, port: u16, route: &str, data: &std::path::Path) -> u64 {
+    let server = local_nats::server_path().expect("nats-server (scripts/setup installs it)");
+    let rogue = Proc::spawn(
+        "rogue-nats",
+        &server,
+        &[
+            "--addr",
+            host,
+            "--port",
+            &port.to_string(),
+            "--server_name",
+            "rogue",
+            "--jetstream",
+            "--store_dir",
+            &data.display().to_string(),
+            "--cluster_name",
+            "messages",
+            "--cluster",
+            &format!("nats://{host}:{}", port + 1),
+            "--routes",
+            &format!("nats://{route}"),
+            "--http_port",
+            &(port + 2).to_string(),
+        ],
+    );
+    eventually(
+        Duration::from_secs(20),
+        "the rogue's route refused",
+        || async { rogue.output().contains("Router connection closed") },
+    )
+    .await;
+    let (_, _, page) = curl("GET", &format!("http://{host}:{}/routez", port + 2), &[]);
+    let page: serde_json::Value = serde_json::from_str(&page).unwrap_or_default();
+    page["num_routes"].as_u64().unwrap_or(u64::MAX)
 }

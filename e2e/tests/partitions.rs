@@ -26,6 +26,7 @@ use e2e::{
     hosts::Hosts,
     load::{audit, post_load, Progress, Target},
     nats::{move_leader_as, until_current_as},
+    verdicts::Verdicts,
     wait_serving_over, Proc,
 };
 use local_nats::{Credentials, Lockdown};
@@ -619,22 +620,7 @@ async fn run(hosts: Hosts) {
     println!(
         "attacks from host e, which has none of the layout's keys but a messages certificate:"
     );
-    println!("| attempt | refused | what it saw |");
-    println!("|---|---|---|");
-    for attack in &attacks {
-        println!(
-            "| {} | {} | {} |",
-            attack.what,
-            if attack.refused { "yes" } else { "NO" },
-            attack.seen
-        );
-    }
-    let let_in: Vec<&str> = attacks
-        .iter()
-        .filter(|attack| !attack.refused)
-        .map(|attack| attack.what.as_str())
-        .collect();
-    assert!(let_in.is_empty(), "not refused from e: {let_in:?}");
+    attacks.finish();
     assert!(report.failed.is_empty(), "failed: {:?}", report.failed);
     assert_eq!(outcome.lost, 0, "acknowledged and lost");
     assert_eq!(outcome.duplicated, 0, "stored twice");
@@ -667,17 +653,10 @@ async fn run(hosts: Hosts) {
     let _ = std::fs::remove_dir_all(&layout.data);
 }
 
-/// One attempt from host e, and whether it was refused.
-struct Attack {
-    what: String,
-    refused: bool,
-    seen: String,
-}
-
 /// From host e, a fifth host with none of the layout's keys, except one stolen
 /// certificate (messages on a): every way in is refused. Runs on a thread of its own
 /// inside e's namespace, so every connection and every process it starts is e's.
-fn attacks_from_e(layout: &Layout) -> Vec<Attack> {
+fn attacks_from_e(layout: &Layout) -> Verdicts {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
@@ -693,15 +672,10 @@ fn attacks_from_e(layout: &Layout) -> Vec<Attack> {
     })
 }
 
-async fn attacks(layout: &Layout) -> Vec<Attack> {
-    let mut attacks = Vec::new();
+async fn attacks(layout: &Layout) -> Verdicts {
+    let mut attacks = Verdicts::default();
     let mut record = |what: String, refused: bool, seen: String| {
-        let seen = seen.replace(['\n', '|'], " ").chars().take(80).collect();
-        attacks.push(Attack {
-            what,
-            refused,
-            seen,
-        });
+        attacks.check(what, "refused", refused, seen);
     };
     let grpcurl = |flags: &[&str], addr: &str, method: &str, body: Option<&str>| {
         let mut command = std::process::Command::new(e2e::grpcurl_path());
@@ -743,26 +717,15 @@ async fn attacks(layout: &Layout) -> Vec<Attack> {
     let facade = layout.facade.to_string();
     let (ok, seen) = grpcurl(&["-plaintext"], &facade, health, None);
     record("plaintext gRPC to the facade".into(), !ok, seen);
-    let post = std::process::Command::new("curl")
-        .args([
-            "-s",
-            "--max-time",
-            "5",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-        ])
-        .args([
+    let code = e2e::http_code(
+        &format!("http://{facade}/messages"),
+        &[
             "-H",
             "content-type: application/json",
             "-d",
             r#"{"msg":"from e"}"#,
-        ])
-        .arg(format!("http://{facade}/messages"))
-        .output()
-        .expect("curl runs");
-    let code = String::from_utf8_lossy(&post.stdout).into_owned();
+        ],
+    );
     record("plain-HTTP POST to the facade".into(), code == "000", code);
 
     // A stolen messages certificate, used on the registry.
@@ -884,47 +847,17 @@ async fn attacks(layout: &Layout) -> Vec<Attack> {
             format!("could not even connect: {error}"),
         ),
     }
-    let rogue_data = layout.data.join("rogue");
-    let server = local_nats::server_path().expect("nats-server");
-    let e = layout.ip("e");
-    let rogue = Proc::spawn(
-        "rogue-nats",
-        &server,
-        &[
-            "--addr",
-            &e,
-            "--port",
-            "4222",
-            "--server_name",
-            "rogue",
-            "--jetstream",
-            "--store_dir",
-            &rogue_data.display().to_string(),
-            "--cluster_name",
-            "messages",
-            "--cluster",
-            &format!("nats://{e}:6222"),
-            "--routes",
-            &format!("nats://{}:6222", layout.ip("a")),
-            "--http_port",
-            "8222",
-        ],
-    );
-    eventually(
-        Duration::from_secs(20),
-        "the rogue's route closed",
-        || async { rogue.output().contains("Router connection closed") },
+    let routes = e2e::rogue_routes(
+        &layout.ip("e"),
+        4222,
+        &format!("{}:6222", layout.ip("a")),
+        &layout.data.join("rogue"),
     )
     .await;
-    let routez = std::process::Command::new("curl")
-        .args(["-s", "--max-time", "5", &format!("http://{e}:8222/routez")])
-        .output()
-        .expect("curl runs");
-    let routes: serde_json::Value = serde_json::from_slice(&routez.stdout).unwrap_or_default();
     record(
         "a rogue nats-server on e joining the routes".into(),
-        routes["num_routes"] == 0,
-        format!("num_routes {}", routes["num_routes"]),
+        routes == 0,
+        format!("num_routes {routes}"),
     );
     attacks
 }

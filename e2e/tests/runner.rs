@@ -343,24 +343,8 @@ async fn runner_with_tls_serves_over_https_on_a_locked_store_and_nothing_in_the_
         "the store over TLS:\n{}",
         runner.output()
     );
-    let plain = std::process::Command::new("curl")
-        .args([
-            "-s",
-            "--max-time",
-            "5",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-        ])
-        .arg(format!("http://127.0.0.1:{}/messages", ports[2]))
-        .output()
-        .expect("curl runs");
-    assert_eq!(
-        String::from_utf8_lossy(&plain.stdout),
-        "000",
-        "no HTTP answer in the clear"
-    );
+    let plain = e2e::http_code(&format!("http://127.0.0.1:{}/messages", ports[2]), &[]);
+    assert_eq!(plain, "000", "no HTTP answer in the clear");
 
     runner.signal(Signal::SIGINT);
     let status = runner.wait_exit(Duration::from_secs(30)).await;

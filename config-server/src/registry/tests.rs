@@ -4,6 +4,14 @@ use crate::ownership::{Caller, Denied};
 /// The caller of every call here: ownership has tests of its own below.
 static ANY: Caller = Caller::Anyone;
 
+/// A unary registration by [`ANY`].
+fn unary() -> Registrant<'static> {
+    Registrant {
+        caller: &ANY,
+        session: None,
+    }
+}
+
 const TTL: Duration = Duration::from_secs(3);
 
 fn registry() -> Registry {
@@ -22,17 +30,7 @@ fn registry_with(static_entries: Vec<(String, String)>, limits: Limits) -> Regis
 
 fn register(registry: &Registry, service: &str, address: &str, now: Instant) -> String {
     registry
-        .register(
-            Registrant {
-                caller: &ANY,
-                session: None,
-            },
-            service,
-            address,
-            BTreeMap::new(),
-            None,
-            now,
-        )
+        .register(unary(), service, address, BTreeMap::new(), None, now)
         .expect("register")
         .0
         .instance_id
@@ -102,10 +100,7 @@ fn registering_a_live_address_again_replaces_the_old_entry() {
     let old = register(&registry, "logging", "127.0.0.1:50051", t0);
     let (lease, replaced) = registry
         .register(
-            Registrant {
-                caller: &ANY,
-                session: None,
-            },
+            unary(),
             "logging",
             "127.0.0.1:50051",
             BTreeMap::new(),
@@ -133,10 +128,7 @@ fn an_instance_keeps_the_id_it_chose_and_registering_it_again_replaces_it() {
     let register_as = |address: &str, at: Instant| {
         registry
             .register(
-                Registrant {
-                    caller: &ANY,
-                    session: None,
-                },
+                unary(),
                 "logging",
                 address,
                 BTreeMap::new(),
@@ -170,10 +162,7 @@ fn chosen_ids_must_be_printable_short_and_not_a_static_entrys() {
     let t0 = Instant::now();
     for bad in ["static-messages-0", "a b", "x\u{0}", &"i".repeat(129)] {
         let result = registry.register(
-            Registrant {
-                caller: &ANY,
-                session: None,
-            },
+            unary(),
             "logging",
             "127.0.0.1:1",
             BTreeMap::new(),
@@ -213,10 +202,7 @@ fn unspecified_addresses_are_refused() {
     for address in ["0.0.0.0:50051", "[::]:50051", "[0:0:0:0:0:0:0:0]:50051"] {
         let refused = registry
             .register(
-                Registrant {
-                    caller: &ANY,
-                    session: None,
-                },
+                unary(),
                 "logging",
                 address,
                 BTreeMap::new(),
@@ -323,34 +309,14 @@ fn caps_per_service_and_in_total() {
     register(&registry, "a", "h:1", t0);
     register(&registry, "a", "h:2", t0);
     assert!(matches!(
-        registry.register(
-            Registrant {
-                caller: &ANY,
-                session: None
-            },
-            "a",
-            "h:3",
-            BTreeMap::new(),
-            None,
-            t0
-        ),
+        registry.register(unary(), "a", "h:3", BTreeMap::new(), None, t0),
         Err(RegistryError::ServiceFull { limit: 2, .. })
     ));
     // Replacing a live address is not growth.
     register(&registry, "a", "h:2", t0);
     register(&registry, "b", "h:1", t0);
     assert!(matches!(
-        registry.register(
-            Registrant {
-                caller: &ANY,
-                session: None
-            },
-            "c",
-            "h:1",
-            BTreeMap::new(),
-            None,
-            t0
-        ),
+        registry.register(unary(), "c", "h:1", BTreeMap::new(), None, t0),
         Err(RegistryError::RegistryFull { limit: 3 })
     ));
 }
@@ -434,10 +400,7 @@ fn a_lost_session_leaves_a_registration_it_no_longer_holds() {
     // A unary registration of the id is held by heartbeats alone.
     registry
         .register(
-            Registrant {
-                caller: &ANY,
-                session: None,
-            },
+            unary(),
             "logging",
             "127.0.0.1:50051",
             BTreeMap::new(),

@@ -389,6 +389,26 @@ pub fn curl(method: &str, url: &str, args: &[&str]) -> (u16, String, String) {
     (status, head.to_owned(), body.to_owned())
 }
 
+/// The HTTP status curl gets from `url` with `args` (`-X POST`, `-d ...`), as curl
+/// prints it: `000` when no HTTP answer came (a refused or non-HTTP connection).
+pub fn http_code(url: &str, args: &[&str]) -> String {
+    let output = Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("curl runs");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// POSTs `{"msg": msg}` with curl; returns (status, parsed JSON body).
 pub fn curl_post(facade: SocketAddr, msg: &str) -> (u16, serde_json::Value) {
     let body = serde_json::json!({ "msg": msg }).to_string();
