@@ -313,6 +313,41 @@ mod tests {
     }
 
     #[test]
+    fn tls_files_come_from_the_flags_else_from_the_file() {
+        let dir = std::env::temp_dir().join(format!("cfg-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("config-server.toml");
+        std::fs::write(
+            &path,
+            "tls_cert = \"a.pem\"\ntls_key = \"a.key\"\ntls_ca = \"ca.pem\"\n[static]\n",
+        )
+        .expect("write");
+        let path_arg = path.to_string_lossy().into_owned();
+        let from_file = Config::parse_from(["config-server", "--config", &path_arg])
+            .tls()
+            .expect("valid");
+        assert_eq!(from_file.tls_cert, Some(PathBuf::from("a.pem")));
+        assert_eq!(from_file.tls_key, Some(PathBuf::from("a.key")));
+        assert_eq!(from_file.tls_ca, Some(PathBuf::from("ca.pem")));
+        let flags = Config::parse_from([
+            "config-server",
+            "--config",
+            &path_arg,
+            "--tls-cert",
+            "b.pem",
+            "--tls-key",
+            "b.key",
+            "--tls-ca",
+            "ca2.pem",
+        ])
+        .tls()
+        .expect("valid");
+        assert_eq!(flags.tls_cert, Some(PathBuf::from("b.pem")));
+        assert_eq!(flags.tls_ca, Some(PathBuf::from("ca2.pem")));
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
     fn a_ttl_not_longer_than_the_heartbeat_is_refused() {
         let config = Config::parse_from([
             "config-server",

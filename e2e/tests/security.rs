@@ -577,7 +577,12 @@ async fn the_store_lets_in_only_logging_and_logging_cannot_lose_the_log() {
         ca: PathBuf::from(certs.ca()),
         route_secret: "a-route-password".into(),
         logging_user: local_nats::Lockdown::public_user(&seed).expect("an nkey seed"),
-        admin_user: None,
+        admin_user: Some(
+            local_nats::Lockdown::public_user(
+                &std::fs::read_to_string(certs.dir.join("admin.nk")).expect("admin nkey"),
+            )
+            .expect("an nkey seed"),
+        ),
     };
     let first = e2e::free_ports(6);
     let nodes = local_nats::cluster(
@@ -702,6 +707,54 @@ async fn the_store_lets_in_only_logging_and_logging_cannot_lose_the_log() {
         "0 routes",
         routes == 0,
         format!("num_routes {routes}"),
+    );
+
+    // A stream that needs a change logging may not make: the refusal names the subject.
+    let admin = local_nats::Credentials {
+        tls: logging.tls.clone(),
+        nkey_seed: Some(
+            std::fs::read_to_string(certs.dir.join("admin.nk"))
+                .expect("admin nkey")
+                .trim()
+                .to_owned(),
+        ),
+    };
+    let admin = attempt(admin.options()).await.expect("the admin connects");
+    let jetstream = async_nats::jetstream::new(admin);
+    jetstream
+        .delete_stream("MESSAGES")
+        .await
+        .expect("the admin deletes");
+    jetstream
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "MESSAGES".into(),
+            subjects: vec!["messages.>".into()],
+            num_replicas: 3,
+            ..Default::default()
+        })
+        .await
+        .expect("an old-style stream");
+    let mut flags = vec![
+        free_port().to_string(),
+        "--store".into(),
+        urls.clone(),
+        "--store-nkey".into(),
+        certs.dir.join("local/logging.nk").display().to_string(),
+        "--registry".into(),
+        format!("https://127.0.0.1:{}", free_port()),
+    ];
+    flags.extend(certs.flags("local", "logging"));
+    let (ok, output) = exits("logging", &args(&flags)).await;
+    table.check(
+        "logging on a stream it may not update",
+        "exits, names the subject",
+        !ok && output.contains("Permissions Violation")
+            && output.contains("$JS.API.STREAM.UPDATE.MESSAGES"),
+        output
+            .lines()
+            .find(|line| line.starts_with("Error:"))
+            .unwrap_or_default()
+            .to_owned(),
     );
     table.finish();
     drop(store);

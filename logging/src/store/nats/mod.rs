@@ -44,6 +44,7 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context;
 use async_nats::{
     jetstream::{
         self,
@@ -249,7 +250,14 @@ impl NatsStore {
             let mut updated = existing.clone();
             updated.allow_direct = true;
             updated.allow_atomic_publish = true;
-            jetstream.update_stream(updated).await?;
+            jetstream.update_stream(updated).await.with_context(|| {
+                format!(
+                    "cannot turn on direct gets and atomic batches on {STREAM} \
+                     ($JS.API.STREAM.UPDATE.{STREAM}): on a locked-down cluster logging may \
+                     not change the stream; have its admin run `nats stream edit {STREAM} \
+                     --allow-direct --allow-batch`, or remove it"
+                )
+            })?;
             stream = jetstream.get_stream(STREAM).await?;
         }
         if (existing.max_age, existing.max_bytes, existing.max_messages)
