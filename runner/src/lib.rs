@@ -315,16 +315,21 @@ impl Plan {
                 println!("  {:<14} {}", "nats logs", logs.join(" "));
             }
         }
-        let (scheme, curl) = match &self.tls {
+        let (scheme, curl, logging) = match &self.tls {
             Some(dir) => (
                 "https",
                 format!("curl -s --cacert {}", tls_file(dir, "ca.pem")),
+                format!(
+                    "PORT {} --store-nkey {}",
+                    tls_flags(dir, "logging").join(" "),
+                    tls_file(dir, "logging.nk")
+                ),
             ),
-            None => ("http", "curl -s".to_owned()),
+            None => ("http", "curl -s".to_owned(), "PORT".to_owned()),
         };
         let facade = format!("{scheme}://{}", self.facade);
         println!(
-            "Try:\n  {curl} -X POST {facade}/messages -H 'content-type: application/json' -d '{{\"msg\":\"hello\"}}'\n  {curl} {facade}/messages\nMore logging instances: target/release/logging PORT. Ctrl+C stops everything."
+            "Try:\n  {curl} -X POST {facade}/messages -H 'content-type: application/json' -d '{{\"msg\":\"hello\"}}'\n  {curl} {facade}/messages\nMore logging instances: target/release/logging {logging}. Ctrl+C stops everything."
         );
         if self.replicas.len() > 1 {
             println!(
