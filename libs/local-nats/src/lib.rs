@@ -4,9 +4,10 @@
 //! says otherwise.
 //!
 //! A cluster can be locked down ([`Lockdown`], a config file per node): TLS with client
-//! certificates on the client and route ports, a password between routes, and one user,
-//! logging's nkey, whose permissions allow what the store does and nothing that would
-//! lose the log ([`LOGGING_PUBLISH`]). [`Credentials`] is how a client gets in.
+//! certificates on the client and route ports, a password between routes, logging's
+//! nkey as a user whose permissions allow what the store does and nothing that would
+//! lose the log ([`LOGGING_PUBLISH`]), and optionally an admin's nkey allowed anything.
+//! [`Credentials`] is how a client gets in.
 
 use std::{
     io::Write,

@@ -14,7 +14,7 @@
 //! Nothing downgrades silently. A `https://` or `tls://` address without TLS configured,
 //! or an `http://` one with it, is an error naming both; and a listener on a
 //! non-loopback address without TLS refuses to start unless `--insecure` says so
-//! ([`TlsArgs::server`]).
+//! ([`TlsArgs::bind`]).
 
 use std::{
     fmt, io,
