@@ -1,10 +1,14 @@
 //! The registry core: who is live, for how long, and what changed.
 //!
 //! Every dynamic instance holds a lease that ends `ttl` after its last heartbeat. The
-//! leases are also kept in a set ordered by deadline, so the sweeper can sleep until the
-//! earliest one and evict everything due with a few ordered removals, the same shape as
-//! mini-redis's key expiry. All state sits behind one short `parking_lot::Mutex` section per
-//! call; nothing here awaits, so no guard can be held across an `.await`.
+//! leases (`state::Leases`, the one place deadlines live) are kept by id and in a set
+//! ordered by deadline, so the sweeper can sleep until the earliest one and evict
+//! everything due with a few ordered removals, the same shape as mini-redis's key
+//! expiry. All state sits behind one short `parking_lot::Mutex` section per call;
+//! nothing here awaits, so no guard can be held across an `.await`.
+//!
+//! Every registration remembers who made it, and every change checks the caller against
+//! that owner inside the same lock section ([`crate::ownership`] holds the rules).
 //!
 //! Every deadline runs on the time passed in (`now`), so unit tests drive leases with any
 //! instants they like, and the sweeper passes tokio's (pausable) clock. The wall-clock
