@@ -48,7 +48,8 @@ pub(crate) fn register(
     Ok(lease_to_proto(lease))
 }
 
-/// The one place registry errors become gRPC statuses.
+/// The one place registry errors become gRPC statuses; a refused caller is also logged
+/// and counted here (`report::denied`), once for every path that can refuse one.
 pub(crate) fn status(error: RegistryError) -> Status {
     let message = error.to_string();
     match error {

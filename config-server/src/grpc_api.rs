@@ -1,7 +1,8 @@
 //! The `registry.v1.Registry` gRPC service over the [`Registry`] core.
 //!
-//! This layer checks the token, names the caller (`ownership`), calls the core, logs one line per change, and converts
-//! with [`crate::convert`]. The `Session` stream's own loop is in [`crate::session`].
+//! This layer checks the token, names the caller (`ownership`), calls the core, logs
+//! one line per change, and converts with [`crate::convert`]. The `Session` stream's own
+//! loop is in [`crate::session`].
 
 use std::sync::{
     atomic::{AtomicU64, Ordering},

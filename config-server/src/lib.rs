@@ -56,8 +56,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let registry_config = config.registry_config()?;
     let auth = config.auth()?;
     let tls = config.tls()?;
-    let listener = tls.bind(config.addr, rpc::ClientCerts::Required).await?;
-    serve_secured(listener, registry_config, auth, tls.transport()?, shutdown).await
+    let (listener, transport) = tls.bind(config.addr, rpc::ClientCerts::Required).await?;
+    serve_secured(listener, registry_config, auth, transport, shutdown).await
 }
 
 /// Serves the registry on an already bound listener (tests bind `127.0.0.1:0`).

@@ -99,11 +99,11 @@ impl Config {
 /// Binds `config.addr` (TLS when configured: the public port takes a client certificate
 /// if offered and needs none) and serves until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let listener = config
+    let (listener, transport) = config
         .tls
         .bind(config.addr, rpc::ClientCerts::Optional)
         .await?;
-    serve(listener, config, shutdown).await
+    serve_over(listener, config, transport, shutdown).await
 }
 
 /// Serves on a bound listener (a `TcpListener`, or an [`rpc::Listener`] that speaks TLS).
@@ -112,9 +112,18 @@ pub async fn serve(
     config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let listener = listener.into();
-    let addr = listener.local_addr()?;
     let transport = config.tls.transport()?;
+    serve_over(listener.into(), config, transport, shutdown).await
+}
+
+/// [`serve`], calling the registry and the instances over `transport`.
+async fn serve_over(
+    listener: rpc::Listener,
+    config: Config,
+    transport: rpc::Transport,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
     let registry = config
         .registry
         .client(&transport)?

@@ -187,10 +187,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         max_text_bytes: config.max_text_bytes,
         advertise: config.advertise.clone(),
     };
-    let listener = config.tls.bind(addr, rpc::ClientCerts::Required).await?;
+    let (listener, transport) = config.tls.bind(addr, rpc::ClientCerts::Required).await?;
     let registry = config
         .registry
-        .client(&config.tls.transport()?)?
+        .client(&transport)?
         .with_registration(config.registration);
     let Some(choice) = choose_store(&config, &registry, &shutdown).await? else {
         info!("logging stopped before it was ready");
@@ -227,14 +227,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
 /// TLS (this instance's own certificate) and the nkey, for a locked-down NATS cluster.
 fn store_credentials(config: &Config) -> anyhow::Result<local_nats::Credentials> {
-    let tls = match (
-        &config.tls.tls_ca,
-        &config.tls.tls_cert,
-        &config.tls.tls_key,
-    ) {
-        (Some(ca), Some(cert), Some(key)) => Some((ca.clone(), cert.clone(), key.clone())),
-        _ => None,
-    };
+    let tls = config
+        .tls
+        .paths()
+        .map(|(cert, key, ca)| (ca.to_owned(), cert.to_owned(), key.to_owned()));
     let nkey_seed = config
         .store_nkey
         .as_ref()

@@ -46,7 +46,7 @@ impl pb::messages_server::Messages for MessagesService {
 /// Binds `config.addr` (TLS with client certificates required, when configured) and
 /// serves until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let listener = config
+    let (listener, _) = config
         .tls
         .bind(config.addr, rpc::ClientCerts::Required)
         .await?;

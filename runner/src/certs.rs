@@ -40,6 +40,54 @@ pub const NATS_CONFIG: &str = "nats.conf";
 /// The NATS operator's nkey seed, next to the CA's key (not in any host's folder).
 pub const ADMIN_NKEY: &str = "admin.nk";
 
+/// A file of host folder `dir`, as a flag's value.
+pub fn host_file(dir: &Path, name: &str) -> String {
+    dir.join(name).display().to_string()
+}
+
+/// The TLS flags of `service`, from host folder `dir`.
+pub fn flags(dir: &Path, service: &str) -> Vec<String> {
+    vec![
+        "--tls-cert".into(),
+        host_file(dir, &format!("{service}.pem")),
+        "--tls-key".into(),
+        host_file(dir, &format!("{service}.key")),
+        "--tls-ca".into(),
+        host_file(dir, "ca.pem"),
+    ]
+}
+
+/// The lockdown of the NATS node of host folder `dir`: its certificate, the routes'
+/// password, and the users let in.
+pub fn lockdown(
+    dir: &Path,
+    route_secret: String,
+    logging_user: String,
+    admin_user: Option<String>,
+) -> local_nats::Lockdown {
+    local_nats::Lockdown {
+        cert: dir.join("nats.pem"),
+        key: dir.join("nats.key"),
+        ca: dir.join("ca.pem"),
+        route_secret,
+        logging_user,
+        admin_user,
+    }
+}
+
+/// How logging gets into the cluster from host folder `dir`: its certificate and the
+/// nkey `seed`.
+pub fn logging_credentials(dir: &Path, seed: String) -> local_nats::Credentials {
+    local_nats::Credentials {
+        tls: Some((
+            dir.join("ca.pem"),
+            dir.join("logging.pem"),
+            dir.join("logging.key"),
+        )),
+        nkey_seed: Some(seed),
+    }
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct CertsArgs {
     /// Folder to write into; it must not hold a CA already.
@@ -179,14 +227,12 @@ pub fn write(args: &CertsArgs) -> anyhow::Result<Written> {
             .iter()
             .find(|node| node.name == format!("nats-{}", host.name));
         if let Some(node) = node.filter(|_| args.services.iter().any(|s| s == "nats")) {
-            let lockdown = local_nats::Lockdown {
-                cert: dir.join("nats.pem"),
-                key: dir.join("nats.key"),
-                ca: dir.join("ca.pem"),
-                route_secret: route_secret.clone(),
-                logging_user: user.public_key(),
-                admin_user: Some(admin.public_key()),
-            };
+            let lockdown = lockdown(
+                &dir,
+                route_secret.clone(),
+                user.public_key(),
+                Some(admin.public_key()),
+            );
             let config = node.config(&nodes, &lockdown);
             write_new(&dir.join(NATS_CONFIG), config.as_bytes(), 0o600)?;
         }
@@ -246,7 +292,7 @@ fn issue(
 }
 
 /// 32 random characters a NATS URL can carry as a password.
-fn random_secret() -> String {
+pub fn random_secret() -> String {
     use rand::Rng;
     rand::rng()
         .sample_iter(rand::distr::Alphanumeric)

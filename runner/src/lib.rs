@@ -147,23 +147,6 @@ enum StorePlan {
     },
 }
 
-/// The files of `runner certs`' host folder `dir`.
-fn tls_file(dir: &Path, name: &str) -> String {
-    dir.join(name).display().to_string()
-}
-
-/// The TLS flags of `service`, from the host folder `dir`.
-fn tls_flags(dir: &Path, service: &str) -> Vec<String> {
-    vec![
-        "--tls-cert".into(),
-        tls_file(dir, &format!("{service}.pem")),
-        "--tls-key".into(),
-        tls_file(dir, &format!("{service}.key")),
-        "--tls-ca".into(),
-        tls_file(dir, "ca.pem"),
-    ]
-}
-
 /// One service: a binary of ours, its command line, and where it answers health.
 struct Service {
     name: String,
@@ -193,7 +176,7 @@ impl Plan {
         };
         let secured = |service: &str, mut args: Vec<String>| {
             if let Some(dir) = &config.tls {
-                args.extend(tls_flags(dir, service));
+                args.extend(certs::flags(dir, service));
             }
             args
         };
@@ -277,7 +260,10 @@ impl Plan {
                 &token,
             ]);
             if let Some(dir) = &config.tls {
-                args.extend(["--store-nkey".to_owned(), tls_file(dir, "logging.nk")]);
+                args.extend([
+                    "--store-nkey".to_owned(),
+                    certs::host_file(dir, certs::LOGGING_NKEY),
+                ]);
             }
             services.push(service(
                 &format!("logging-{port}"),
@@ -318,11 +304,11 @@ impl Plan {
         let (scheme, curl, logging) = match &self.tls {
             Some(dir) => (
                 "https",
-                format!("curl -s --cacert {}", tls_file(dir, "ca.pem")),
+                format!("curl -s --cacert {}", certs::host_file(dir, "ca.pem")),
                 format!(
                     "PORT {} --store-nkey {}",
-                    tls_flags(dir, "logging").join(" "),
-                    tls_file(dir, "logging.nk")
+                    certs::flags(dir, "logging").join(" "),
+                    certs::host_file(dir, certs::LOGGING_NKEY)
                 ),
             ),
             None => ("http", "curl -s".to_owned(), "PORT".to_owned()),
@@ -372,35 +358,18 @@ impl StorePlan {
                 locked: None,
             });
         };
-        let seed_file = dir.join("logging.nk");
+        let seed_file = dir.join(certs::LOGGING_NKEY);
         let seed = std::fs::read_to_string(&seed_file)
             .with_context(|| format!("cannot read {} (made by runner certs)", seed_file.display()))?
             .trim()
             .to_owned();
-        let route_secret: String = {
-            use rand::Rng;
-            rand::rng()
-                .sample_iter(rand::distr::Alphanumeric)
-                .take(32)
-                .map(char::from)
-                .collect()
-        };
-        let lockdown = local_nats::Lockdown {
-            cert: dir.join("nats.pem"),
-            key: dir.join("nats.key"),
-            ca: dir.join("ca.pem"),
-            route_secret,
-            logging_user: local_nats::Lockdown::public_user(&seed)?,
-            admin_user: None,
-        };
-        let credentials = local_nats::Credentials {
-            tls: Some((
-                dir.join("ca.pem"),
-                dir.join("logging.pem"),
-                dir.join("logging.key"),
-            )),
-            nkey_seed: Some(seed),
-        };
+        let lockdown = certs::lockdown(
+            dir,
+            certs::random_secret(),
+            local_nats::Lockdown::public_user(&seed)?,
+            None,
+        );
+        let credentials = certs::logging_credentials(dir, seed);
         let urls = nodes
             .iter()
             .map(|node| format!("tls://{}:{}", node.host, node.client_port))

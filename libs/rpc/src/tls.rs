@@ -81,12 +81,23 @@ impl TlsArgs {
         }
     }
 
+    /// The certificate, key and CA files, when all three are given (`None` when none
+    /// is; clap refuses some without the others).
+    pub fn paths(&self) -> Option<(&Path, &Path, &Path)> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => Some((cert, key, ca)),
+            _ => None,
+        }
+    }
+
     /// The identity these flags name, if any.
     pub fn load(&self) -> anyhow::Result<Option<Tls>> {
-        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
-            (Some(cert), Some(key), Some(ca)) => Tls::load(cert, key, ca).map(Some),
-            (None, None, None) => Ok(None),
-            _ => anyhow::bail!("--tls-cert, --tls-key and --tls-ca go together"),
+        match self.paths() {
+            Some((cert, key, ca)) => Tls::load(cert, key, ca).map(Some),
+            None if self.tls_cert.is_none() && self.tls_key.is_none() && self.tls_ca.is_none() => {
+                Ok(None)
+            }
+            None => anyhow::bail!("--tls-cert, --tls-key and --tls-ca go together"),
         }
     }
 
@@ -97,10 +108,15 @@ impl TlsArgs {
             .map_or_else(Transport::plaintext, |tls| tls.transport()))
     }
 
-    /// Binds `addr` and returns the listener to serve on: TLS when configured (with
-    /// client certificates as `clients` says), plaintext otherwise, which is refused on
-    /// any address but loopback unless `--insecure` was given.
-    pub async fn bind(&self, addr: SocketAddr, clients: ClientCerts) -> anyhow::Result<Listener> {
+    /// Binds `addr` and returns the listener to serve on, with the transport for this
+    /// process's calls, both from one reading of the files: TLS when configured (client
+    /// certificates as `clients` says), plaintext otherwise, which is refused on any
+    /// address but loopback unless `--insecure` was given.
+    pub async fn bind(
+        &self,
+        addr: SocketAddr,
+        clients: ClientCerts,
+    ) -> anyhow::Result<(Listener, Transport)> {
         let tls = self.load()?;
         if tls.is_none() {
             refuse_cleartext(addr, self.insecure)?;
@@ -109,8 +125,11 @@ impl TlsArgs {
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
         Ok(match tls {
-            Some(tls) => Listener::tls(tcp, tls.server_config(clients)?),
-            None => Listener::from(tcp),
+            Some(tls) => (
+                Listener::tls(tcp, tls.server_config(clients)?),
+                tls.transport(),
+            ),
+            None => (Listener::from(tcp), Transport::plaintext()),
         })
     }
 }
@@ -444,10 +463,6 @@ pub enum AddressError {
 impl Transport {
     pub fn plaintext() -> Self {
         Self::default()
-    }
-
-    pub fn is_tls(&self) -> bool {
-        self.tls.is_some()
     }
 
     /// The endpoint for `address` (`host:port`, or a URL): TLS when this transport is,
