@@ -7,6 +7,7 @@ use std::{net::SocketAddr, time::Duration};
 
 pub use testkit::{nats::Nats, *};
 
+pub mod certs;
 pub mod load;
 pub mod verdicts;
 

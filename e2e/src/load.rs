@@ -24,10 +24,7 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
-use tokio_rustls::{
-    rustls::{self, pki_types::pem::PemObject},
-    TlsConnector,
-};
+use tokio_rustls::{rustls, TlsConnector};
 use tokio_util::sync::CancellationToken;
 
 /// Where requests go: an address, over TLS (checked against a CA) or not.
@@ -46,14 +43,7 @@ impl From<SocketAddr> for Target {
 impl Target {
     /// HTTPS to `addr`, whose certificate the CA in `ca` (PEM) signed.
     pub fn https(addr: SocketAddr, ca: &Path) -> io::Result<Self> {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in
-            rustls::pki_types::CertificateDer::pem_file_iter(ca).map_err(io::Error::other)?
-        {
-            roots
-                .add(cert.map_err(io::Error::other)?)
-                .map_err(io::Error::other)?;
-        }
+        let roots = rpc::tls::roots(&std::fs::read(ca)?, ca).map_err(io::Error::other)?;
         let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))

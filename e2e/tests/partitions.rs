@@ -21,6 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use e2e::certs::Certs;
 use e2e::{
     bin, eventually, get_lab_at, get_messages_at,
     hosts::Hosts,
@@ -58,90 +59,34 @@ struct Layout {
 }
 
 /// What `runner certs --host a=... --host d=...` wrote for the four hosts.
-struct Certs {
-    dir: PathBuf,
-    route_secret: String,
+fn make_certs(hosts: &Hosts, data: &std::path::Path) -> Certs {
+    let hosts: Vec<String> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|name| format!("{name}={}", hosts.ip(name)))
+        .collect();
+    Certs::make(data, &hosts).0
 }
 
-impl Certs {
-    fn make(hosts: &Hosts, data: &std::path::Path) -> Self {
-        let dir = data.join("certs");
-        let mut command = std::process::Command::new(bin("runner"));
-        command.args(["certs", "--out"]).arg(&dir);
-        for name in ["a", "b", "c", "d"] {
-            command.args(["--host", &format!("{name}={}", hosts.ip(name))]);
-        }
-        let output = command.output().expect("runner certs runs");
-        assert!(output.status.success(), "runner certs: {output:?}");
-        Self {
-            dir,
-            route_secret: "partition-route-password".into(),
-        }
-    }
+/// Host `name`'s node configuration, as `runner certs` writes it.
+fn lockdown(certs: &Certs, name: &str) -> Lockdown {
+    let public = |seed: &str| Lockdown::public_user(&certs.seed(seed)).expect("nkey");
+    runner::certs::lockdown(
+        &certs.dir.join(name),
+        "partition-route-password".into(),
+        public("a/logging.nk"),
+        Some(public("admin.nk")),
+    )
+}
 
-    fn file(&self, host: &str, file: &str) -> String {
-        self.dir.join(host).join(file).display().to_string()
-    }
-
-    fn ca(&self) -> String {
-        self.dir.join("ca.pem").display().to_string()
-    }
-
-    /// The TLS flags of `service` on `host`.
-    fn flags(&self, host: &str, service: &str) -> [String; 6] {
-        [
-            "--tls-cert".into(),
-            self.file(host, &format!("{service}.pem")),
-            "--tls-key".into(),
-            self.file(host, &format!("{service}.key")),
-            "--tls-ca".into(),
-            self.ca(),
-        ]
-    }
-
-    fn seed(&self, path: &std::path::Path) -> String {
-        std::fs::read_to_string(path)
-            .expect("nkey")
-            .trim()
-            .to_owned()
-    }
-
-    /// Host `name`'s node configuration, as `runner certs` writes it.
-    fn lockdown(&self, name: &str) -> Lockdown {
-        Lockdown {
-            cert: self.file(name, "nats.pem").into(),
-            key: self.file(name, "nats.key").into(),
-            ca: self.ca().into(),
-            route_secret: self.route_secret.clone(),
-            logging_user: Lockdown::public_user(&self.seed(&self.dir.join("a/logging.nk")))
-                .expect("nkey"),
-            admin_user: Some(
-                Lockdown::public_user(&self.seed(&self.dir.join("admin.nk"))).expect("nkey"),
-            ),
-        }
-    }
-
-    /// The operator, on host d: moves stream leaders, reads stream state.
-    fn admin(&self) -> Credentials {
-        Credentials {
-            tls: Some((
-                self.ca().into(),
-                self.file("d", "facade.pem").into(),
-                self.file("d", "facade.key").into(),
-            )),
-            nkey_seed: Some(self.seed(&self.dir.join("admin.nk"))),
-        }
-    }
-
-    /// Health checks and lookups from host d, with its facade's certificate.
-    fn transport(&self) -> rpc::Transport {
-        rpc::Tls::load(
-            std::path::Path::new(&self.file("d", "facade.pem")),
-            std::path::Path::new(&self.file("d", "facade.key")),
-            std::path::Path::new(&self.ca()),
-        )
-        .expect("certificates")
-        .transport()
+/// The operator, on host d: moves stream leaders, reads stream state.
+fn admin(certs: &Certs) -> Credentials {
+    Credentials {
+        tls: Some((
+            certs.ca().into(),
+            certs.file("d", "facade.pem").into(),
+            certs.file("d", "facade.key").into(),
+        )),
+        nkey_seed: Some(certs.seed("admin.nk")),
     }
 }
 
@@ -183,7 +128,7 @@ impl Layout {
             .find(|node| node.name == format!("nats-{name}"))
             .expect("a node");
         let nats_args = node
-            .locked_args(&nodes, &self.certs.lockdown(name))
+            .locked_args(&nodes, &lockdown(&self.certs, name))
             .expect("node config");
         let server = local_nats::server_path().expect("nats-server (scripts/setup installs it)");
         let nats = self
@@ -308,7 +253,7 @@ impl Layout {
 async fn start(hosts: Hosts) -> Layout {
     let data = std::env::temp_dir().join(format!("partitions-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
-    let certs = Certs::make(&hosts, &data);
+    let certs = make_certs(&hosts, &data);
     let facade = SocketAddr::new(hosts.ip("d").into(), 8080);
     let mut messages_args = vec!["--addr".to_owned(), format!("{}:50060", hosts.ip("a"))];
     messages_args.extend(certs.flags("a", "messages"));
@@ -340,14 +285,14 @@ async fn start(hosts: Hosts) -> Layout {
         layout.sites.push(site);
     }
     local_nats::wait_ready_as(
-        &layout.certs.admin(),
+        &admin(&layout.certs),
         &layout.store(),
         Duration::from_secs(60),
         &CancellationToken::new(),
     )
     .await
     .expect("the NATS cluster across a, b and c");
-    let transport = layout.certs.transport();
+    let transport = layout.certs.transport("d", "facade");
     for name in ["a", "b", "c"] {
         let addr = format!("{}:50051", layout.ip(name)).parse().expect("addr");
         wait_serving_over(&transport, addr).await;
@@ -457,7 +402,7 @@ async fn run(hosts: Hosts) {
 
     // 1. Host a isolated for 10 s, leading the stream (the worst case): b and c elect a
     // new leader and stop hearing logging-a; d writes through them.
-    let admin = layout.certs.admin();
+    let admin = admin(&layout.certs);
     move_leader_as(&admin, &layout.store(), "MESSAGES", "nats-a").await;
     let before = window(&progress);
     layout.hosts.isolate("a");
@@ -474,7 +419,7 @@ async fn run(hosts: Hosts) {
     let back = healed.elapsed();
     // Nothing on the healed host stays wedged: its instance answers, and it writes.
     wait_serving_over(
-        &layout.certs.transport(),
+        &layout.certs.transport("d", "facade"),
         layout.logging_of("a").parse().expect("addr"),
     )
     .await;
@@ -817,7 +762,7 @@ async fn attacks(layout: &Layout) -> Verdicts {
             layout.certs.file("a", "logging.pem").into(),
             layout.certs.file("a", "logging.key").into(),
         )),
-        nkey_seed: Some(layout.certs.seed(&layout.certs.dir.join("a/logging.nk"))),
+        nkey_seed: Some(layout.certs.seed("a/logging.nk")),
     };
     match logging
         .options()

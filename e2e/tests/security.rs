@@ -16,13 +16,13 @@
 use std::{
     net::SocketAddr,
     os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Output},
     time::Duration,
 };
 
 use e2e::{
-    bin, eventually, free_addr, free_port, grpcurl_with, http_code, proxy::Proxy,
+    certs::Certs, eventually, free_addr, free_port, grpcurl_with, http_code, proxy::Proxy,
     verdicts::Verdicts, Proc,
 };
 use registry_client::RegistryClient;
@@ -45,78 +45,28 @@ fn write_private(path: &Path, contents: &str, mode: u32) {
 
 /// The deployment's certificates: hosts `local` (127.0.0.1, where everything runs) and
 /// `other` (a host of the same deployment: valid certificates, other identities).
-struct Certs {
-    dir: PathBuf,
+fn make_certs(dir: &Path) -> Certs {
+    let (certs, printed) = Certs::make(
+        dir,
+        &["local=127.0.0.1,localhost".into(), "other=127.0.0.2".into()],
+    );
+    assert!(
+        printed.contains("host local (127.0.0.1, localhost)"),
+        "says which folder goes where: {printed}"
+    );
+    certs
 }
 
-impl Certs {
-    fn make(dir: &Path) -> Self {
-        let out = dir.join("certs");
-        let output = Command::new(bin("runner"))
-            .args(["certs", "--out"])
-            .arg(&out)
-            .args([
-                "--host",
-                "local=127.0.0.1,localhost",
-                "--host",
-                "other=127.0.0.2",
-            ])
-            .output()
-            .expect("runner certs runs");
-        assert!(output.status.success(), "runner certs: {}", text(&output));
-        assert!(
-            text(&output).contains("host local (127.0.0.1, localhost)"),
-            "says which folder goes where: {}",
-            text(&output)
-        );
-        Self { dir: out }
-    }
-
-    fn ca(&self) -> String {
-        self.dir.join("ca.pem").display().to_string()
-    }
-
-    fn file(&self, host: &str, service: &str, ext: &str) -> String {
-        self.dir
-            .join(host)
-            .join(format!("{service}.{ext}"))
-            .display()
-            .to_string()
-    }
-
-    /// The TLS flags of our binaries, for `service` on `host`.
-    fn flags(&self, host: &str, service: &str) -> Vec<String> {
-        vec![
-            "--tls-cert".into(),
-            self.file(host, service, "pem"),
-            "--tls-key".into(),
-            self.file(host, service, "key"),
-            "--tls-ca".into(),
-            self.ca(),
-        ]
-    }
-
-    /// grpcurl's flags for a client holding `service@host`'s certificate.
-    fn grpcurl(&self, host: &str, service: &str) -> Vec<String> {
-        vec![
-            "-cacert".into(),
-            self.ca(),
-            "-cert".into(),
-            self.file(host, service, "pem"),
-            "-key".into(),
-            self.file(host, service, "key"),
-        ]
-    }
-
-    fn transport(&self, host: &str, service: &str) -> rpc::Transport {
-        rpc::Tls::load(
-            Path::new(&self.file(host, service, "pem")),
-            Path::new(&self.file(host, service, "key")),
-            Path::new(&self.ca()),
-        )
-        .expect("certificates load")
-        .transport()
-    }
+/// grpcurl's flags for a client holding `service@host`'s certificate.
+fn grpcurl_as(certs: &Certs, host: &str, service: &str) -> Vec<String> {
+    vec![
+        "-cacert".into(),
+        certs.ca(),
+        "-cert".into(),
+        certs.file(host, &format!("{service}.pem")),
+        "-key".into(),
+        certs.file(host, &format!("{service}.key")),
+    ]
 }
 
 fn args(list: &[String]) -> Vec<&str> {
@@ -138,7 +88,7 @@ async fn nobody_without_the_deployments_keys_gets_in() {
     let dir = std::env::temp_dir().join(format!("security-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
-    let certs = Certs::make(&dir);
+    let certs = make_certs(&dir);
     let token = format!("token-{}", uuid_like());
     let token_file = dir.join("registry.token");
     write_private(&token_file, &format!("{token}\n"), 0o600);
@@ -285,8 +235,8 @@ async fn nobody_without_the_deployments_keys_gets_in() {
         flags.extend(["-H".to_owned(), bearer.clone()]);
         flags
     };
-    let other_logging = with_token(certs.grpcurl("other", "logging"));
-    let local_messages = with_token(certs.grpcurl("local", "messages"));
+    let other_logging = with_token(grpcurl_as(&certs, "other", "logging"));
+    let local_messages = with_token(grpcurl_as(&certs, "local", "messages"));
     let steal = format!(
         r#"{{"service":"logging","address":"127.0.0.2:50051","instanceId":"{instance_id}"}}"#
     );
@@ -380,8 +330,8 @@ async fn nobody_without_the_deployments_keys_gets_in() {
     );
     let metrics = Command::new("curl")
         .args(["-s", "--max-time", "10", "--cacert", &ca])
-        .args(["--cert", &certs.file("local", "facade", "pem")])
-        .args(["--key", &certs.file("local", "facade", "key")])
+        .args(["--cert", &certs.file("local", "facade.pem")])
+        .args(["--key", &certs.file("local", "facade.key")])
         .arg(format!("https://{registry}/metrics"))
         .output()
         .expect("curl runs");
@@ -542,8 +492,8 @@ async fn services_refuse_to_start_where_they_would_be_exposed() {
         output.lines().last().unwrap_or_default().to_owned(),
     );
 
-    let certs = Certs::make(&dir);
-    let key = certs.file("local", "messages", "key");
+    let certs = make_certs(&dir);
+    let key = certs.file("local", "messages.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     let mut flags = vec!["--addr".to_owned(), free_addr().to_string()];
     flags.extend(certs.flags("local", "messages"));
@@ -568,22 +518,15 @@ async fn the_store_lets_in_only_logging_and_logging_cannot_lose_the_log() {
     let dir = std::env::temp_dir().join(format!("locked-nats-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
-    let certs = Certs::make(&dir);
-    let path = |file: &str| PathBuf::from(certs.file("local", file, "")).with_extension("");
-    let seed = std::fs::read_to_string(certs.dir.join("local/logging.nk")).expect("nkey");
-    let lockdown = local_nats::Lockdown {
-        cert: path("nats").with_extension("pem"),
-        key: path("nats").with_extension("key"),
-        ca: PathBuf::from(certs.ca()),
-        route_secret: "a-route-password".into(),
-        logging_user: local_nats::Lockdown::public_user(&seed).expect("an nkey seed"),
-        admin_user: Some(
-            local_nats::Lockdown::public_user(
-                &std::fs::read_to_string(certs.dir.join("admin.nk")).expect("admin nkey"),
-            )
-            .expect("an nkey seed"),
-        ),
-    };
+    let certs = make_certs(&dir);
+    let local = certs.dir.join("local");
+    let seed = certs.seed("local/logging.nk");
+    let lockdown = runner::certs::lockdown(
+        &local,
+        "a-route-password".into(),
+        local_nats::Lockdown::public_user(&seed).expect("an nkey seed"),
+        Some(local_nats::Lockdown::public_user(&certs.seed("admin.nk")).expect("an nkey seed")),
+    );
     let first = e2e::free_ports(6);
     let nodes = local_nats::cluster(
         &[first, first + 1, first + 2],
@@ -599,14 +542,7 @@ async fn the_store_lets_in_only_logging_and_logging_cannot_lose_the_log() {
         })
         .collect();
     let urls = local_nats::urls(&nodes);
-    let logging = local_nats::Credentials {
-        tls: Some((
-            PathBuf::from(certs.ca()),
-            path("logging").with_extension("pem"),
-            path("logging").with_extension("key"),
-        )),
-        nkey_seed: Some(seed.trim().to_owned()),
-    };
+    let logging = runner::certs::logging_credentials(&local, seed);
     let cancel = tokio_util::sync::CancellationToken::new();
     local_nats::wait_ready_as(&logging, &urls, Duration::from_secs(60), &cancel)
         .await
@@ -712,12 +648,7 @@ async fn the_store_lets_in_only_logging_and_logging_cannot_lose_the_log() {
     // A stream that needs a change logging may not make: the refusal names the subject.
     let admin = local_nats::Credentials {
         tls: logging.tls.clone(),
-        nkey_seed: Some(
-            std::fs::read_to_string(certs.dir.join("admin.nk"))
-                .expect("admin nkey")
-                .trim()
-                .to_owned(),
-        ),
+        nkey_seed: Some(certs.seed("admin.nk")),
     };
     let admin = attempt(admin.options()).await.expect("the admin connects");
     let jetstream = async_nats::jetstream::new(admin);
@@ -739,7 +670,7 @@ async fn the_store_lets_in_only_logging_and_logging_cannot_lose_the_log() {
         "--store".into(),
         urls.clone(),
         "--store-nkey".into(),
-        certs.dir.join("local/logging.nk").display().to_string(),
+        certs.file("local", runner::certs::LOGGING_NKEY),
         "--registry".into(),
         format!("https://127.0.0.1:{}", free_port()),
     ];

@@ -197,15 +197,7 @@ impl Tls {
         anyhow::ensure!(!chain.is_empty(), "{} holds no certificate", cert.display());
         let key_der = PrivateKeyDer::from_pem_slice(&key_pem)
             .with_context(|| format!("{} is not a PEM private key", key.display()))?;
-        let mut roots = RootCertStore::empty();
-        for ca_cert in CertificateDer::pem_slice_iter(&ca_pem) {
-            let ca_cert =
-                ca_cert.with_context(|| format!("{} is not a PEM certificate", ca.display()))?;
-            roots
-                .add(ca_cert)
-                .with_context(|| format!("{} is not a usable CA certificate", ca.display()))?;
-        }
-        anyhow::ensure!(!roots.is_empty(), "{} holds no certificate", ca.display());
+        let roots = roots(&ca_pem, ca)?;
         Ok(Self {
             chain,
             key: Arc::new(key_der),
@@ -252,6 +244,21 @@ impl Tls {
             ));
         Transport { tls: Some(config) }
     }
+}
+
+/// The CA certificates in `pem` (read from `path`, which errors name) as the roots to
+/// check peers against.
+pub fn roots(pem: &[u8], path: &Path) -> anyhow::Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for ca_cert in CertificateDer::pem_slice_iter(pem) {
+        let ca_cert =
+            ca_cert.with_context(|| format!("{} is not a PEM certificate", path.display()))?;
+        roots
+            .add(ca_cert)
+            .with_context(|| format!("{} is not a usable CA certificate", path.display()))?;
+    }
+    anyhow::ensure!(!roots.is_empty(), "{} holds no certificate", path.display());
+    Ok(roots)
 }
 
 /// Refuses a key or token file that its group or others may read.
