@@ -26,6 +26,7 @@ use e2e::{
     verdicts::Verdicts, Proc,
 };
 use registry_client::RegistryClient;
+use tokio::io::AsyncReadExt;
 
 /// What every cleartext HTTP/2 connection starts with.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -183,6 +184,30 @@ async fn nobody_without_the_deployments_keys_gets_in() {
         "the text",
         text(&read).contains(&secret),
         text(&read),
+    );
+
+    // A client that connects and never says a word: its handshake holds up nobody, and
+    // the connection is dropped once `rpc::tls::HANDSHAKE_TIMEOUT` has passed.
+    let mut silent = tokio::net::TcpStream::connect(logging)
+        .await
+        .expect("connect");
+    let opened = std::time::Instant::now();
+    let served = rpc::is_serving_over(&operator, &logging.to_string(), "").await;
+    table.check(
+        "a health check while another handshake hangs",
+        "SERVING",
+        served,
+        String::new(),
+    );
+    let limit = rpc::tls::HANDSHAKE_TIMEOUT + Duration::from_secs(10);
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(limit, silent.read(&mut byte)).await;
+    let waited = opened.elapsed();
+    table.check(
+        "a handshake never finished",
+        "dropped at the timeout",
+        matches!(closed, Ok(Ok(0) | Err(_))) && waited >= rpc::tls::HANDSHAKE_TIMEOUT,
+        format!("{closed:?} after {waited:?}"),
     );
 
     // Plaintext gRPC, and TLS without a client certificate, to every port.
