@@ -206,7 +206,9 @@ async fn nobody_without_the_deployments_keys_gets_in() {
     table.check(
         "a handshake never finished",
         "dropped at the timeout",
-        matches!(closed, Ok(Ok(0) | Err(_))) && waited >= rpc::tls::HANDSHAKE_TIMEOUT,
+        // The server's clock starts at its accept, a hair before ours: a tenth's slack
+        // still tells the timeout from a refusal, which would close at once.
+        matches!(closed, Ok(Ok(0) | Err(_))) && waited >= rpc::tls::HANDSHAKE_TIMEOUT.mul_f64(0.9),
         format!("{closed:?} after {waited:?}"),
     );
 
