@@ -84,7 +84,7 @@ start_system() {
   # Consecutive ports for the logging instances, the NATS clients and the NATS routes.
   logging=$(free_block 3); nats_port=$(free_block 3); nats_cluster=$(free_block 3)
   rm -rf "$work/data"
-  target/release/runner --store "$store" --discovery "$discovery" --logging "$instances" \
+  "${BIN:-target/release}/runner" --store "$store" --discovery "$discovery" --logging "$instances" \
     --registry-port "$registry" --messages-port "$messages" --facade-port "$facade" \
     --logging-port "$logging" --nats-port "$nats_port" --nats-cluster-port "$nats_cluster" \
     --data-dir "$work/data" ${tls:+--tls "$tls"} > "$work/runner.log" 2>&1 &

@@ -16,8 +16,8 @@ use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::mpsc;
 
 use super::{
-    fill, Appended, Batches, Message, MessageStore, Page, StoreError, Stored, MAX_PAGE,
-    STREAM_BATCH,
+    fill, Appended, Batches, Message, MessageStore, Page, StoreError, Stored, MAX_BATCH_BYTES,
+    MAX_PAGE, STREAM_BATCH, STREAM_BATCH_BYTES,
 };
 
 /// How much one memory store may hold.
@@ -72,9 +72,15 @@ impl MemoryStore {
     }
 }
 
-/// Copies a batch from index `from` (below `to`) of at most `count` messages (and the
-/// byte cap), with their positions; and whether it stopped before `to`.
-fn copy(inner: &Inner, from: usize, to: usize, count: usize) -> (Vec<Stored>, bool) {
+/// Copies a batch from index `from` (below `to`) of at most `count` messages and
+/// `max_bytes` of text (at least one message), with their positions; and whether it
+/// stopped before `to`.
+fn copy(
+    inner: &Inner,
+    (from, to): (usize, usize),
+    count: usize,
+    max_bytes: usize,
+) -> (Vec<Stored>, bool) {
     let mut messages = inner.messages[from..to]
         .iter()
         .zip(from + 1..)
@@ -84,7 +90,7 @@ fn copy(inner: &Inner, from: usize, to: usize, count: usize) -> (Vec<Stored>, bo
             text: message.text.clone(),
         })
         .peekable();
-    fill(&mut messages, count)
+    fill(&mut messages, count, max_bytes)
 }
 
 impl MessageStore for MemoryStore {
@@ -126,7 +132,7 @@ impl MessageStore for MemoryStore {
                 last: len as u64,
             });
         }
-        let (messages, more) = copy(&inner, from, len, limit.min(MAX_PAGE));
+        let (messages, more) = copy(&inner, (from, len), limit.min(MAX_PAGE), MAX_BATCH_BYTES);
         Ok(Page { messages, more })
     }
 
@@ -144,7 +150,7 @@ impl MessageStore for MemoryStore {
         tokio::spawn(async move {
             let (mut from, to) = (after as usize, until as usize);
             while from < to {
-                let (batch, _) = copy(&inner.lock(), from, to, STREAM_BATCH);
+                let (batch, _) = copy(&inner.lock(), (from, to), STREAM_BATCH, STREAM_BATCH_BYTES);
                 from += batch.len();
                 if sender.send(Ok(batch)).await.is_err() {
                     return; // the reader went away

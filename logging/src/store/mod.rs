@@ -28,22 +28,26 @@ pub use nats::{NatsConfig, NatsStore, Retention};
 pub const STREAM_BATCH: usize = 512;
 /// The most messages one [`MessageStore::read`] returns.
 pub const MAX_PAGE: usize = 1000;
-/// Most bytes of text in one batch or page (always at least one message), so a gRPC
-/// message stays far below the 4 MiB a peer accepts by default, whatever the texts.
+/// Most bytes of text in one page (always at least one message), so a gRPC message
+/// stays far below the 4 MiB a peer accepts by default, whatever the texts.
 pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// Most bytes of text in one batch of a [`MessageStore::stream`] (always at least one
+/// message): a full read holds a few batches, so this sets its memory.
+pub const STREAM_BATCH_BYTES: usize = 128 * 1024;
 
 /// Takes messages from `messages` while the batch stays under `count` messages and
-/// [`MAX_BATCH_BYTES`] of text; returns the batch and whether messages were left (still
-/// in `messages`, so the next call goes on from there).
+/// `max_bytes` of text; returns the batch and whether messages were left (still in
+/// `messages`, so the next call goes on from there).
 fn fill<I: Iterator<Item = Stored>>(
     messages: &mut std::iter::Peekable<I>,
     count: usize,
+    max_bytes: usize,
 ) -> (Vec<Stored>, bool) {
     let mut batch = Vec::new();
     let mut bytes = 0;
     while let Some(next) = messages.peek() {
-        let full = batch.len() >= count
-            || (!batch.is_empty() && bytes + next.text.len() > MAX_BATCH_BYTES);
+        let full =
+            batch.len() >= count || (!batch.is_empty() && bytes + next.text.len() > max_bytes);
         if full {
             return (batch, true);
         }
@@ -176,7 +180,7 @@ mod tests {
         let mut sizes = Vec::new();
         let mut positions = Vec::new();
         while messages.peek().is_some() {
-            let (batch, _) = fill(&mut messages, STREAM_BATCH);
+            let (batch, _) = fill(&mut messages, STREAM_BATCH, MAX_BATCH_BYTES);
             sizes.push(batch.len());
             positions.extend(batch.iter().map(|m| m.position));
         }
@@ -188,7 +192,7 @@ mod tests {
             id: "1".into(),
             text: "x".repeat(2 * MAX_BATCH_BYTES),
         };
-        let (batch, more) = fill(&mut vec![huge].into_iter().peekable(), 10);
+        let (batch, more) = fill(&mut vec![huge].into_iter().peekable(), 10, MAX_BATCH_BYTES);
         assert_eq!((batch.len(), more), (1, false));
     }
 }
@@ -345,7 +349,7 @@ pub(crate) mod contract {
         while let Some(batch) = batches.receiver.recv().await {
             let batch = batch.expect("batch");
             let bytes: usize = batch.iter().map(|m| m.text.len()).sum();
-            assert!(bytes <= MAX_BATCH_BYTES, "{bytes} bytes in one batch");
+            assert!(bytes <= STREAM_BATCH_BYTES, "{bytes} bytes in one batch");
             count += batch.len();
         }
         assert_eq!(count, 40);

@@ -29,9 +29,11 @@
 //!   creation time), its size and its number in headers; one that names anything else
 //!   is not used, and a blocks stream left from a messages stream since deleted, or
 //!   holding blocks of another size, is deleted at start-up and rebuilt.
-//! - **A block too big to publish** (a hundred texts of 64 KiB) is kept as an empty
-//!   marker, so the numbering goes on; full reads read its messages instead, as they do
-//!   for a block not built yet.
+//! - **Small, or a marker.** A block whose texts hold more than [`BLOCK_MAX_BYTES`]
+//!   (64 KiB: a hundred texts of 655 bytes on average) is kept as an empty marker, so the
+//!   numbering goes on; full reads read its messages instead, as they do for a block not
+//!   built yet. Building stops reading such a block's messages once they pass the cap,
+//!   so it holds at most 64 KiB and one answer of a batched get in memory.
 
 use std::{
     sync::{
@@ -53,7 +55,7 @@ use async_nats::{
 use prost::Message as _;
 use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::direct::{self, Raw};
 use crate::store::{StoreError, Stored};
@@ -73,10 +75,14 @@ const BLOCK_HEADER: &str = "Block";
 const SIZE_HEADER: &str = "Block-Size";
 /// Set on a block kept as a marker because its texts were too big to publish as one.
 const SKIPPED_HEADER: &str = "Block-Skipped";
-/// Blocks asked for in one batched get, and the bytes it may send: about 100 KB for short
-/// texts, a few MiB at most.
+/// Blocks asked for in one batched get, and the bytes it may send (one block more at
+/// most): ten blocks of short texts are about 100 KB.
 pub(super) const BLOCKS_PER_GET: usize = 10;
-const BLOCK_GET_BYTES: usize = 2 * 1024 * 1024;
+const BLOCK_GET_BYTES: usize = super::READ_BYTES;
+/// Most bytes of text one block holds: a block whose hundred texts hold more is kept as
+/// a marker, and full reads read its messages (blocks pay off for short texts, where a
+/// reply per message costs more than its bytes).
+pub(super) const BLOCK_MAX_BYTES: usize = 64 * 1024;
 /// How long building waits for a complete block's messages.
 const BUILD_WAIT: Duration = Duration::from_secs(5);
 /// How often an instance looks whether the blocks have fallen behind (jittered, so
@@ -278,33 +284,34 @@ impl Blocks {
         self.known.load(Ordering::Relaxed)
     }
 
-    /// Blocks `first..=last` (all known to be built), in order, each with its messages,
-    /// or `None` for one that is not usable (a marker, another log's) or could not be
-    /// read by `deadline` (the blocks stream deleted or without a leader): the caller
-    /// reads those blocks' messages instead.
+    /// The next blocks of `first..=last` (all known to be built), in order, from
+    /// `first` on: one answer of at most [`BLOCKS_PER_GET`] blocks and about
+    /// [`BLOCK_GET_BYTES`], each block with its messages, or `None` for one that is not
+    /// usable (a marker, another log's). When the blocks cannot be read by `deadline`
+    /// (the blocks stream deleted or without a leader), every block of the range is
+    /// `None`: the caller reads those blocks' messages instead.
     pub(super) async fn read(
         &self,
         (first, last): (u64, u64),
         deadline: Instant,
     ) -> Vec<(u64, Option<Vec<Stored>>)> {
-        let name = &self.config.name;
-        let read = direct::range(
+        let read = direct::chunk(
             &self.client,
-            name,
+            &self.config.name,
             (first + 1, last + 1),
             BLOCKS_PER_GET,
             BLOCK_GET_BYTES,
             deadline,
         )
         .await;
-        let mut found = match read {
-            Ok(found) => found.into_iter().peekable(),
-            Err(error) => {
-                debug!(%error, first, last, "store: blocks cannot be read; reading their messages");
-                Vec::new().into_iter().peekable()
-            }
-        };
-        (first..=last)
+        let found = read.unwrap_or_else(|error| {
+            debug!(%error, first, last, "store: blocks cannot be read; reading their messages");
+            Vec::new()
+        });
+        // Up to the last block answered; the whole range when none was.
+        let upto = found.last().map_or(last, |raw| raw.sequence - 1);
+        let mut found = found.into_iter().peekable();
+        (first..=upto)
             .map(|n| {
                 let block = found
                     .next_if(|raw| raw.sequence == n + 1)
@@ -339,25 +346,28 @@ impl Blocks {
         }
     }
 
-    /// Stores `contents` as block `n`. `Ok(false)`: another instance stored block `n`
-    /// first.
-    async fn publish(&self, n: u64, contents: &[Stored]) -> Result<bool, StoreError> {
-        let payload = encode(contents);
+    /// Stores `contents` as block `n`, or a marker when there are none (texts over
+    /// [`BLOCK_MAX_BYTES`]) or they are too big to publish. `Ok(false)`: another
+    /// instance stored block `n` first.
+    async fn publish(&self, n: u64, contents: Option<&[Stored]>) -> Result<bool, StoreError> {
         let mut publish = PublishMessage::build()
             .expected_last_sequence(n)
             .header(LOG_HEADER, self.log.as_str())
             .header(SIZE_HEADER, BLOCK.to_string().as_str())
             .header(BLOCK_HEADER, n.to_string().as_str());
+        let payload = contents.map(encode);
         // Headers and subject take well under 1 KiB.
-        publish = if payload.len() + 1024 > self.max_payload {
-            info!(
-                block = n,
-                bytes = payload.len(),
-                "store: block too big to publish; full reads read its messages"
-            );
-            publish.header(SKIPPED_HEADER, "too big")
-        } else {
-            publish.payload(payload.into())
+        publish = match payload {
+            Some(payload) if payload.len() + 1024 <= self.max_payload => {
+                publish.payload(payload.into())
+            }
+            _ => {
+                debug!(
+                    block = n,
+                    "store: block texts too big for a block; full reads read its messages"
+                );
+                publish.header(SKIPPED_HEADER, "too big")
+            }
         };
         let ack = self
             .jetstream
@@ -374,24 +384,36 @@ impl Blocks {
         }
     }
 
-    /// The messages of complete block `n`, read with a batched get and checked against
-    /// the messages stream's leader (see the module docs).
-    async fn contents(&self, n: u64) -> Result<Vec<Stored>, StoreError> {
+    /// The messages of complete block `n`, read answer by answer and checked against
+    /// the messages stream's leader (see the module docs); `None` once their texts pass
+    /// [`BLOCK_MAX_BYTES`], so building holds at most that (and one answer) in memory.
+    async fn contents(&self, n: u64) -> Result<Option<Vec<Stored>>, StoreError> {
         let name = &self.messages.cached_info().config.name;
         let deadline = Instant::now() + BUILD_WAIT;
-        let read = direct::range(
-            &self.client,
-            name,
-            range_of(n),
-            BLOCK as usize,
-            BLOCK_GET_BYTES,
-            deadline,
-        )
-        .await?;
+        let (mut next, last) = range_of(n);
+        let (mut read, mut bytes) = (Vec::new(), 0);
+        while next <= last {
+            let answer = direct::chunk(
+                &self.client,
+                name,
+                (next, last),
+                BLOCK as usize,
+                BLOCK_GET_BYTES,
+                deadline,
+            )
+            .await?;
+            let Some(newest) = answer.last() else { break };
+            next = newest.sequence + 1;
+            bytes += answer.iter().map(|raw| raw.payload.len()).sum::<usize>();
+            if bytes > BLOCK_MAX_BYTES {
+                return Ok(None);
+            }
+            read.extend(answer);
+        }
         if let Some(last) = read.last() {
             self.confirm(last).await?;
         }
-        Ok(read.into_iter().map(Raw::into_stored).collect())
+        Ok(Some(read.into_iter().map(Raw::into_stored).collect()))
     }
 
     /// Whether the messages stream's leader holds `read` at its position.
@@ -437,7 +459,7 @@ impl Blocks {
             }
             while next < complete {
                 let contents = self.contents(next).await?;
-                if self.publish(next, &contents).await? {
+                if self.publish(next, contents.as_deref()).await? {
                     stored += 1;
                     next += 1;
                 } else {

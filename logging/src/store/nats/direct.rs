@@ -8,7 +8,7 @@
 //! that replica holds after the last one sent. Nothing at or after `S` is a `404`.
 //!
 //! A replica answers from what it has applied, which may be a little behind what the
-//! stream's leader acknowledged. [`range`] knows where its answer must end (the caller
+//! stream's leader acknowledged. [`chunk`] knows where its answer must end (the caller
 //! asked the leader), so an answer that stops short is a replica behind, asked again.
 
 use std::time::Duration;
@@ -127,43 +127,40 @@ pub(super) async fn batch(
     }
 }
 
-/// Every message `stream` holds at positions `from..=to`, in order, in requests of at
-/// most `per_request` messages and about `max_bytes`. `to` must be stored (the stream's
-/// leader said so): an answer that ends before it comes from a replica that is behind,
-/// which is asked again, until `deadline`.
-pub(super) async fn range(
+/// The next messages `stream` holds at positions `from..=to`, in order: one answer of at
+/// most `count` messages and about `max_bytes` (always at least one message), so the
+/// caller holds no more than that. Empty when nothing is left in the range. `to` must be
+/// stored (the stream's leader said so): an answer with nothing from `from` on comes
+/// from a replica that is behind, which is asked again, until `deadline`.
+pub(super) async fn chunk(
     client: &Client,
     stream: &str,
     (from, to): (u64, u64),
-    per_request: usize,
+    count: usize,
     max_bytes: usize,
     deadline: Instant,
 ) -> Result<Vec<Raw>, StoreError> {
-    let mut messages = Vec::new();
-    let mut next = from;
     let mut behind = behind();
-    while next <= to {
-        let count = usize::try_from(to - next + 1).map_or(per_request, |n| n.min(per_request));
-        let timeout = deadline.saturating_duration_since(Instant::now());
-        let answer = batch(client, stream, next, count, max_bytes, timeout).await?;
-        let replica_ended = answer.pending == 0;
-        for message in answer.messages {
-            if message.sequence > to {
-                return Ok(messages);
-            }
-            next = message.sequence + 1;
-            messages.push(message);
-        }
-        if next <= to && replica_ended {
-            let pause = behind.next_delay();
-            if Instant::now() + pause >= deadline {
-                return Err(StoreError::unavailable(
-                    "read",
-                    format!("the replica answering stays behind position {to}"),
-                ));
-            }
-            tokio::time::sleep(pause).await;
-        }
+    if from > to {
+        return Ok(Vec::new());
     }
-    Ok(messages)
+    loop {
+        let count = usize::try_from(to - from + 1).map_or(count, |n| n.min(count));
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let answer = batch(client, stream, from, count, max_bytes, timeout).await?;
+        let past = answer.messages.last().is_some_and(|m| m.sequence > to);
+        let mut messages = answer.messages;
+        messages.retain(|m| m.sequence <= to);
+        if !messages.is_empty() || past {
+            return Ok(messages);
+        }
+        let pause = behind.next_delay();
+        if Instant::now() + pause >= deadline {
+            return Err(StoreError::unavailable(
+                "read",
+                format!("the replica answering stays behind position {to}"),
+            ));
+        }
+        tokio::time::sleep(pause).await;
+    }
 }

@@ -36,7 +36,7 @@ mod publish;
 mod subject;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -52,10 +52,13 @@ use async_nats::{
     },
     Client,
 };
-use futures_util::{future::join_all, StreamExt};
+use futures_util::future::join_all;
 use retry::Retry;
 use tokio::{sync::mpsc, time::Instant};
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::{
+    sync::{CancellationToken, DropGuard},
+    task::AbortOnDropHandle,
+};
 use tracing::{debug, error, info, warn};
 
 pub use self::{
@@ -69,7 +72,7 @@ use self::{
 };
 use super::{
     fill, Appended, Batches, Message, MessageStore, Page, StoreError, Stored, MAX_BATCH_BYTES,
-    MAX_PAGE, STREAM_BATCH,
+    MAX_PAGE, STREAM_BATCH, STREAM_BATCH_BYTES,
 };
 
 pub const STREAM: &str = "MESSAGES";
@@ -78,15 +81,24 @@ pub const STREAM: &str = "MESSAGES";
 pub const MIN_SERVER_VERSION: (u64, u64, u64) = (2, 12, 0);
 /// How often the connection asks its server for a sign of life.
 const PING_INTERVAL: Duration = Duration::from_secs(1);
-/// How long one piece of a full read may take before the read is called stalled.
+/// How long one request of a full read may take before the read is called stalled.
 const STREAM_STALL: Duration = Duration::from_secs(5);
-/// Requests of a full read in flight at once.
+/// Pieces of a full read read at once (each one request at a time).
 const READS_IN_FLIGHT: usize = 4;
+/// Most bytes one request of a full read asks for (the server sends one message more at
+/// most): a thousand short texts, or two of 64 KiB.
+const READ_BYTES: usize = 128 * 1024;
 /// Messages one request of a full read asks for, after the built blocks.
 const MESSAGES_PER_GET: usize = 1000;
 
-/// How much of the log the stream keeps. Everything, by default; a limit makes the
-/// stream drop its oldest messages (and with them their ids: see the module docs).
+/// The size the stream may reach on disk by default (`--store-max-bytes`): past it,
+/// appends are refused ([`StoreError::Full`], a 507 at the facade) and nothing stored is
+/// dropped.
+pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
+
+/// How much of the log the stream keeps. Everything, by default, up to the size limit;
+/// a retention limit makes the stream drop its oldest messages instead (and with them
+/// their ids: see the module docs).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Retention {
     pub max_age: Option<Duration>,
@@ -95,11 +107,19 @@ pub struct Retention {
 }
 
 impl Retention {
-    fn apply(&self, config: &mut stream::Config) {
+    /// Sets the stream's limits: the retention limits given, and the size limit
+    /// `max_bytes` (`None`: none). Without a retention limit on bytes or messages the
+    /// stream refuses appends at its size (discard new); with one, it drops its oldest.
+    fn apply(&self, config: &mut stream::Config, max_bytes: Option<u64>) {
         let limit = |value: Option<u64>| value.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
         config.max_age = self.max_age.unwrap_or(Duration::ZERO);
-        config.max_bytes = limit(self.max_bytes);
+        config.max_bytes = limit(self.max_bytes.or(max_bytes));
         config.max_messages = limit(self.max_messages);
+        config.discard = if self.max_bytes.is_some() || self.max_messages.is_some() {
+            stream::DiscardPolicy::Old
+        } else {
+            stream::DiscardPolicy::New
+        };
     }
 }
 
@@ -114,6 +134,8 @@ pub struct NatsConfig {
     pub timeout: Duration,
     /// Limits given to the stream when this instance creates it.
     pub retention: Retention,
+    /// The stream's size limit when this instance creates it (`None`: none).
+    pub max_bytes: Option<u64>,
     /// Whether this instance builds blocks (see [`blocks`]). Reads use the blocks there
     /// are either way; only tests turn it off, to read a log without them.
     pub build_blocks: bool,
@@ -132,6 +154,7 @@ impl NatsConfig {
             // UNAVAILABLE before the caller gives up on this instance.
             timeout: Duration::from_millis(900),
             retention: Retention::default(),
+            max_bytes: Some(DEFAULT_MAX_BYTES),
             build_blocks: true,
             credentials: local_nats::Credentials::default(),
         }
@@ -233,7 +256,7 @@ impl NatsStore {
             allow_atomic_publish: true,
             ..Default::default()
         };
-        config.retention.apply(&mut stream_config);
+        config.retention.apply(&mut stream_config, config.max_bytes);
         let mut stream = Retry::new(format!("store: opening stream {STREAM} at {urls}"), cancel)
             .backoff(Duration::from_millis(200), Duration::from_secs(2))
             .run(
@@ -260,17 +283,21 @@ impl NatsStore {
             })?;
             stream = jetstream.get_stream(STREAM).await?;
         }
-        if (existing.max_age, existing.max_bytes, existing.max_messages)
-            != (
-                stream_config.max_age,
-                stream_config.max_bytes,
-                stream_config.max_messages,
-            )
-        {
+        if (
+            existing.max_age,
+            existing.max_bytes,
+            existing.max_messages,
+            existing.discard,
+        ) != (
+            stream_config.max_age,
+            stream_config.max_bytes,
+            stream_config.max_messages,
+            stream_config.discard,
+        ) {
             warn!(
                 stream = STREAM,
                 max_age = ?existing.max_age, max_bytes = existing.max_bytes,
-                max_messages = existing.max_messages,
+                max_messages = existing.max_messages, discard = ?existing.discard,
                 "store: the stream already exists with other limits; it keeps its own \
                  (change them with `nats stream edit`, or remove the stream)"
             );
@@ -374,6 +401,16 @@ impl NatsStore {
                 self.stored_through(last, messages.len() as u64);
                 messages.iter().map(|_| Ok(Appended::Inserted)).collect()
             }
+            Ok(Batched::Full(reason)) => {
+                metrics::counter!("logging_store_batches_total", "outcome" => "full").increment(1);
+                let error = format!(
+                    "the {STREAM} stream is at its size limit (--store-max-bytes): {reason}"
+                );
+                messages
+                    .iter()
+                    .map(|_| Err(StoreError::Full(error.clone())))
+                    .collect()
+            }
             Ok(Batched::Refused(reason)) => {
                 metrics::counter!("logging_store_batches_total", "outcome" => "refused")
                     .increment(1);
@@ -449,7 +486,11 @@ impl NatsStore {
                 }
                 reached < last
             };
-            let (messages, cut) = fill(&mut messages.into_iter().peekable(), MAX_PAGE);
+            let (messages, cut) = fill(
+                &mut messages.into_iter().peekable(),
+                MAX_PAGE,
+                MAX_BATCH_BYTES,
+            );
             return Ok(Page {
                 messages,
                 more: more || cut,
@@ -597,70 +638,125 @@ struct Reader {
     blocks: Blocks,
 }
 
-impl Reader {
-    /// The messages at positions `range` (all stored), as they are.
-    async fn messages(
-        &self,
-        range: (u64, u64),
-        deadline: Instant,
-    ) -> Result<Vec<Stored>, StoreError> {
-        let read = direct::range(
-            &self.client,
-            STREAM,
-            range,
-            MESSAGES_PER_GET,
-            MAX_BATCH_BYTES,
-            deadline,
-        )
-        .await?;
-        Ok(read.into_iter().map(Raw::into_stored).collect())
-    }
+/// Where a piece sends its messages, answer by answer.
+type Chunks = mpsc::Sender<Result<Vec<Stored>, StoreError>>;
 
-    /// The messages of `piece`: a block that cannot be used is read as messages.
-    async fn fetch(&self, piece: Piece) -> Result<Vec<Stored>, StoreError> {
-        let deadline = Instant::now() + STREAM_STALL;
-        let (blocks, (from, to)) = match piece {
-            Piece::Messages(range) => return self.messages(range, deadline).await,
-            Piece::Blocks { blocks, positions } => (blocks, positions),
-        };
-        let mut messages = Vec::new();
-        for (n, block) in self.blocks.read(blocks, deadline).await {
-            let (first, last) = range_of(n);
-            let (first, last) = (first.max(from), last.min(to));
-            match block {
-                Some(block) => messages.extend(
-                    block
-                        .into_iter()
-                        .filter(|m| (first..=last).contains(&m.position)),
-                ),
-                None => messages.extend(self.messages((first, last), deadline).await?),
+impl Reader {
+    /// Sends the messages at positions `(from, to)` (all stored) to `out`, one answer
+    /// of at most [`READ_BYTES`] at a time: the next is asked for only once `out` has
+    /// room for it. `false` when the reader went away or a read failed (sent to `out`).
+    async fn messages(&self, (from, to): (u64, u64), out: &Chunks) -> bool {
+        let mut next = from;
+        while next <= to {
+            let Ok(room) = out.reserve().await else {
+                return false;
+            };
+            let deadline = Instant::now() + STREAM_STALL;
+            let read = direct::chunk(
+                &self.client,
+                STREAM,
+                (next, to),
+                MESSAGES_PER_GET,
+                READ_BYTES,
+                deadline,
+            )
+            .await;
+            match read {
+                Ok(answer) => {
+                    let Some(newest) = answer.last() else {
+                        return true;
+                    };
+                    next = newest.sequence + 1;
+                    room.send(Ok(answer.into_iter().map(Raw::into_stored).collect()));
+                }
+                Err(error) => {
+                    room.send(Err(error));
+                    return false;
+                }
             }
         }
-        Ok(messages)
+        true
+    }
+
+    /// Sends the messages of `piece` to `out`, in order; a block that cannot be used is
+    /// read as messages.
+    async fn fetch(self, piece: Piece, out: Chunks) {
+        let (blocks, (from, to)) = match piece {
+            Piece::Messages(range) => {
+                self.messages(range, &out).await;
+                return;
+            }
+            Piece::Blocks { blocks, positions } => (blocks, positions),
+        };
+        let (mut next, last) = blocks;
+        while next <= last {
+            let Ok(room) = out.reserve().await else {
+                return;
+            };
+            let found = self
+                .blocks
+                .read((next, last), Instant::now() + STREAM_STALL)
+                .await;
+            let mut room = Some(room);
+            for (n, block) in found {
+                next = n + 1;
+                let (first, last) = range_of(n);
+                let (first, last) = (first.max(from), last.min(to));
+                let messages = match block {
+                    Some(block) => block
+                        .into_iter()
+                        .filter(|m| (first..=last).contains(&m.position))
+                        .collect(),
+                    None => {
+                        drop(room.take());
+                        if !self.messages((first, last), &out).await {
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                let sent = match room.take() {
+                    Some(room) => {
+                        room.send(Ok(messages));
+                        true
+                    }
+                    None => out.send(Ok(messages)).await.is_ok(),
+                };
+                if !sent {
+                    return;
+                }
+            }
+        }
     }
 
     /// Sends positions `start..=until` in batches, until the reader goes away or a read
-    /// fails (sent as the last item).
-    async fn send(
-        self,
-        start: u64,
-        until: u64,
-        sender: mpsc::Sender<Result<Vec<Stored>, StoreError>>,
-    ) {
+    /// fails (sent as the last item). [`READS_IN_FLIGHT`] pieces are read at once, each
+    /// holding at most one answer ahead of the reader (see [`Reader::messages`]).
+    async fn send(self, start: u64, until: u64, sender: Chunks) {
         let built = self.blocks.known_built();
-        let mut fetched = futures_util::stream::iter(pieces(start, until, built))
-            .map(|piece| self.fetch(piece))
-            .buffered(READS_IN_FLIGHT);
-        while let Some(messages) = fetched.next().await {
-            let messages = match messages {
-                Ok(messages) => messages,
-                Err(error) => {
-                    let _ = sender.send(Err(error)).await;
+        let mut pieces = pieces(start, until, built);
+        let mut running = VecDeque::with_capacity(READS_IN_FLIGHT);
+        loop {
+            while running.len() < READS_IN_FLIGHT {
+                let Some(piece) = pieces.next() else { break };
+                let (out, chunks) = mpsc::channel(1);
+                let task = tokio::spawn(self.clone().fetch(piece, out));
+                running.push_back((chunks, AbortOnDropHandle::new(task)));
+            }
+            let Some((mut chunks, _task)) = running.pop_front() else {
+                return;
+            };
+            while let Some(chunk) = chunks.recv().await {
+                let messages = match chunk {
+                    Ok(messages) => messages,
+                    Err(error) => {
+                        let _ = sender.send(Err(error)).await;
+                        return;
+                    }
+                };
+                if !send_batches(&sender, messages).await {
                     return;
                 }
-            };
-            if !send_batches(&sender, messages).await {
-                return;
             }
         }
     }
@@ -668,13 +764,10 @@ impl Reader {
 
 /// Sends `messages` in batches under the count and byte caps; `false` when the reader
 /// went away.
-async fn send_batches(
-    sender: &mpsc::Sender<Result<Vec<Stored>, StoreError>>,
-    messages: Vec<Stored>,
-) -> bool {
+async fn send_batches(sender: &Chunks, messages: Vec<Stored>) -> bool {
     let mut rest = messages.into_iter().peekable();
     while rest.peek().is_some() {
-        let (batch, _) = fill(&mut rest, STREAM_BATCH);
+        let (batch, _) = fill(&mut rest, STREAM_BATCH, STREAM_BATCH_BYTES);
         if sender.send(Ok(batch)).await.is_err() {
             return false;
         }

@@ -41,6 +41,21 @@ pub(super) enum Batched {
     /// Refused whole (an id already stored or twice in the batch, too many batches in
     /// flight, ...): nothing of it is stored, and `reason` says why.
     Refused(String),
+    /// Refused whole because the stream (or JetStream's storage) is at its size limit.
+    Full(String),
+}
+
+/// Whether the stream refused a publish because it is at its size limit (`DiscardNew`),
+/// or JetStream has no storage left.
+fn is_full(error: &jetstream::context::PublishError) -> bool {
+    let text = error.to_string();
+    [
+        "maximum bytes exceeded",
+        "maximum messages exceeded",
+        "insufficient resources",
+    ]
+    .iter()
+    .any(|full| text.contains(full))
 }
 
 /// Publishes `message` on its id's subject, unless the subject holds one.
@@ -58,6 +73,10 @@ pub(super) async fn one(
     match ack.await {
         Ok(ack) => Ok(Published::Stored(ack.sequence)),
         Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => Ok(Published::Refused),
+        Err(error) if is_full(&error) => Err(StoreError::Full(format!(
+            "the {} stream is at its size limit (--store-max-bytes): {error}",
+            super::STREAM
+        ))),
         Err(error) => Err(StoreError::unavailable(
             "no acknowledgement from JetStream",
             error,
@@ -110,6 +129,7 @@ fn batched(
 ) -> Result<Batched, StoreError> {
     match ack {
         Ok(ack) => Ok(Batched::Stored(ack.sequence)),
+        Err(error) if is_full(&error) => Ok(Batched::Full(error.to_string())),
         // The server answered, and refused the batch: nothing of it is stored.
         Err(error)
             if matches!(

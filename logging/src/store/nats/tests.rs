@@ -513,6 +513,54 @@ async fn retention_limits_reach_the_stream() {
     assert_eq!(ids, ["n-2", "n-3", "n-4"]);
 }
 
+/// A stream at its size limit refuses appends as full, single and batched, and keeps
+/// everything it stored; by default the stream is created with a limit.
+#[tokio::test]
+async fn a_full_stream_refuses_and_keeps_everything() {
+    let nats = Nats::single().await;
+    let mut config = NatsConfig::new(vec![nats.urls()]);
+    assert_eq!(config.max_bytes, Some(DEFAULT_MAX_BYTES));
+    config.max_bytes = Some(64 * 1024);
+    let store = NatsStore::connect(config, &CancellationToken::new())
+        .await
+        .expect("connect");
+    let info = store.stream.get_info().await.expect("info");
+    assert_eq!(info.config.max_bytes, 64 * 1024);
+    assert_eq!(info.config.discard, stream::DiscardPolicy::New);
+    let big = |i: usize| Message {
+        id: format!("big-{i}"),
+        text: format!("{i:04}{}", "x".repeat(10 * 1024)),
+    };
+    let mut stored = Vec::new();
+    let mut refused = None;
+    for i in 0..20 {
+        match store.append(big(i)).await {
+            Ok(Appended::Inserted) => stored.push(format!("big-{i}")),
+            Err(StoreError::Full(why)) => {
+                refused = Some(why);
+                break;
+            }
+            other => panic!("append {i}: {other:?}"),
+        }
+    }
+    let why = refused.expect("the stream fills up");
+    assert!(why.contains("--store-max-bytes"), "{why}");
+    assert!(
+        stored.len() >= 4,
+        "{} stored before the limit",
+        stored.len()
+    );
+    let outcomes = store.append_batch((20..25).map(big).collect()).await;
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Err(StoreError::Full(_)))),
+        "{outcomes:?}"
+    );
+    // Nothing stored was dropped to make room.
+    assert_eq!(contract::listed_ids(&store).await, stored);
+}
+
 /// A stream made by an older version of the store (no atomic batches, no direct gets)
 /// gets both turned on, and keeps its messages.
 #[tokio::test]
