@@ -25,7 +25,7 @@ use anyhow::Context;
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::registry::{Limits, RegistryConfig};
+use crate::registry::{Limits, RegistryConfig, StreamLimits};
 
 /// The file read when `--config` is not given, if it exists.
 pub(crate) const DEFAULT_CONFIG_FILE: &str = "config-server.toml";
@@ -80,6 +80,27 @@ pub struct Config {
     /// Most dynamic instances in the whole registry.
     #[arg(long, default_value_t = Limits::default().max_instances)]
     pub max_instances: usize,
+
+    /// Most open Watch streams from one peer address; more are refused
+    /// (RESOURCE_EXHAUSTED).
+    #[arg(long, value_name = "N", default_value_t = StreamLimits::default().watches_per_peer)]
+    pub max_watches_per_peer: usize,
+
+    /// Most open Watch streams in all.
+    #[arg(long, value_name = "N", default_value_t = StreamLimits::default().watches)]
+    pub max_watches: usize,
+
+    /// Most open Session streams from one peer address; more are refused
+    /// (RESOURCE_EXHAUSTED).
+    #[arg(long, value_name = "N", default_value_t = StreamLimits::default().sessions_per_peer)]
+    pub max_sessions_per_peer: usize,
+
+    /// Most open Session streams in all.
+    #[arg(long, value_name = "N", default_value_t = StreamLimits::default().sessions)]
+    pub max_sessions: usize,
+
+    #[command(flatten)]
+    pub limits: rpc::LimitArgs,
 
     /// Require `authorization: Bearer <token>` (the file's first line) on Register,
     /// Heartbeat and Deregister [default: data/registry.token, if it exists].
@@ -236,6 +257,12 @@ impl Config {
             limits: Limits {
                 max_instances_per_service: self.max_instances_per_service,
                 max_instances: self.max_instances,
+            },
+            streams: StreamLimits {
+                watches_per_peer: self.max_watches_per_peer,
+                watches: self.max_watches,
+                sessions_per_peer: self.max_sessions_per_peer,
+                sessions: self.max_sessions,
             },
             static_entries,
             settings,

@@ -21,7 +21,7 @@ use crate::{
     convert::{self, snapshot_to_proto, status},
     ownership::Caller,
     pause::Pauses,
-    registry::{Registry, Removal},
+    registry::{Registry, Removal, StreamLimits},
     report,
     session::{Replies, Session},
 };
@@ -34,7 +34,10 @@ pub(crate) struct RegistryService {
     shutdown: CancellationToken,
     auth: Option<Auth>,
     /// The number of the next session.
-    sessions: AtomicU64,
+    session_numbers: AtomicU64,
+    /// Open Watch and Session streams, per peer address and in all.
+    watches: Arc<rpc::Gate>,
+    sessions: Arc<rpc::Gate>,
 }
 
 impl RegistryService {
@@ -43,14 +46,35 @@ impl RegistryService {
         pauses: Arc<Pauses>,
         shutdown: CancellationToken,
         auth: Option<Auth>,
+        limits: StreamLimits,
     ) -> Self {
         Self {
             registry,
             pauses,
             shutdown,
             auth,
-            sessions: AtomicU64::new(0),
+            session_numbers: AtomicU64::new(0),
+            watches: rpc::Gate::new(
+                "watches",
+                (limits.watches_per_peer, "--max-watches-per-peer"),
+                (limits.watches, "--max-watches"),
+                "registry_watches_refused_total",
+            ),
+            sessions: rpc::Gate::new(
+                "sessions",
+                (limits.sessions_per_peer, "--max-sessions-per-peer"),
+                (limits.sessions, "--max-sessions"),
+                "registry_sessions_refused_total",
+            ),
         }
+    }
+
+    /// A place for one more stream of `request`'s peer under `gate`, or
+    /// `RESOURCE_EXHAUSTED` saying which limit it met.
+    fn hold<T>(gate: &Arc<rpc::Gate>, request: &Request<T>) -> Result<rpc::Pass, Status> {
+        let peer = rpc::peer(request).map(|peer| peer.addr.ip());
+        gate.enter(peer)
+            .map_err(|refused| Status::resource_exhausted(format!("too many streams: {refused}")))
     }
 
     fn authorize<T>(&self, request: &Request<T>, access: Access) -> Result<(), Status> {
@@ -147,11 +171,13 @@ impl pb::registry_server::Registry for RegistryService {
         request: Request<Streaming<pb::SessionRequest>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let caller = self.caller(&request)?;
+        let pass = Self::hold(&self.sessions, &request)?;
         let session = Session::new(
-            self.sessions.fetch_add(1, Ordering::Relaxed),
+            self.session_numbers.fetch_add(1, Ordering::Relaxed),
             caller,
             Arc::clone(&self.registry),
             Arc::clone(&self.pauses),
+            pass,
         );
         let replies = session.replies(request.into_inner(), self.shutdown.clone());
         Ok(Response::new(replies))
@@ -164,6 +190,7 @@ impl pb::registry_server::Registry for RegistryService {
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         self.authorize(&request, Access::Read)?;
+        let pass = Self::hold(&self.watches, &request)?;
         let service = request.into_inner().service;
         // Subscribe before the first lookup, so no change can fall between the two.
         let mut changes = self.registry.subscribe();
@@ -172,6 +199,7 @@ impl pb::registry_server::Registry for RegistryService {
         let registry = Arc::clone(&self.registry);
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
+            let _pass = pass;
             if tx.send(Ok(snapshot_to_proto(&last))).await.is_err() {
                 return;
             }

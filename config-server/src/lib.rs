@@ -45,10 +45,14 @@ use tracing::info;
 
 pub use auth::Auth;
 pub use config::Config;
-pub use registry::{Limits, RegistryConfig};
+pub use registry::{Limits, RegistryConfig, StreamLimits};
 
 use grpc_api::{RegistryServer, RegistryService};
 use registry::Registry;
+
+/// Largest request the registry takes by default: a Register with every metadata entry
+/// at its longest is under 40 KB.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// Binds `config.addr` (TLS with client certificates required, when configured) and
 /// serves until `shutdown` is cancelled.
@@ -57,6 +61,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let auth = config.auth()?;
     let tls = config.tls()?;
     let (listener, transport) = tls.bind(config.addr, rpc::ClientCerts::Required).await?;
+    let listener = listener.with_limits(config.limits.limits(MAX_REQUEST_BYTES));
     serve_secured(listener, registry_config, auth, transport, shutdown).await
 }
 
@@ -90,6 +95,8 @@ async fn serve_secured(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
+    let max_request_bytes = listener.limits().max_request_bytes;
+    let streams = config.streams;
     let static_entries = config
         .static_entries
         .iter()
@@ -128,12 +135,16 @@ async fn serve_secured(
         .await;
     let http = status_page::router(Arc::clone(&registry), peers, auth.clone())
         .merge(telemetry::metrics_router());
-    let routes = routes.add_service(RegistryServer::new(RegistryService::new(
-        registry,
-        pauses,
-        shutdown.clone(),
-        auth,
-    )));
+    let routes = routes.add_service(
+        RegistryServer::new(RegistryService::new(
+            registry,
+            pauses,
+            shutdown.clone(),
+            auth,
+            streams,
+        ))
+        .max_decoding_message_size(max_request_bytes),
+    );
     rpc::serve(listener, routes, http, shutdown).await?;
     sweeper.await?;
     ticker.await?;

@@ -63,6 +63,8 @@ pub(crate) struct Session {
     held: Option<String>,
     /// How the stream ended, for the log line when that lets go of an instance.
     why: &'static str,
+    /// Its place under the session limits, given back when it ends.
+    _pass: rpc::Pass,
 }
 
 impl Session {
@@ -71,6 +73,7 @@ impl Session {
         caller: Caller,
         registry: Arc<Registry>,
         pauses: Arc<Pauses>,
+        pass: rpc::Pass,
     ) -> Self {
         metrics::gauge!("registry_sessions").increment(1.0);
         Self {
@@ -80,6 +83,7 @@ impl Session {
             pauses,
             held: None,
             why: "the connection closed",
+            _pass: pass,
         }
     }
 

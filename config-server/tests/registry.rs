@@ -660,3 +660,94 @@ async fn against_a_registry_without_sessions_the_client_keeps_its_registration_w
     shutdown.cancel();
     server.await.expect("join").expect("served");
 }
+
+/// Watches and Sessions are held up to their limits per peer address and in all; one
+/// over is refused RESOURCE_EXHAUSTED, and a stream that ends lets the next one in.
+#[tokio::test]
+async fn streams_are_held_up_to_their_limits_per_peer_and_in_all() {
+    let server = Server::start(RegistryConfig {
+        streams: config_server::StreamLimits {
+            watches_per_peer: 2,
+            watches: 3,
+            sessions_per_peer: 1,
+            sessions: 2,
+        },
+        ..short_ttl()
+    })
+    .await;
+    // Two peers: 127.0.0.1, and 127.0.0.2 (loopback too).
+    let from = |ip: [u8; 4]| {
+        let channel = rpc::endpoint(&server.addr.to_string())
+            .expect("endpoint")
+            .local_address(Some(std::net::IpAddr::from(ip)))
+            .connect_lazy();
+        registry_client::RegistryClient::new(channel)
+    };
+    let (one, two) = (from([127, 0, 0, 1]), from([127, 0, 0, 2]));
+    let watch = |mut client: registry_client::RegistryClient<Channel>| async move {
+        client
+            .watch(pb::WatchRequest {
+                service: "logging".into(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| status.code())
+    };
+    let first = watch(one.clone()).await.expect("first watch");
+    let _second = watch(one.clone()).await.expect("second watch");
+    assert_eq!(
+        watch(one.clone()).await.err(),
+        Some(Code::ResourceExhausted),
+        "a third from one peer"
+    );
+    let _third = watch(two.clone()).await.expect("another peer's");
+    assert_eq!(
+        watch(two.clone()).await.err(),
+        Some(Code::ResourceExhausted),
+        "a fourth in all"
+    );
+    drop(first);
+    eventually(Duration::from_secs(5), "a Watch let go", || {
+        let one = one.clone();
+        async move { watch(one).await.is_ok() }
+    })
+    .await;
+
+    let session = |client: &registry_client::RegistryClient<Channel>, id: &str| {
+        let (sender, requests) = tokio::sync::mpsc::channel(4);
+        let register = pb::SessionRequest {
+            kind: Some(pb::session_request::Kind::Register(pb::RegisterRequest {
+                service: "svc".into(),
+                address: format!("127.0.0.1:{}", 2000 + id.len()),
+                metadata: Default::default(),
+                instance_id: id.into(),
+            })),
+        };
+        let mut client = client.clone();
+        async move {
+            sender.send(register).await.expect("queued");
+            let mut replies = client
+                .session(tokio_stream::wrappers::ReceiverStream::new(requests))
+                .await
+                .map_err(|status| status.code())?
+                .into_inner();
+            let first = replies.message().await.map_err(|status| status.code())?;
+            assert!(first.is_some(), "registered");
+            Ok::<_, Code>((sender, replies))
+        }
+    };
+    let held = session(&one, "a").await.expect("first session");
+    assert_eq!(
+        session(&one, "bb").await.err(),
+        Some(Code::ResourceExhausted),
+        "a second from one peer"
+    );
+    let _other = session(&two, "ccc").await.expect("another peer's");
+    drop(held);
+    eventually(Duration::from_secs(5), "a Session let go", || {
+        let attempt = session(&one, "dddd");
+        async move { attempt.await.is_ok() }
+    })
+    .await;
+    server.stop().await;
+}

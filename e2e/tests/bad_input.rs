@@ -185,19 +185,26 @@ async fn hostile_input_is_refused_clearly_and_nothing_dies_or_is_lost() {
     // --- gRPC: the registry ---------------------------------------------------------
     let mut registry =
         RegistryClient::new(rpc::channel(&system.registry.to_string()).expect("channel"));
-    let huge_metadata = RegisterRequest {
+    let metadata = |entries: usize| RegisterRequest {
         service: "bad".into(),
         address: "127.0.0.1:1".into(),
-        metadata: (0..10_000)
+        metadata: (0..entries)
             .map(|i| (format!("k{i}"), "v".repeat(10)))
             .collect(),
         instance_id: String::new(),
     };
-    let got = registry.register(huge_metadata).await;
+    let got = registry.register(metadata(40)).await;
     cases.record(
-        "Register with 10,000 metadata entries (want INVALID_ARGUMENT)",
+        "Register with 40 metadata entries (want INVALID_ARGUMENT)",
         format!("{got:?}"),
         matches!(&got, Err(status) if status.code() == Code::InvalidArgument),
+    );
+    // 200 KB: over the registry's largest valid request, refused before it is decoded.
+    let got = registry.register(metadata(10_000)).await;
+    cases.record(
+        "Register of 200 KB, 10,000 metadata entries (want OUT_OF_RANGE: --max-request-bytes)",
+        format!("{got:?}"),
+        matches!(&got, Err(status) if status.code() == Code::OutOfRange),
     );
     let long_id = "x".repeat(10_000);
     for (what, id) in [

@@ -46,6 +46,20 @@ pub struct Limits {
     pub bytes: usize,
     /// How long a call may take before it stops counting against `in_flight`.
     pub patience: Duration,
+    /// Most items waiting for a call; past it [`Batcher::submit`] refuses at once.
+    pub waiting: usize,
+    /// Most bytes (by [`Sink::size`]) waiting for a call; past it [`Batcher::submit`]
+    /// refuses at once.
+    pub waiting_bytes: usize,
+}
+
+/// What [`Batcher::submit`] refuses with: the queue is at one of its limits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueueFull {
+    #[error("{0} items wait for a call, the most allowed")]
+    Items(usize),
+    #[error("{0} bytes wait for a call, and at most {1} may")]
+    Bytes(usize, usize),
 }
 
 struct Waiting<S: Sink> {
@@ -57,6 +71,8 @@ struct Waiting<S: Sink> {
 
 struct Queue<S: Sink> {
     waiting: VecDeque<Waiting<S>>,
+    /// The bytes of what waits.
+    waiting_bytes: usize,
     /// Call slots taken: calls in flight, less those slower than the patience.
     slots: usize,
 }
@@ -82,6 +98,7 @@ impl<S: Sink> Batcher<S> {
                 limits,
                 queue: Mutex::new(Queue {
                     waiting: VecDeque::new(),
+                    waiting_bytes: 0,
                     slots: 0,
                 }),
             }),
@@ -89,13 +106,27 @@ impl<S: Sink> Batcher<S> {
     }
 
     /// Sends `item` through `sink` in the next call and answers its outcome; `None` if
-    /// the call was dropped before it answered (the runtime is shutting down). The sink
-    /// is passed in, not kept, so a sink may own its batcher.
-    pub async fn submit(&self, sink: &Arc<S>, item: S::Item) -> Option<S::Outcome> {
+    /// the call was dropped before it answered (the runtime is shutting down). Refused
+    /// at once when the queue is at its limits. The sink is passed in, not kept, so a
+    /// sink may own its batcher.
+    pub async fn submit(
+        &self,
+        sink: &Arc<S>,
+        item: S::Item,
+    ) -> Result<Option<S::Outcome>, QueueFull> {
         let (reply, outcome) = oneshot::channel();
         let size = S::size(&item);
+        let limits = &self.shared.limits;
         let start = {
             let mut queue = self.shared.lock();
+            if queue.waiting.len() >= limits.waiting {
+                return Err(QueueFull::Items(queue.waiting.len()));
+            }
+            // One item over the byte limit still waits alone, as it would go alone.
+            if !queue.waiting.is_empty() && queue.waiting_bytes + size > limits.waiting_bytes {
+                return Err(QueueFull::Bytes(queue.waiting_bytes, limits.waiting_bytes));
+            }
+            queue.waiting_bytes += size;
             queue.waiting.push_back(Waiting {
                 item,
                 arrived: Instant::now(),
@@ -103,12 +134,12 @@ impl<S: Sink> Batcher<S> {
                 reply,
             });
             metrics::gauge!("facade_append_waiting").set(queue.waiting.len() as f64);
-            queue.claim_slot(&self.shared.limits)
+            queue.claim_slot(limits)
         };
         if start {
             tokio::spawn(drain(Arc::clone(sink), Arc::clone(&self.shared)));
         }
-        outcome.await.ok()
+        Ok(outcome.await.ok())
     }
 }
 
@@ -143,6 +174,7 @@ impl<S: Sink> Queue<S> {
             bytes += next.size;
             batch.extend(self.waiting.pop_front());
         }
+        self.waiting_bytes -= bytes;
         if batch.is_empty() {
             self.slots -= 1;
         } else {
@@ -272,6 +304,8 @@ mod tests {
             items,
             bytes,
             patience: Duration::from_secs(60),
+            waiting: 10_000,
+            waiting_bytes: usize::MAX,
         }
     }
 
@@ -291,7 +325,7 @@ mod tests {
         item: u32,
     ) -> tokio::task::JoinHandle<Option<u32>> {
         let (batcher, sink) = (Arc::clone(batcher), Arc::clone(sink));
-        tokio::spawn(async move { batcher.submit(&sink, item).await })
+        tokio::spawn(async move { batcher.submit(&sink, item).await.expect("room") })
     }
 
     fn waiting(batcher: &Batcher<Recorder>) -> usize {
@@ -303,7 +337,7 @@ mod tests {
         let sink = Recorder::new(false);
         let batcher = Batcher::new(limits(2, 64, 1 << 20));
         for item in 1..=3 {
-            assert_eq!(batcher.submit(&sink, item).await, Some(item * 10));
+            assert_eq!(batcher.submit(&sink, item).await, Ok(Some(item * 10)));
         }
         assert_eq!(*sink.batches.lock(), [[1], [2], [3]]);
     }
@@ -376,9 +410,49 @@ mod tests {
         assert_eq!(first.await.unwrap(), Some(10));
         assert_eq!(stays.await.unwrap(), Some(30));
         // The slot is free again: a new item goes out alone.
-        assert_eq!(batcher.submit(&sink, 4).await, Some(40));
+        assert_eq!(batcher.submit(&sink, 4).await, Ok(Some(40)));
         assert_eq!(*sink.batches.lock(), [vec![1], vec![2, 3], vec![4]]);
         until(|| batcher.shared.lock().slots == 0).await;
+    }
+
+    /// Items wait only up to the queue's limits, in count and in bytes; past them a
+    /// submit is refused at once, and the queue takes items again once it drains.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_refuses_at_once_and_takes_items_again_once_drained() {
+        let sink = Recorder::new(true);
+        let batcher = Arc::new(Batcher::new(Limits {
+            waiting: 2,
+            waiting_bytes: 25,
+            ..limits(1, 64, 1 << 20)
+        }));
+        // The only slot is busy with item 1; 10 and 11 wait, a third is refused.
+        let first = spawn_submit(&batcher, &sink, 1);
+        until(|| sink.calls_running.load(Ordering::SeqCst) == 1).await;
+        let waiting_items = [
+            spawn_submit(&batcher, &sink, 10),
+            spawn_submit(&batcher, &sink, 11),
+        ];
+        until(|| waiting(&batcher) == 2).await;
+        assert_eq!(batcher.submit(&sink, 2).await, Err(QueueFull::Items(2)));
+        sink.release();
+        assert_eq!(first.await.expect("first"), Some(10));
+        for (task, item) in waiting_items.into_iter().zip([10, 11]) {
+            assert_eq!(task.await.expect("waiting"), Some(item * 10));
+        }
+        // By bytes: 20 waits, 6 more would make 26 of 25.
+        sink.hold.send_replace(true);
+        let busy = spawn_submit(&batcher, &sink, 1);
+        until(|| sink.calls_running.load(Ordering::SeqCst) == 1).await;
+        let twenty = spawn_submit(&batcher, &sink, 20);
+        until(|| waiting(&batcher) == 1).await;
+        assert_eq!(
+            batcher.submit(&sink, 6).await,
+            Err(QueueFull::Bytes(20, 25))
+        );
+        sink.release();
+        assert_eq!(busy.await.expect("busy"), Some(10));
+        assert_eq!(twenty.await.expect("twenty"), Some(200));
+        assert_eq!(batcher.submit(&sink, 6).await, Ok(Some(60)));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -394,7 +468,7 @@ mod tests {
         until(|| sink.calls_running.load(Ordering::SeqCst) == 1).await;
         // ...for no longer than the patience: the next item goes out in a call of its own.
         let next = tokio::time::timeout(Duration::from_secs(5), batcher.submit(&sink, 2)).await;
-        assert_eq!(next.expect("not held behind the hung call"), Some(20));
+        assert_eq!(next.expect("not held behind the hung call"), Ok(Some(20)));
         assert!(!hung.is_finished());
         sink.release();
         assert_eq!(hung.await.unwrap(), Some(10));

@@ -35,9 +35,10 @@ fn status(error: FacadeError) -> Status {
         | FacadeError::InvalidCursor => Status::invalid_argument(message),
         FacadeError::KeyReused => Status::already_exists(message),
         FacadeError::StoreFull => Status::resource_exhausted(message),
-        FacadeError::Unavailable { .. } | FacadeError::ShuttingDown | FacadeError::Broken => {
-            Status::unavailable(message)
-        }
+        FacadeError::Unavailable { .. }
+        | FacadeError::ShuttingDown
+        | FacadeError::Broken
+        | FacadeError::Busy(_) => Status::unavailable(message),
         FacadeError::Upstream(_) => Status::internal(message),
     }
 }
@@ -53,6 +54,7 @@ impl pb::facade_server::Facade for FacadeService {
         request: Request<pb::PostRequest>,
     ) -> Result<Response<pb::PostResponse>, Status> {
         let request_id = request_id_of(&request);
+        let peer = rpc::peer(&request).map(|peer| peer.addr.ip());
         let pb::PostRequest {
             msg,
             idempotency_key,
@@ -60,7 +62,7 @@ impl pb::facade_server::Facade for FacadeService {
         let key = (!idempotency_key.is_empty()).then_some(idempotency_key.as_str());
         let id = self
             .facade
-            .post(msg, key, &request_id)
+            .post(msg, key, &request_id, peer)
             .await
             .map_err(status)?;
         Ok(Response::new(pb::PostResponse { id }))
@@ -75,7 +77,12 @@ impl pb::facade_server::Facade for FacadeService {
         request: Request<pb::GetRequest>,
     ) -> Result<Response<Self::GetStream>, Status> {
         let request_id = request_id_of(&request);
-        let mut read = self.facade.read_all(&request_id).await.map_err(status)?;
+        let peer = rpc::peer(&request).map(|peer| peer.addr.ip());
+        let mut read = self
+            .facade
+            .read_all(&request_id, peer)
+            .await
+            .map_err(status)?;
         let messages = tokio::spawn({
             let facade = Arc::clone(&self.facade);
             async move { facade.messages_text(&request_id).await }

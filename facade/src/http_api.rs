@@ -10,13 +10,13 @@
 //! so neither side holds it whole. If the read breaks and cannot resume, the connection
 //! is aborted (no final chunk), so a client can never take a cut-off log for the whole.
 
-use std::sync::Arc;
+use std::{net::IpAddr, sync::Arc};
 
 use axum::{
     body::{Body, Bytes},
     extract::{
         rejection::{JsonRejection, QueryRejection},
-        DefaultBodyLimit, MatchedPath, Query, Request, State,
+        ConnectInfo, DefaultBodyLimit, MatchedPath, Query, Request, State,
     },
     http::{
         header::{CONTENT_TYPE, RETRY_AFTER},
@@ -126,9 +126,15 @@ struct PostBody {
     msg: Option<String>,
 }
 
+/// The peer's address, as the server saw the connection.
+fn peer_ip(peer: Option<Extension<ConnectInfo<rpc::Peer>>>) -> Option<IpAddr> {
+    peer.map(|Extension(ConnectInfo(peer))| peer.addr.ip())
+}
+
 async fn post(
     State(facade): State<Arc<Facade>>,
     Extension(RequestId(request_id)): Extension<RequestId>,
+    peer: Option<Extension<ConnectInfo<rpc::Peer>>>,
     headers: HeaderMap,
     body: Result<Json<PostBody>, JsonRejection>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
@@ -141,7 +147,7 @@ async fn post(
                 FacadeError::InvalidIdempotencyKey("must be visible ASCII".to_owned())
             })?),
         };
-    let id = facade.post(msg, key, &request_id).await?;
+    let id = facade.post(msg, key, &request_id, peer_ip(peer)).await?;
     Ok((StatusCode::CREATED, Json(json!({ "id": id }))))
 }
 
@@ -149,9 +155,10 @@ async fn post(
 async fn list(
     State(facade): State<Arc<Facade>>,
     Extension(RequestId(request_id)): Extension<RequestId>,
+    peer: Option<Extension<ConnectInfo<rpc::Peer>>>,
 ) -> Result<Response, ApiError> {
     // Fails with a proper status if no instance can even start the read.
-    let read = facade.read_all(&request_id).await?;
+    let read = facade.read_all(&request_id, peer_ip(peer)).await?;
     let messages = tokio::spawn({
         let facade = Arc::clone(&facade);
         async move { facade.messages_text(&request_id).await }
@@ -300,7 +307,8 @@ impl IntoResponse for ApiError {
                     FacadeError::StoreFull => StatusCode::INSUFFICIENT_STORAGE,
                     FacadeError::Unavailable { .. }
                     | FacadeError::ShuttingDown
-                    | FacadeError::Broken => StatusCode::SERVICE_UNAVAILABLE,
+                    | FacadeError::Broken
+                    | FacadeError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
                     FacadeError::Upstream(_) => StatusCode::BAD_GATEWAY,
                 };
                 (status, error.to_string())

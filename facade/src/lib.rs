@@ -79,6 +79,29 @@ pub struct Config {
     #[arg(long, env = "FACADE_APPEND_BATCH", default_value_t = AppendBatching::default().messages, value_parser = clap::value_parser!(u16).range(1..=1000).map(usize::from))]
     pub append_batch: usize,
 
+    /// Most POSTs waiting for a call to logging; past it a POST is answered 503 with
+    /// Retry-After at once.
+    #[arg(long, value_name = "N", default_value_t = AppendBatching::default().max_waiting)]
+    pub max_queued_posts: usize,
+
+    /// Most bytes of message text waiting for a call to logging; past it a POST is
+    /// answered 503 with Retry-After at once.
+    #[arg(long, value_name = "BYTES", default_value_t = AppendBatching::default().max_waiting_bytes)]
+    pub max_queued_post_bytes: usize,
+
+    /// Most POSTs in progress from one peer address, so one client cannot fill the
+    /// queue for everyone; past it its POSTs are answered 503 with Retry-After.
+    #[arg(long, value_name = "N", default_value_t = AppendBatching::default().max_posts_per_peer)]
+    pub max_posts_per_peer: usize,
+
+    /// Full reads (GET /messages, gRPC Get) served at once; more are answered 503 with
+    /// Retry-After.
+    #[arg(long, value_name = "N", default_value_t = message_path::DEFAULT_MAX_FULL_READS)]
+    pub max_full_reads: usize,
+
+    #[command(flatten)]
+    pub limits: rpc::LimitArgs,
+
     #[command(flatten)]
     pub tls: rpc::TlsArgs,
 
@@ -103,6 +126,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .tls
         .bind(config.addr, rpc::ClientCerts::Optional)
         .await?;
+    let listener = listener.with_limits(
+        config
+            .limits
+            .limits(message_path::max_request_bytes(config.max_message_bytes)),
+    );
     serve_over(listener, config, transport, shutdown).await
 }
 
@@ -148,6 +176,9 @@ async fn serve_over(
         calls: config.append_calls,
         messages: config.append_batch,
         patience: config.append_patience,
+        max_waiting: config.max_queued_posts,
+        max_waiting_bytes: config.max_queued_post_bytes,
+        max_posts_per_peer: config.max_posts_per_peer,
     };
     let facade = Facade::new(
         discovery,
@@ -155,11 +186,16 @@ async fn serve_over(
         transport,
         config.max_message_bytes,
         batching,
+        config.max_full_reads,
     );
 
     let (routes, health) = rpc::routes()?;
     health.set_serving::<FacadeServer<FacadeService>>().await;
-    let routes = routes.add_service(FacadeServer::new(FacadeService::new(Arc::clone(&facade))));
+    let max_request_bytes = listener.limits().max_request_bytes;
+    let routes = routes.add_service(
+        FacadeServer::new(FacadeService::new(Arc::clone(&facade)))
+            .max_decoding_message_size(max_request_bytes),
+    );
     info!(%addr, registry = ?replicas, discovery = ?config.discovery, tls = listener.is_tls(),
           "facade listening (HTTP and gRPC)");
     rpc::serve(listener, routes, http_api::router(facade), shutdown).await?;

@@ -17,7 +17,10 @@ use retry::{Retry, RetryError};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use service::{LoggingServer, LoggingService, DEFAULT_MAX_TEXT_BYTES};
+use service::{
+    LoggingServer, LoggingService, DEFAULT_MAX_FULL_READS, DEFAULT_MAX_TEXT_BYTES,
+    MAX_REQUEST_BYTES,
+};
 use store::{MemoryLimits, MemoryStore, MessageStore, NatsConfig, NatsStore, Retention};
 
 /// The name instances register under.
@@ -63,6 +66,11 @@ pub struct Config {
     #[arg(long, default_value_t = DEFAULT_MAX_TEXT_BYTES)]
     pub max_text_bytes: usize,
 
+    /// Full reads (Stream calls, the facade's GET /messages) served at once; more are
+    /// refused (RESOURCE_EXHAUSTED, a 503 at the facade).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_FULL_READS)]
+    pub max_full_reads: usize,
+
     /// Memory store: most messages held; past it a POST is refused (507), nothing is
     /// evicted.
     #[arg(long, default_value_t = MemoryLimits::default().max_messages)]
@@ -72,12 +80,19 @@ pub struct Config {
     #[arg(long, default_value_t = MemoryLimits::default().max_bytes)]
     pub max_bytes: usize,
 
+    /// NATS store: the most bytes the stream may hold on disk (e.g. 1GiB, 500MiB; `none`
+    /// for no limit). At it, a POST is refused (507) and nothing stored is dropped.
+    /// Applied when this instance creates the stream.
+    #[arg(long, value_name = "BYTES", default_value = "1GiB", value_parser = parse_size)]
+    pub store_max_bytes: Size,
+
     /// NATS store: drop messages older than this (e.g. 30d) [default: keep them all].
     /// Applied when this instance creates the stream.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub retention_max_age: Option<Duration>,
 
-    /// NATS store: keep at most this many bytes, dropping the oldest [default: all].
+    /// NATS store: keep at most this many bytes, dropping the oldest (instead of
+    /// refusing at --store-max-bytes) [default: all].
     #[arg(long)]
     pub retention_max_bytes: Option<u64>,
 
@@ -86,10 +101,46 @@ pub struct Config {
     pub retention_max_messages: Option<u64>,
 
     #[command(flatten)]
+    pub limits: rpc::LimitArgs,
+
+    #[command(flatten)]
     pub tls: rpc::TlsArgs,
 
     #[command(flatten)]
     pub log: telemetry::LogArgs,
+}
+
+/// A size in bytes, or none (no limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub Option<u64>);
+
+/// `1073741824`, `1GiB`, `500MiB`, `64KiB`, or `none`.
+fn parse_size(text: &str) -> Result<Size, String> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("none") {
+        return Ok(Size(None));
+    }
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, ""), |at| text.split_at(at));
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?}: use KiB, MiB, GiB, TiB, or none"
+            ))
+        }
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .map(|bytes| Size(Some(bytes)))
+        .ok_or_else(|| format!("expected a size such as 1GiB, got {text:?}"))
 }
 
 /// Which store backs this instance.
@@ -185,9 +236,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     );
     let options = ServeOptions {
         max_text_bytes: config.max_text_bytes,
+        max_full_reads: config.max_full_reads,
         advertise: config.advertise.clone(),
     };
     let (listener, transport) = config.tls.bind(addr, rpc::ClientCerts::Required).await?;
+    let listener = listener.with_limits(config.limits.limits(MAX_REQUEST_BYTES));
     let registry = config
         .registry
         .client(&transport)?
@@ -212,6 +265,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 max_bytes: config.retention_max_bytes,
                 max_messages: config.retention_max_messages,
             };
+            nats.max_bytes = config.store_max_bytes.0;
             let store = match NatsStore::connect(nats, &shutdown).await {
                 Ok(store) => Arc::new(store),
                 Err(_) if shutdown.is_cancelled() => {
@@ -249,6 +303,8 @@ fn store_credentials(config: &Config) -> anyhow::Result<local_nats::Credentials>
 pub struct ServeOptions {
     /// Longest message text accepted, in bytes.
     pub max_text_bytes: usize,
+    /// Full reads served at once.
+    pub max_full_reads: usize,
     /// The address registered; the listener's own address when `None`.
     pub advertise: Option<String>,
 }
@@ -257,6 +313,7 @@ impl Default for ServeOptions {
     fn default() -> Self {
         Self {
             max_text_bytes: DEFAULT_MAX_TEXT_BYTES,
+            max_full_reads: DEFAULT_MAX_FULL_READS,
             advertise: None,
         }
     }
@@ -273,17 +330,18 @@ pub async fn serve<S: MessageStore>(
 ) -> anyhow::Result<()> {
     let listener = listener.into();
     let addr = listener.local_addr()?;
-    let max_text_bytes = options.max_text_bytes;
+    let (max_text_bytes, max_full_reads) = (options.max_text_bytes, options.max_full_reads);
+    let max_request_bytes = listener.limits().max_request_bytes;
     let advertise = options.advertise.unwrap_or_else(|| addr.to_string());
     let (routes, health) = rpc::routes()?;
     health
         .set_serving::<LoggingServer<LoggingService<S>>>()
         .await;
     let kind = store.kind();
-    let routes = routes.add_service(LoggingServer::new(LoggingService::new(
-        store,
-        max_text_bytes,
-    )));
+    let routes = routes.add_service(
+        LoggingServer::new(LoggingService::new(store, max_text_bytes, max_full_reads))
+            .max_decoding_message_size(max_request_bytes),
+    );
     let tls = listener.is_tls();
     let server_stop = CancellationToken::new();
     let mut server = tokio::spawn(rpc::serve(
@@ -342,6 +400,12 @@ mod tests {
             .to_string();
         assert!(error.contains("unknown store"), "{error}");
         assert!(StoreChoice::parse("nats://a,http://b").is_err());
+        assert_eq!(parse_size("1GiB"), Ok(Size(Some(1 << 30))));
+        assert_eq!(parse_size("500MiB"), Ok(Size(Some(500 << 20))));
+        assert_eq!(parse_size("4096"), Ok(Size(Some(4096))));
+        assert_eq!(parse_size("none"), Ok(Size(None)));
+        assert!(parse_size("1GB").is_err());
+        assert!(parse_size("lots").is_err());
         assert_eq!(
             StoreChoice::parse("tls://a:4222,nats://b:4222").expect("nats"),
             StoreChoice::Nats(vec!["tls://a:4222".into(), "nats://b:4222".into()])

@@ -17,19 +17,34 @@ pub const MAX_ID_BYTES: usize = 128;
 pub const DEFAULT_MAX_TEXT_BYTES: usize = 64 * 1024;
 /// Most appends in one AppendBatch call.
 pub const MAX_BATCH_APPENDS: usize = 1000;
+/// Largest request taken by default (`--max-request-bytes`): an AppendBatch of up to 4
+/// MiB (the facade sends at most 1 MiB and one message per call).
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// Full reads (Stream calls) served at once by default (`--max-full-reads`); each holds
+/// about 2 MiB at most (see [`crate::store`]).
+pub const DEFAULT_MAX_FULL_READS: usize = 16;
 
 pub use pb::logging_server::LoggingServer;
 
 pub struct LoggingService<S> {
     store: Arc<S>,
     max_text_bytes: usize,
+    /// Full reads in progress; over the limit a Stream is refused RESOURCE_EXHAUSTED.
+    full_reads: Arc<rpc::Gate>,
 }
 
 impl<S: MessageStore> LoggingService<S> {
-    pub fn new(store: Arc<S>, max_text_bytes: usize) -> Self {
+    pub fn new(store: Arc<S>, max_text_bytes: usize, max_full_reads: usize) -> Self {
         Self {
             store,
             max_text_bytes,
+            full_reads: rpc::Gate::new(
+                "full reads",
+                // One limit for the instance, whoever asks: a full read's peer is a facade.
+                (max_full_reads, "--max-full-reads"),
+                (max_full_reads, "--max-full-reads"),
+                "logging_full_reads_refused_total",
+            ),
         }
     }
 
@@ -212,6 +227,10 @@ impl<S: MessageStore> pb::logging_server::Logging for LoggingService<S> {
         request: Request<pb::StreamRequest>,
     ) -> Result<Response<Self::StreamStream>, Status> {
         let request_id = request_id::of(&request).unwrap_or_default();
+        let peer = rpc::peer(&request).map(|peer| peer.addr.ip());
+        let pass = self.full_reads.enter(peer).map_err(|refused| {
+            Status::resource_exhausted(format!("busy with full reads: {refused}; try again"))
+        })?;
         let pb::StreamRequest { after, until } = request.into_inner();
         let until = (until > 0).then_some(until);
         let mut batches = self.store.stream(after, until).await.map_err(status)?;
@@ -219,6 +238,7 @@ impl<S: MessageStore> pb::logging_server::Logging for LoggingService<S> {
         info!(request_id, after, until, "streaming the log");
         let (responses, receiver) = mpsc::channel(2);
         tokio::spawn(async move {
+            let _pass = pass;
             let mut sent = false;
             while let Some(batch) = batches.receiver.recv().await {
                 let response = batch.map_err(status).map(|batch| pb::StreamResponse {
@@ -244,5 +264,57 @@ impl<S: MessageStore> pb::logging_server::Logging for LoggingService<S> {
             }
         });
         Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use pb::logging_server::Logging;
+    use tokio_stream::StreamExt;
+
+    use super::*;
+    use crate::store::{MemoryStore, STREAM_BATCH};
+
+    /// Full reads over the limit are refused RESOURCE_EXHAUSTED; one that ends lets the
+    /// next in.
+    #[tokio::test]
+    async fn full_reads_over_the_limit_are_refused_until_one_ends() {
+        let store = Arc::new(MemoryStore::default());
+        for i in 0..(STREAM_BATCH * 8) {
+            store
+                .append(Message {
+                    id: format!("id-{i}"),
+                    text: "text".into(),
+                })
+                .await
+                .expect("append");
+        }
+        let service = LoggingService::new(store, DEFAULT_MAX_TEXT_BYTES, 2);
+        let read = || service.stream(Request::new(pb::StreamRequest { after: 0, until: 0 }));
+        // Two reads that do not read on hold their places.
+        let first = read().await.expect("first");
+        let _second = read().await.expect("second");
+        let refused = read().await.expect_err("a third");
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert!(
+            refused.message().contains("--max-full-reads"),
+            "{refused:?}"
+        );
+        // Read to the end: its place is given back.
+        let mut first = first.into_inner();
+        while let Some(batch) = first.next().await {
+            batch.expect("batch");
+        }
+        let mut third = None;
+        for _ in 0..100 {
+            match read().await {
+                Ok(stream) => {
+                    third = Some(stream);
+                    break;
+                }
+                Err(_) => tokio::task::yield_now().await,
+            }
+        }
+        assert!(third.is_some(), "a place once the first read ended");
     }
 }

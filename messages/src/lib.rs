@@ -13,6 +13,8 @@ use tracing::info;
 
 /// What `Get` answers until the service is built.
 pub const TEXT: &str = "not implemented yet";
+/// Largest request taken by default: `Get` has no fields.
+pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
 
 #[derive(Debug, Clone, Parser)]
 #[command(name = "messages", version, about = "The messages service (a stub)")]
@@ -20,6 +22,9 @@ pub struct Config {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:50060")]
     pub addr: SocketAddr,
+
+    #[command(flatten)]
+    pub limits: rpc::LimitArgs,
 
     #[command(flatten)]
     pub tls: rpc::TlsArgs,
@@ -50,6 +55,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .tls
         .bind(config.addr, rpc::ClientCerts::Required)
         .await?;
+    let listener = listener.with_limits(config.limits.limits(MAX_REQUEST_BYTES));
     serve(listener, shutdown).await
 }
 
@@ -64,7 +70,10 @@ pub async fn serve(
     health
         .set_serving::<MessagesServer<MessagesService>>()
         .await;
-    let routes = routes.add_service(MessagesServer::new(MessagesService));
+    let routes = routes.add_service(
+        MessagesServer::new(MessagesService)
+            .max_decoding_message_size(listener.limits().max_request_bytes),
+    );
     info!(%addr, tls = listener.is_tls(), "messages listening");
     let http = rpc::http_router().merge(telemetry::metrics_router());
     rpc::serve(listener, routes, http, shutdown).await?;

@@ -47,7 +47,7 @@ use state::State;
 pub(crate) use types::{
     Holder, Instance, Lease, Registrant, Removal, Removed, SessionEnd, SessionId, Snapshot,
 };
-pub use types::{Limits, RegistryConfig};
+pub use types::{Limits, RegistryConfig, StreamLimits};
 
 pub(crate) use crate::validation::RegistryError;
 use crate::{

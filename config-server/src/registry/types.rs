@@ -24,6 +24,28 @@ impl Default for Limits {
     }
 }
 
+/// Limits on the streams clients hold open: Watches and Sessions, per peer address and
+/// in all. Each is a flag on the binary; over one, the stream is refused with
+/// `RESOURCE_EXHAUSTED`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamLimits {
+    pub watches_per_peer: usize,
+    pub watches: usize,
+    pub sessions_per_peer: usize,
+    pub sessions: usize,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        Self {
+            watches_per_peer: 256,
+            watches: 4096,
+            sessions_per_peer: 1024,
+            sessions: 16_384,
+        }
+    }
+}
+
 /// Sessions are numbered as they open; a registration remembers the ones holding it.
 pub(crate) type SessionId = u64;
 
@@ -136,6 +158,7 @@ pub struct RegistryConfig {
     /// again; zero removes it at once.
     pub session_grace: Duration,
     pub limits: Limits,
+    pub streams: StreamLimits,
     /// `(service, address)` pairs that are always listed and never evicted.
     pub static_entries: Vec<(String, String)>,
     pub settings: BTreeMap<String, String>,
@@ -148,6 +171,7 @@ impl Default for RegistryConfig {
             ttl: Duration::from_secs(3),
             session_grace: Duration::ZERO,
             limits: Limits::default(),
+            streams: StreamLimits::default(),
             static_entries: Vec::new(),
             settings: BTreeMap::new(),
         }

@@ -43,6 +43,9 @@ pub enum FacadeError {
     ShuttingDown,
     #[error("the log could not be read to the end; try again")]
     Broken,
+    /// At a limit of the facade or of the logging instances: nothing was done.
+    #[error("busy: {0}; try again shortly")]
+    Busy(String),
 }
 
 impl Facade {

@@ -24,8 +24,16 @@ pub const DEFAULT_PAGE: u32 = 100;
 pub const MAX_PAGE: u32 = 1000;
 
 /// Most bytes of text in one AppendBatch call (a message over it still goes, alone), far
-/// below the 4 MiB a gRPC peer accepts by default.
+/// below the 4 MiB a logging instance accepts by default.
 const MAX_APPEND_BATCH_BYTES: usize = 1024 * 1024;
+/// Full reads served at once by default (`--max-full-reads`).
+pub const DEFAULT_MAX_FULL_READS: usize = 32;
+
+/// The largest valid gRPC request for messages of up to `max_message_bytes`: a Post with
+/// its Idempotency-Key and framing.
+pub fn max_request_bytes(max_message_bytes: usize) -> usize {
+    max_message_bytes + 4096
+}
 
 /// How POSTs are grouped into calls to logging.
 #[derive(Debug, Clone, Copy)]
@@ -38,6 +46,14 @@ pub struct AppendBatching {
     /// A call that has not answered within this stops counting against `calls`, so
     /// the POSTs behind it go on in another call.
     pub patience: Duration,
+    /// Most POSTs waiting for a call; past it a POST is answered busy (503) at once.
+    pub max_waiting: usize,
+    /// Most bytes of text waiting for a call; past it a POST is answered busy.
+    pub max_waiting_bytes: usize,
+    /// Most POSTs in progress from one peer address (a quarter of `max_waiting` by
+    /// default, so one client cannot fill the queue for everyone); past it its POSTs
+    /// are answered busy.
+    pub max_posts_per_peer: usize,
 }
 
 impl Default for AppendBatching {
@@ -46,6 +62,9 @@ impl Default for AppendBatching {
             calls: 1,
             messages: 64,
             patience: Duration::from_millis(50),
+            max_waiting: 4096,
+            max_waiting_bytes: 32 * 1024 * 1024,
+            max_posts_per_peer: 1024,
         }
     }
 }
@@ -60,6 +79,12 @@ pub struct Facade {
     /// POSTs on their way to logging: those that arrive while earlier calls are in
     /// flight go out together, in one AppendBatch call.
     pub(super) appends: Batcher<Facade>,
+    /// Full reads in progress; over the limit a read is answered busy (503).
+    pub(super) full_reads: Arc<rpc::Gate>,
+    /// POSTs refused because the queue was full.
+    pub(super) queue_refusals: rpc::Refusals,
+    /// POSTs in progress, per peer address.
+    pub(super) posts: Arc<rpc::Gate>,
 }
 
 impl Facade {
@@ -71,6 +96,7 @@ impl Facade {
         transport: rpc::Transport,
         max_message_bytes: usize,
         batching: AppendBatching,
+        max_full_reads: usize,
     ) -> Arc<Self> {
         Arc::new(Self {
             discovery,
@@ -83,7 +109,23 @@ impl Facade {
                 items: batching.messages,
                 bytes: MAX_APPEND_BATCH_BYTES,
                 patience: batching.patience,
+                waiting: batching.max_waiting,
+                waiting_bytes: batching.max_waiting_bytes,
             }),
+            full_reads: rpc::Gate::new(
+                "full reads",
+                (max_full_reads, "--max-full-reads"),
+                (max_full_reads, "--max-full-reads"),
+                "facade_full_reads_refused_total",
+            ),
+            queue_refusals: rpc::Refusals::new("queued posts", "facade_queued_posts_refused_total"),
+            // In all, the queue's limit answers first.
+            posts: rpc::Gate::new(
+                "POSTs in progress",
+                (batching.max_posts_per_peer, "--max-posts-per-peer"),
+                (usize::MAX, "--max-queued-posts"),
+                "facade_posts_per_peer_refused_total",
+            ),
         })
     }
 

@@ -30,7 +30,10 @@ mod read;
 
 pub use self::{
     errors::FacadeError,
-    facade::{AppendBatching, Facade, DEFAULT_PAGE, LOGGING, MAX_PAGE, MESSAGES},
+    facade::{
+        max_request_bytes, AppendBatching, Facade, DEFAULT_MAX_FULL_READS, DEFAULT_PAGE, LOGGING,
+        MAX_PAGE, MESSAGES,
+    },
     input::{cursor, position, MAX_IDEMPOTENCY_KEY},
     messages::MessagesText,
     read::{FullRead, LogEntry, Page},

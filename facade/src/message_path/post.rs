@@ -2,7 +2,7 @@
 //! AppendBatch call with the POSTs that arrived while the previous calls were in flight
 //! ([`crate::batch`]); each message is still answered, retried and failed over on its own.
 
-use std::{sync::Arc, time::Duration};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use futures_util::future::join_all;
 use parking_lot::Mutex;
@@ -26,14 +26,22 @@ impl Facade {
     /// Stores `msg` through a live logging instance, failing over and retrying with the
     /// same id; returns the id. POSTs that arrive while the facade's calls to logging
     /// are all in flight share the next one ([`crate::batch`]).
+    /// A POST that finds the queue of POSTs waiting for logging full, or its `peer`
+    /// with `--max-posts-per-peer` POSTs in progress, is answered [`FacadeError::Busy`] at
+    /// once (its refusal counted, and logged once a minute per peer).
     pub async fn post(
         self: &Arc<Self>,
         msg: String,
         idempotency_key: Option<&str>,
         request_id: &str,
+        peer: Option<IpAddr>,
     ) -> Result<String, FacadeError> {
         self.validate(&msg)?;
         let id = Self::message_id(idempotency_key)?;
+        let _in_progress = self
+            .posts
+            .enter(peer)
+            .map_err(|refused| FacadeError::Busy(refused.to_string()))?;
         debug!(request_id, id, "posting");
         let append = BatchedAppend {
             id: id.clone(),
@@ -43,6 +51,11 @@ impl Facade {
         self.appends
             .submit(self, append)
             .await
+            .map_err(|full| {
+                let why = format!("POSTs waiting for logging: {full} (--max-queued-posts, --max-queued-post-bytes)");
+                self.queue_refusals.refuse(peer, &why);
+                FacadeError::Busy(why)
+            })?
             .unwrap_or(Err(FailoverError::ShuttingDown))
             .map_err(|error| self.failed("store the message", request_id, error))?;
         Ok(id)

@@ -2,11 +2,11 @@
 //! instance and, if that instance fails midway, resumes on another that serves the same
 //! log, from the last position received.
 
-use std::{sync::Arc, time::Duration};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use proto::logging::v1::{ReadRequest, StreamRequest, StreamResponse};
 use tokio::time::Instant;
-use tonic::{Status, Streaming};
+use tonic::{Code, Status, Streaming};
 use tracing::warn;
 
 use super::{
@@ -73,14 +73,29 @@ impl Facade {
     }
 
     /// Starts reading the whole log, as it stands now, from a live logging instance.
-    /// Fails (503) only if no instance can start; after that, [`FullRead::next`] resumes
-    /// on another instance if the first one fails.
-    pub async fn read_all(self: &Arc<Self>, request_id: &str) -> Result<FullRead, FacadeError> {
+    /// Fails (503) if no instance can start, or when the facade (`--max-full-reads`) or
+    /// the instance asked is at its limit of full reads; after that, [`FullRead::next`]
+    /// resumes on another instance if the first one fails.
+    pub async fn read_all(
+        self: &Arc<Self>,
+        request_id: &str,
+        peer: Option<IpAddr>,
+    ) -> Result<FullRead, FacadeError> {
+        let pass = self
+            .full_reads
+            .enter(peer)
+            .map_err(|refused| FacadeError::Busy(format!("full reads: {refused}")))?;
         let (stream, first) = self
             .open_stream(request_id, 0, 0, None)
             .await
-            .map_err(|error| self.failed("read the log", request_id, error))?;
+            .map_err(|error| match error {
+                FailoverError::Rejected(status) if status.code() == Code::ResourceExhausted => {
+                    FacadeError::Busy(format!("the logging instance asked {}", status.message()))
+                }
+                error => self.failed("read the log", request_id, error),
+            })?;
         let mut read = FullRead {
+            _pass: pass,
             facade: Arc::clone(self),
             request_id: request_id.to_owned(),
             log: first.log.clone(),
@@ -127,6 +142,8 @@ impl Facade {
 /// A read of the whole log, as it stood when it began, batch by batch. Holds one batch
 /// at a time; the instance behind it may change, the log may not.
 pub struct FullRead {
+    /// Its place under the facade's limit of full reads.
+    _pass: rpc::Pass,
     facade: Arc<Facade>,
     request_id: String,
     /// Which log is being read; a resumed read must read the same one.

@@ -36,7 +36,7 @@ pub(crate) struct Wrapped<B> {
 impl<B> Wrapped<B> {
     pub(crate) fn new(store: &Arc<MemoryStore>, batch: B) -> Arc<Self> {
         Arc::new(Self {
-            real: LoggingService::new(Arc::clone(store), 64 * 1024),
+            real: LoggingService::new(Arc::clone(store), 64 * 1024, 16),
             batch,
         })
     }

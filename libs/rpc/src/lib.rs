@@ -14,14 +14,20 @@
 //! locally (so a hung peer cannot hang us). [`request_id`] carries one id per client
 //! request through every service's log lines.
 //!
-//! Security: [`tls`] holds the TLS flags, the listener that speaks TLS, and the
-//! [`Transport`] whose channels do; the plaintext shorthands [`channel`] and
-//! [`endpoint`] are for loopback, tests and tools.
+//! Security: [`tls`] holds the TLS flags and the [`Transport`] whose channels speak it;
+//! the plaintext shorthands [`channel`] and [`endpoint`] are for loopback, tests and
+//! tools. The [`Listener`] speaks TLS when configured, and [`limits`] bounds what one
+//! client can make a server hold: connections, time, request bytes, and (through a
+//! [`Gate`]) whatever a service holds open for it.
 
+pub mod limits;
 pub mod request_id;
+mod server;
 pub mod tls;
 
-pub use tls::{peer, AddressError, ClientCerts, Identity, Listener, Peer, Tls, TlsArgs, Transport};
+pub use limits::{Gate, LimitArgs, Pass, Refusals, ServeLimits};
+pub use server::Listener;
+pub use tls::{peer, AddressError, ClientCerts, Identity, Peer, Tls, TlsArgs, Transport};
 
 use std::{future::Future, io, time::Duration};
 
@@ -46,17 +52,25 @@ use tower::ServiceExt;
 /// How long to wait for a TCP connection before calling a peer unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// A route table holding health and reflection, and the health reporter to flip.
+/// Largest request the health and reflection services take: a service or symbol name.
+const CONTROL_REQUEST_BYTES: usize = 16 * 1024;
+
+/// A route table holding health and reflection, and the health reporter to flip. A
+/// service adds its own server with `max_decoding_message_size` set to its
+/// [`ServeLimits::max_request_bytes`].
 pub fn routes() -> anyhow::Result<(Routes, HealthReporter)> {
     let (reporter, health) = tonic_health::server::health_reporter();
+    let health = health.max_decoding_message_size(CONTROL_REQUEST_BYTES);
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+        .build_v1()?
+        .max_decoding_message_size(CONTROL_REQUEST_BYTES);
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+        .build_v1alpha()?
+        .max_decoding_message_size(CONTROL_REQUEST_BYTES);
     let routes = Routes::new(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
@@ -71,9 +85,9 @@ pub fn http_router<S: Clone + Send + Sync + 'static>() -> Router<S> {
 }
 
 /// Serves gRPC `routes` and the `http` router (made with [`http_router`]) on `listener`
-/// (a `TcpListener`, or a [`Listener`] that speaks TLS) until `shutdown` is cancelled,
-/// then stops accepting and waits for in-flight requests to finish. Handlers find the
-/// connection's [`Peer`] in their request's extensions.
+/// (a `TcpListener`, or a [`Listener`] that speaks TLS, under its [`ServeLimits`]) until
+/// `shutdown` is cancelled, then stops accepting and waits for in-flight requests to
+/// finish. Handlers find the connection's [`Peer`] in their request's extensions.
 pub async fn serve(
     listener: impl Into<Listener>,
     routes: Routes,
@@ -89,12 +103,7 @@ pub async fn serve(
         };
         route.oneshot(request)
     }));
-    axum::serve(
-        listener.into(),
-        app.into_make_service_with_connect_info::<Peer>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await
+    server::serve(listener.into(), app, shutdown).await
 }
 
 fn is_grpc(request: &Request) -> bool {

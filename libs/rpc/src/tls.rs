@@ -17,7 +17,7 @@
 //! ([`TlsArgs::bind`]).
 
 use std::{
-    fmt, io,
+    fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -25,24 +25,17 @@ use std::{
 };
 
 use anyhow::Context;
-use axum::serve::{IncomingStream, Listener as AxumListener};
-use tokio::{
-    net::{TcpListener, TcpStream},
-    task::JoinSet,
+use tokio::net::TcpListener;
+use tokio_rustls::rustls::{
+    self,
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
+    server::WebPkiClientVerifier,
+    RootCertStore, ServerConfig,
 };
-use tokio_rustls::{
-    rustls::{
-        self,
-        pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
-        server::WebPkiClientVerifier,
-        RootCertStore, ServerConfig,
-    },
-    server::TlsStream,
-    TlsAcceptor,
-};
-use tokio_util::either::Either;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
-use tracing::{debug, warn};
+use tracing::warn;
+
+use crate::Listener;
 
 /// How long a client may take over its TLS handshake before its connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -328,126 +321,6 @@ pub fn peer<T>(request: &tonic::Request<T>) -> Option<&Peer> {
         .extensions()
         .get::<axum::extract::ConnectInfo<Peer>>()
         .map(|info| &info.0)
-}
-
-impl axum::extract::connect_info::Connected<IncomingStream<'_, Listener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, Listener>) -> Self {
-        stream.remote_addr().clone()
-    }
-}
-
-type Handshake = Option<(TlsStream<TcpStream>, Peer)>;
-
-/// What [`crate::serve`] accepts connections from: plain TCP, or TLS whose handshakes run
-/// beside the accept loop (a slow one holds up nobody, and is dropped after
-/// [`HANDSHAKE_TIMEOUT`]).
-pub struct Listener {
-    tcp: TcpListener,
-    tls: Option<TlsAcceptor>,
-    handshakes: JoinSet<Handshake>,
-}
-
-impl Listener {
-    pub fn tls(tcp: TcpListener, config: Arc<ServerConfig>) -> Self {
-        Self {
-            tcp,
-            tls: Some(TlsAcceptor::from(config)),
-            handshakes: JoinSet::new(),
-        }
-    }
-
-    /// Whether connections must speak TLS.
-    pub fn is_tls(&self) -> bool {
-        self.tls.is_some()
-    }
-
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.tcp.local_addr()
-    }
-}
-
-impl From<TcpListener> for Listener {
-    fn from(tcp: TcpListener) -> Self {
-        Self {
-            tcp,
-            tls: None,
-            handshakes: JoinSet::new(),
-        }
-    }
-}
-
-async fn handshake(acceptor: TlsAcceptor, tcp: TcpStream, addr: SocketAddr) -> Handshake {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(stream)) => {
-            let identity = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|chain| chain.first())
-                .and_then(Identity::of);
-            Some((stream, Peer { addr, identity }))
-        }
-        Ok(Err(error)) => {
-            debug!(%addr, %error, "TLS handshake refused");
-            None
-        }
-        Err(_) => {
-            debug!(%addr, "TLS handshake not finished in time");
-            None
-        }
-    }
-}
-
-impl AxumListener for Listener {
-    type Io = Either<TlsStream<TcpStream>, TcpStream>;
-    type Addr = Peer;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            tokio::select! {
-                accepted = self.tcp.accept() => match accepted {
-                    Ok((tcp, addr)) => {
-                        // Small request/response messages: never wait for Nagle.
-                        let _ = tcp.set_nodelay(true);
-                        match &self.tls {
-                            None => return (Either::Right(tcp), Peer { addr, identity: None }),
-                            Some(acceptor) => {
-                                self.handshakes.spawn(handshake(acceptor.clone(), tcp, addr));
-                            }
-                        }
-                    }
-                    Err(error) => accept_failed(error).await,
-                },
-                Some(done) = self.handshakes.join_next(), if !self.handshakes.is_empty() => {
-                    if let Ok(Some((stream, peer))) = done {
-                        return (Either::Left(stream), peer);
-                    }
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(Peer {
-            addr: self.tcp.local_addr()?,
-            identity: None,
-        })
-    }
-}
-
-/// As axum's own listener does: a connection that died before it was accepted is
-/// nothing; anything else (out of file descriptors) is logged and waited out.
-async fn accept_failed(error: io::Error) {
-    if matches!(
-        error.kind(),
-        io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-    ) {
-        return;
-    }
-    warn!(%error, "accept failed; trying again in 1s");
-    tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
 /// How a process opens channels: plaintext, or TLS with its identity.
