@@ -59,6 +59,11 @@ async fn start_replicas(count: usize) -> anyhow::Result<Vec<(SocketAddr, Proc, V
             "100000",
             "--max-instances",
             "100000",
+            // Every session comes from this one address.
+            "--max-sessions-per-peer",
+            "100000",
+            "--max-sessions",
+            "100000",
         ]
         .map(str::to_owned)
         .to_vec();

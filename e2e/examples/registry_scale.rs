@@ -116,6 +116,20 @@ async fn run(instances: usize, kept_by: KeptBy, args: &Args) -> anyhow::Result<S
         "--max-instances".into(),
         "100000".into(),
     ];
+    // Every session comes from this one address: lift the per-peer limits (a build
+    // without them does not know the flags).
+    let help = std::process::Command::new(binary).arg("--help").output()?;
+    if String::from_utf8_lossy(&help.stdout).contains("--max-sessions-per-peer") {
+        flags.extend(
+            [
+                "--max-sessions-per-peer",
+                "100000",
+                "--max-sessions",
+                "100000",
+            ]
+            .map(String::from),
+        );
+    }
     flags.extend(server_tls(args));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let server = e2e::Proc::spawn("config-server", binary, &flags);

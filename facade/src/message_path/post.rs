@@ -26,6 +26,7 @@ impl Facade {
     /// Stores `msg` through a live logging instance, failing over and retrying with the
     /// same id; returns the id. POSTs that arrive while the facade's calls to logging
     /// are all in flight share the next one ([`crate::batch`]).
+    ///
     /// A POST that finds the queue of POSTs waiting for logging full, or its `peer`
     /// with `--max-posts-per-peer` POSTs in progress, is answered [`FacadeError::Busy`] at
     /// once (its refusal counted, and logged once a minute per peer).
@@ -52,7 +53,10 @@ impl Facade {
             .submit(self, append)
             .await
             .map_err(|full| {
-                let why = format!("POSTs waiting for logging: {full} (--max-queued-posts, --max-queued-post-bytes)");
+                let why = format!(
+                    "POSTs waiting for logging: {full} (--max-queued-posts, \
+                     --max-queued-post-bytes)"
+                );
                 self.queue_refusals.refuse(peer, &why);
                 FacadeError::Busy(why)
             })?

@@ -90,7 +90,9 @@ impl Facade {
             .await
             .map_err(|error| match error {
                 FailoverError::Rejected(status) if status.code() == Code::ResourceExhausted => {
-                    FacadeError::Busy(format!("the logging instance asked {}", status.message()))
+                    FacadeError::Busy(
+                        "the logging instance asked is serving its most full reads".into(),
+                    )
                 }
                 error => self.failed("read the log", request_id, error),
             })?;

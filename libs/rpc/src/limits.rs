@@ -289,6 +289,10 @@ impl fmt::Debug for Pass {
 /// here.
 pub(crate) static REQUEST_BYTES: LazyLock<Refusals> =
     LazyLock::new(|| Refusals::new("max-request-bytes", "rpc_request_bytes_refused_total"));
+/// Connections closed for sending no request headers within
+/// [`ServeLimits::header_timeout`].
+pub(crate) static HEADER_TIMEOUTS: LazyLock<Refusals> =
+    LazyLock::new(|| Refusals::new("header-timeout", "rpc_header_timeouts_total"));
 
 #[cfg(test)]
 mod tests {

@@ -52,7 +52,7 @@ use tower::ServiceExt;
 use tracing::{debug, warn};
 
 use crate::{
-    limits::{Gate, Pass, ServeLimits, REQUEST_BYTES},
+    limits::{Gate, Pass, ServeLimits, HEADER_TIMEOUTS, REQUEST_BYTES},
     tls::{Identity, Peer, HANDSHAKE_TIMEOUT},
 };
 
@@ -385,6 +385,12 @@ async fn connection(
         tokio::select! {
             result = conn.as_mut() => {
                 if let Err(error) = result {
+                    let timed_out = error
+                        .downcast_ref::<hyper::Error>()
+                        .is_some_and(hyper::Error::is_timeout);
+                    if timed_out {
+                        HEADER_TIMEOUTS.refuse(Some(peer.addr.ip()), &"request headers not sent within --header-timeout");
+                    }
                     debug!(peer = %peer.addr, %error, "connection ended");
                 }
                 return;
@@ -395,13 +401,18 @@ async fn connection(
             }
             () = tokio::time::sleep_until(check), if !closing => {
                 let idle = activity.in_flight.load(Ordering::SeqCst) == 0;
-                let deadline = match *activity.idle_since.lock() {
+                let idle_since = *activity.idle_since.lock();
+                let deadline = match idle_since {
                     None => accepted + limits.header_timeout,
                     Some(since) => since + limits.idle_timeout,
                 };
                 let now = Instant::now();
                 if idle && now >= deadline {
-                    debug!(peer = %peer.addr, "closing a connection that sent no request in time, or sat idle");
+                    if idle_since.is_none() {
+                        HEADER_TIMEOUTS.refuse(Some(peer.addr.ip()), &"no request within --header-timeout of connecting");
+                    } else {
+                        debug!(peer = %peer.addr, "closing a connection idle for --idle-timeout");
+                    }
                     conn.as_mut().graceful_shutdown();
                     closing = true;
                 } else {

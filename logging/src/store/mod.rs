@@ -9,7 +9,16 @@
 //! - Every message has a position: increasing from 1 in insertion order, never reused.
 //!   `read` returns one page after a position, at the same cost at any depth; `stream`
 //!   sends everything after a position in batches, up to the end of the log when the
-//!   call began, holding at most a couple of batches in memory.
+//!   call began.
+//! - **A full read's memory is bounded in bytes, whatever the log or message size.** A
+//!   batch holds at most [`STREAM_BATCH_BYTES`] (128 KiB) of text and one message more;
+//!   the channel to the reader holds two. The memory store copies one batch at a time,
+//!   so a full read holds three batches: under 600 KiB with 64 KiB texts. The NATS
+//!   store holds, besides, one answer of 128 KiB (and one message) for each of its four
+//!   requests in flight: under 2 MiB in all. The gRPC service adds its own channel of
+//!   two batches and the connection's send buffer. `bench/growth big` measures it (one
+//!   and sixteen full reads of 3,000 messages of 60 KiB), and `e2e/tests/abuse.rs`
+//!   asserts it (no service grows by more than 64 MiB while 64 full reads run).
 //! - A backend that cannot reach its data answers [`StoreError::Unavailable`] promptly,
 //!   so callers can fail over instead of hanging.
 

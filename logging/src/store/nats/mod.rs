@@ -20,10 +20,17 @@
 //!   it).
 //! - **Every read a batched direct get** ([`direct`]). A page is one request for its
 //!   messages, answered by any replica. A full read takes the built blocks of a hundred
-//!   messages ([`blocks`]) and then the newest messages, a thousand per request, a few
-//!   requests in flight, at most 1 MiB each, through a channel of two batches: memory
-//!   stays bounded whatever the log's size. The process keeps no copy of the log, only
-//!   how many blocks are built and the streams' configuration.
+//!   messages ([`blocks`]) and then the newest messages, in pieces of a thousand
+//!   positions, four pieces at once. A piece asks for one answer of at most
+//!   [`READ_BYTES`] (128 KiB, and one message more) at a time, and for the next only
+//!   once the reader has taken the last: nothing is gathered whole, so a full read holds
+//!   under 2 MiB whatever the log's size or its messages' (see [`crate::store`]). The
+//!   process keeps no copy of the log, only how many blocks are built and the streams'
+//!   configuration.
+//! - **Bounded on disk.** The stream is created with a size limit
+//!   ([`DEFAULT_MAX_BYTES`], 1 GiB, `--store-max-bytes`) and discard-new: at the limit an
+//!   append is refused ([`StoreError::Full`]) and nothing stored is dropped. Retention
+//!   limits (`--retention-*`) drop the oldest instead.
 //! - **Read-your-writes through any instance.** A read that reaches the end of what the
 //!   answering replica holds asks the stream's leader where the log ends; a replica
 //!   behind it is asked again, so a read sees every write acknowledged before it began.
