@@ -389,7 +389,8 @@ async fn connection(
                         .downcast_ref::<hyper::Error>()
                         .is_some_and(hyper::Error::is_timeout);
                     if timed_out {
-                        HEADER_TIMEOUTS.refuse(Some(peer.addr.ip()), &"request headers not sent within --header-timeout");
+                        let why = "request headers not sent within --header-timeout";
+                        HEADER_TIMEOUTS.refuse(Some(peer.addr.ip()), &why);
                     }
                     debug!(peer = %peer.addr, %error, "connection ended");
                 }
@@ -409,7 +410,8 @@ async fn connection(
                 let now = Instant::now();
                 if idle && now >= deadline {
                     if idle_since.is_none() {
-                        HEADER_TIMEOUTS.refuse(Some(peer.addr.ip()), &"no request within --header-timeout of connecting");
+                        let why = "no request within --header-timeout of connecting";
+                        HEADER_TIMEOUTS.refuse(Some(peer.addr.ip()), &why);
                     } else {
                         debug!(peer = %peer.addr, "closing a connection idle for --idle-timeout");
                     }
