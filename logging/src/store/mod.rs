@@ -317,6 +317,9 @@ pub(crate) mod contract {
         let last = all.last().expect("last").position;
         let end = store.read(last, 10).await.expect("read at the end");
         assert_eq!(end, Page::default());
+        // A stream at the end sends nothing and says where the log ends, as any other.
+        let at_end = store.stream(last, None).await.expect("stream at the end");
+        assert_eq!(at_end.until, last, "until at the end of the log");
         assert!(matches!(
             store.read(last + 10, 10).await,
             Err(StoreError::PastTheEnd { .. })

@@ -582,7 +582,7 @@ impl MessageStore for NatsStore {
         let end = until.unwrap_or(last).min(last);
         let start = (after + 1).max(first);
         if end == 0 || start > end {
-            return Ok(Batches::empty(until.unwrap_or(0)));
+            return Ok(Batches::empty(end));
         }
         let (sender, receiver) = mpsc::channel(2);
         tokio::spawn(self.reader.clone().send(start, end, sender));
