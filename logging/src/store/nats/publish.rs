@@ -38,11 +38,21 @@ pub(super) enum Published {
 pub(super) enum Batched {
     /// All stored, the last at this position (the others right before it, in order).
     Stored(u64),
-    /// Refused whole (an id already stored or twice in the batch, too many batches in
-    /// flight, ...): nothing of it is stored, and `reason` says why.
+    /// Refused whole because an id in it is already stored (or is in it twice): nothing
+    /// of it is stored, and `reason` says why.
     Refused(String),
     /// Refused whole because the stream (or JetStream's storage) is at its size limit.
     Full(String),
+}
+
+/// Whether the stream refused a publish for its expected last sequence: the subject (an
+/// id) holds a message. A cluster answers some of these with an error code (10164) the
+/// client does not name, so the text is read too.
+fn is_wrong_last_sequence(error: &jetstream::context::PublishError) -> bool {
+    matches!(
+        error.kind(),
+        PublishErrorKind::WrongLastSequence | PublishErrorKind::WrongLastMessageId
+    ) || error.to_string().contains("wrong last sequence")
 }
 
 /// Whether the stream refused a publish because it is at its size limit (`DiscardNew`),
@@ -72,7 +82,7 @@ pub(super) async fn one(
         .map_err(|e| StoreError::unavailable("publish", e))?;
     match ack.await {
         Ok(ack) => Ok(Published::Stored(ack.sequence)),
-        Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => Ok(Published::Refused),
+        Err(error) if is_wrong_last_sequence(&error) => Ok(Published::Refused),
         Err(error) if is_full(&error) => Err(StoreError::Full(format!(
             "the {} stream is at its size limit (--store-max-bytes): {error}",
             super::STREAM
@@ -130,18 +140,11 @@ fn batched(
     match ack {
         Ok(ack) => Ok(Batched::Stored(ack.sequence)),
         Err(error) if is_full(&error) => Ok(Batched::Full(error.to_string())),
-        // The server answered, and refused the batch: nothing of it is stored.
-        Err(error)
-            if matches!(
-                error.kind(),
-                PublishErrorKind::WrongLastSequence
-                    | PublishErrorKind::WrongLastMessageId
-                    | PublishErrorKind::Other
-            ) =>
-        {
-            Ok(Batched::Refused(error.to_string()))
-        }
-        // No answer in time, no stream, no connection: whether it is stored is unknown.
+        // The server refused the batch for an id it holds (or holds twice): nothing of it
+        // is stored, and appending its messages one by one tells which.
+        Err(error) if is_wrong_last_sequence(&error) => Ok(Batched::Refused(error.to_string())),
+        // Anything else (no answer in time, no stream, no connection, an error this store
+        // does not know): unavailable, and the caller retries the batch with the same ids.
         Err(error) => Err(StoreError::unavailable(
             "no acknowledgement from JetStream",
             error,
@@ -155,17 +158,29 @@ mod tests {
     use jetstream::{context::PublishError, publish::PublishAck};
 
     #[test]
-    fn a_batch_answered_is_stored_or_refused_and_one_unanswered_is_unavailable() {
+    fn a_batch_is_stored_refused_for_its_ids_or_unavailable() {
         let stored = PublishAck {
             sequence: 42,
             ..PublishAck::default()
         };
         assert_eq!(batched(Ok(stored)).ok(), Some(Batched::Stored(42)));
-        for kind in [PublishErrorKind::WrongLastSequence, PublishErrorKind::Other] {
+        for kind in [
+            PublishErrorKind::WrongLastSequence,
+            PublishErrorKind::WrongLastMessageId,
+        ] {
             let refused = batched(Err(PublishError::new(kind)));
             assert!(matches!(refused, Ok(Batched::Refused(_))), "{refused:?}");
         }
+        // As a cluster answers it: a code the client does not name.
+        let clustered = PublishError::with_source(
+            PublishErrorKind::Other,
+            "wrong last sequence (code 400, error code 10164)",
+        );
+        assert!(matches!(batched(Err(clustered)), Ok(Batched::Refused(_))));
+        // An error the store does not recognise is not taken for a refusal of ids: the
+        // batch is unavailable (the caller retries it), not appended one by one.
         for kind in [
+            PublishErrorKind::Other,
             PublishErrorKind::TimedOut,
             PublishErrorKind::BrokenPipe,
             PublishErrorKind::StreamNotFound,
