@@ -17,7 +17,9 @@ use super::{
 use crate::failover::FailoverError;
 
 /// How long a full read waits for the next batch before it calls the instance hung and
-/// resumes elsewhere.
+/// resumes elsewhere. Longer than a logging instance waits on its store
+/// (`logging::store::nats::STREAM_STALL`), so a stalled store is reported by the
+/// instance first.
 const READ_STALL: Duration = Duration::from_secs(3);
 
 /// One stored message, with its id.
@@ -225,5 +227,17 @@ impl FullRead {
                 Err(FacadeError::Broken)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::READ_STALL;
+
+    /// A logging instance gives up on a stalled store (and says so in its stream's
+    /// error) before the facade would give up waiting on that instance.
+    #[test]
+    fn an_instance_gives_up_on_its_store_before_the_facade_gives_up_on_it() {
+        assert!(logging::store::nats::STREAM_STALL < READ_STALL);
     }
 }

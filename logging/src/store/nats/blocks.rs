@@ -85,6 +85,9 @@ const BLOCK_GET_BYTES: usize = super::READ_BYTES;
 pub(super) const BLOCK_MAX_BYTES: usize = 64 * 1024;
 /// How long building waits for a complete block's messages.
 const BUILD_WAIT: Duration = Duration::from_secs(5);
+/// How long a full read waits for blocks it knows are built (a replica a moment behind)
+/// before reading their messages instead.
+const BLOCKS_WAIT: Duration = Duration::from_millis(250);
 /// How often an instance looks whether the blocks have fallen behind (jittered, so
 /// instances do not all look at once).
 const LOOK_EVERY: Duration = Duration::from_secs(2);
@@ -228,7 +231,7 @@ impl Blocks {
 
     /// Creates the blocks stream again if it was deleted (by hand: it is derived data),
     /// so building goes on; handles to it work again, as they name it.
-    async fn recreate_if_missing(&self) {
+    pub(super) async fn recreate_if_missing(&self) {
         if let Err(error) = self
             .jetstream
             .get_or_create_stream(self.config.clone())
@@ -272,7 +275,9 @@ impl Blocks {
             .await
             .map_err(|e| StoreError::unavailable("blocks stream info", e))?;
         let built = info.state.last_sequence;
-        self.known.fetch_max(built, Ordering::Relaxed);
+        // The leader's count, down too: a blocks stream deleted and created again starts
+        // over, and a read must not wait for blocks that are gone.
+        self.known.store(built, Ordering::Relaxed);
         Ok(built)
     }
 
@@ -301,13 +306,20 @@ impl Blocks {
             (first + 1, last + 1),
             BLOCKS_PER_GET,
             BLOCK_GET_BYTES,
-            deadline,
+            deadline.min(Instant::now() + BLOCKS_WAIT),
         )
         .await;
-        let found = read.unwrap_or_else(|error| {
-            debug!(%error, first, last, "store: blocks cannot be read; reading their messages");
-            Vec::new()
-        });
+        let found = match read {
+            Ok(found) if !found.is_empty() => found,
+            other => {
+                // Gone (the stream deleted, created again empty) or unreadable: count
+                // the blocks again, so later reads do not ask for them.
+                let error = other.err().map(|e| e.to_string()).unwrap_or_default();
+                debug!(%error, first, last, "store: blocks not there; reading their messages");
+                let _ = self.built().await;
+                Vec::new()
+            }
+        };
         // Up to the last block answered; the whole range when none was.
         let upto = found.last().map_or(last, |raw| raw.sequence - 1);
         let mut found = found.into_iter().peekable();

@@ -88,8 +88,11 @@ pub const STREAM: &str = "MESSAGES";
 pub const MIN_SERVER_VERSION: (u64, u64, u64) = (2, 12, 0);
 /// How often the connection asks its server for a sign of life.
 const PING_INTERVAL: Duration = Duration::from_secs(1);
-/// How long one request of a full read may take before the read is called stalled.
-const STREAM_STALL: Duration = Duration::from_secs(5);
+/// How long one request of a full read may take before the read is called stalled and
+/// fails (so the reader resumes elsewhere). Shorter than the facade's own wait for a
+/// batch (3 s), so an instance gives up on its store before the facade gives up on it,
+/// and the facade hears why.
+pub const STREAM_STALL: Duration = Duration::from_secs(2);
 /// Pieces of a full read read at once (each one request at a time).
 const READS_IN_FLIGHT: usize = 4;
 /// Most bytes one request of a full read asks for (the server sends one message more at

@@ -364,6 +364,33 @@ async fn deleted_blocks_are_built_again() {
     );
 }
 
+/// Blocks deleted and created again empty are forgotten: a full read does not wait for
+/// them (it reads their messages at once), and the count an instance knows goes down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_read_does_not_wait_for_blocks_that_are_gone() {
+    let nats = Nats::single().await;
+    let store = store_on(&nats, false).await;
+    append_batches(&store, 0..10 * BLOCK as usize).await;
+    let blocks = &store.reader.blocks;
+    assert_eq!(blocks.catch_up().await.expect("catch up"), (10, 10));
+    assert_eq!(blocks.known_built(), 10);
+    let all = read_from(&store, 0).await;
+    store
+        .jetstream
+        .delete_stream(BLOCKS_STREAM)
+        .await
+        .expect("delete the blocks");
+    blocks.recreate_if_missing().await;
+    let started = Instant::now();
+    assert_eq!(read_from(&store, 0).await, all, "read without blocks");
+    let took = started.elapsed();
+    assert!(
+        took < STREAM_STALL,
+        "the read waited {took:?} for blocks that are gone"
+    );
+    assert_eq!(blocks.known_built(), 0, "the blocks count went down");
+}
+
 /// A block too big to publish is kept as a marker, and reads of its range still give
 /// every message; blocks of another log are not used, and the stream holding them is
 /// replaced at start-up.
