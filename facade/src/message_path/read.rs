@@ -113,7 +113,10 @@ impl Facade {
     }
 
     /// Opens a Stream on some instance and waits for its first answer (which says which
-    /// log it reads); with `log`, only an instance that serves that log will do.
+    /// log it reads); with `log`, only an instance that serves that log will do. A read
+    /// that resumes (with `log`) waits for an instance busy with full reads as for one
+    /// that is down, within the retry budget: a read already begun is not given up for
+    /// a moment's load. A new read is refused at once (`RESOURCE_EXHAUSTED`, a 503).
     async fn open_stream(
         &self,
         request_id: &str,
@@ -126,7 +129,17 @@ impl Facade {
             // bounds opening it (to the first answer) locally.
             let request = logging_request(StreamRequest { after, until }, None, request_id);
             async move {
-                let mut stream = client.stream(request).await?.into_inner();
+                let busy_is_transient = |status: Status| match status.code() {
+                    Code::ResourceExhausted if log.is_some() => {
+                        Status::unavailable(status.message())
+                    }
+                    _ => status,
+                };
+                let mut stream = client
+                    .stream(request)
+                    .await
+                    .map_err(busy_is_transient)?
+                    .into_inner();
                 let first = stream.message().await?.ok_or_else(|| {
                     Status::unavailable("the stream ended before its first answer")
                 })?;
