@@ -496,3 +496,36 @@ async fn logging_registers_its_advertised_address_and_never_an_unspecified_one()
     let (status, reply) = curl_post(system.facade, "through localhost");
     assert_eq!(status, 201, "{reply}");
 }
+
+/// With no logging instance registered, POST and GET answer 503 with Retry-After within
+/// about a heartbeat interval (`--no-instance-wait`, 1 s), not after the 30 s retry
+/// budget; an instance started later is used by the next request.
+#[tokio::test]
+async fn no_instance_registered_is_a_prompt_503() {
+    let mut system = System::start(0, &[]).await;
+    let url = format!("http://{}/messages", system.facade);
+    let body = serde_json::json!({ "msg": "nobody home" }).to_string();
+    let post = ["-H", "content-type: application/json", "-d", body.as_str()];
+    for (method, args) in [("POST", &post[..]), ("GET", &[][..])] {
+        let started = Instant::now();
+        let (status, head, reply) = curl(method, &url, args);
+        let took = started.elapsed();
+        assert_eq!(status, 503, "{method}: {reply}");
+        assert!(
+            head.to_ascii_lowercase().contains("retry-after: 1"),
+            "{method}: {head}"
+        );
+        assert!(
+            reply.contains("no logging instance is registered"),
+            "{method}: {reply}"
+        );
+        assert!(
+            took < Duration::from_secs(5),
+            "{method} answered after {took:?}"
+        );
+    }
+    system.add_logging().await;
+    system.wait_registered(1).await;
+    let (status, reply) = curl_post(system.facade, "somebody home");
+    assert_eq!(status, 201, "{reply}");
+}

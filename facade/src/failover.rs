@@ -44,6 +44,10 @@ pub struct Policy {
     pub backoff_cap: Duration,
     /// How long an instance that failed is tried last.
     pub suspect_for: Duration,
+    /// How long the registry may list no instance at all before a call gives up,
+    /// whatever is left of the budget: long enough for an instance that is restarting to
+    /// register again (about a heartbeat interval), far shorter than an election.
+    pub unlisted_for: Duration,
 }
 
 impl Default for Policy {
@@ -54,6 +58,7 @@ impl Default for Policy {
             backoff_base: Duration::from_millis(50),
             backoff_cap: Duration::from_millis(500),
             suspect_for: Duration::from_secs(5),
+            unlisted_for: Duration::from_secs(1),
         }
     }
 }
@@ -82,6 +87,9 @@ pub enum FailoverError {
         attempts: usize,
         last: String,
     },
+    /// The registry listed no instance for `waited`: nobody runs the service.
+    #[error("no {service} instance is registered (none listed for {waited:?})")]
+    Unlisted { service: String, waited: Duration },
     /// An instance answered with a final (non-transient) error.
     #[error("{0}")]
     Rejected(Status),
@@ -95,6 +103,9 @@ pub enum FailoverError {
 enum RoundError {
     /// Every instance failed transiently (or there was none): the last failure.
     Transient(String),
+    /// The registry has listed no instance since this instant, for longer than
+    /// [`Policy::unlisted_for`].
+    Unlisted(Instant),
     /// An instance gave a final answer.
     Rejected(Status),
 }
@@ -103,6 +114,7 @@ impl std::fmt::Display for RoundError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Transient(last) => f.write_str(last),
+            Self::Unlisted(_) => f.write_str("no instance listed"),
             Self::Rejected(status) => write!(f, "{status}"),
         }
     }
@@ -185,6 +197,8 @@ impl Failover {
         let deadline = began + self.policy.budget;
         let attempts = AtomicUsize::new(0);
         let rounds = AtomicUsize::new(0);
+        // Since when every lookup listed nobody (reset by any lookup that lists someone).
+        let unlisted_since = Mutex::new(None);
         // Each round logs its failed attempts with the request id, so the loop is quiet.
         let retry = Retry::new(format!("calling {service}"), &self.shutdown)
             .backoff(self.policy.backoff_base, self.policy.backoff_cap)
@@ -199,13 +213,31 @@ impl Failover {
                     }
                     self.round(service, request_id, &lookup, &call, deadline, &attempts)
                 },
-                |error| matches!(error, RoundError::Rejected(_)),
+                |error| match error {
+                    RoundError::Rejected(_) => true,
+                    RoundError::Unlisted(since) => {
+                        let since = *unlisted_since.lock().get_or_insert(*since);
+                        since.elapsed() >= self.policy.unlisted_for
+                    }
+                    RoundError::Transient(_) => {
+                        *unlisted_since.lock() = None;
+                        false
+                    }
+                },
             )
             .await;
         match result {
             Ok(value) => Ok(value),
             Err(RetryError::Permanent(RoundError::Rejected(status))) => {
                 Err(FailoverError::Rejected(status))
+            }
+            Err(RetryError::Permanent(RoundError::Unlisted(_))) => {
+                metrics::counter!("facade_exhausted_total", "service" => service.to_owned())
+                    .increment(1);
+                Err(FailoverError::Unlisted {
+                    service: service.to_owned(),
+                    waited: self.policy.unlisted_for,
+                })
             }
             Err(RetryError::Cancelled) => Err(FailoverError::ShuttingDown),
             Err(RetryError::Exhausted { last, .. } | RetryError::Permanent(last)) => {
@@ -238,8 +270,12 @@ impl Failover {
         C: Fn(String) -> CF,
         CF: Future<Output = Result<T, Status>>,
     {
+        let instances = lookup().await;
+        if instances.is_empty() {
+            return Err(RoundError::Unlisted(Instant::now()));
+        }
         let mut last = String::from("no live instance in the registry");
-        for address in self.order(lookup().await) {
+        for address in self.order(instances) {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 if attempts.load(Ordering::Relaxed) == 0 {
@@ -289,12 +325,53 @@ mod tests {
             backoff_base: Duration::from_millis(10),
             backoff_cap: Duration::from_millis(50),
             suspect_for: Duration::from_secs(5),
+            unlisted_for: Duration::from_secs(1),
         }
     }
 
     fn instances(list: &[&str]) -> impl Fn() -> std::future::Ready<Vec<String>> {
         let list: Vec<String> = list.iter().map(|s| s.to_string()).collect();
         move || std::future::ready(list.clone())
+    }
+
+    /// With no instance listed the call gives up after `unlisted_for`, not the budget;
+    /// an instance listed within it is called.
+    #[tokio::test(start_paused = true)]
+    async fn nobody_listed_gives_up_after_a_moment_and_a_late_instance_is_called() {
+        let policy = Policy {
+            budget: Duration::from_secs(30),
+            ..policy()
+        };
+        let failover = Failover::new(policy, &CancellationToken::new());
+        let started = Instant::now();
+        let result: Result<(), _> = failover
+            .run(started, "logging", "r", instances(&[]), |_| async {
+                Ok(())
+            })
+            .await;
+        assert!(
+            matches!(result, Err(FailoverError::Unlisted { .. })),
+            "{result:?}"
+        );
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(1) && took < Duration::from_secs(2),
+            "gave up after {took:?}"
+        );
+        // Listed after 300 ms (a restart): called, within the same request.
+        let started = Instant::now();
+        let late = || {
+            let listed = started.elapsed() >= Duration::from_millis(300);
+            std::future::ready(if listed {
+                vec!["a".to_owned()]
+            } else {
+                Vec::new()
+            })
+        };
+        let result = failover
+            .run(started, "logging", "r", late, |_| async { Ok(7) })
+            .await;
+        assert_eq!(result.expect("called"), 7);
     }
 
     #[test]

@@ -36,6 +36,7 @@ fn status(error: FacadeError) -> Status {
         FacadeError::KeyReused => Status::already_exists(message),
         FacadeError::StoreFull => Status::resource_exhausted(message),
         FacadeError::Unavailable { .. }
+        | FacadeError::NoInstance(_)
         | FacadeError::ShuttingDown
         | FacadeError::Broken
         | FacadeError::Busy(_) => Status::unavailable(message),

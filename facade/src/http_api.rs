@@ -306,6 +306,7 @@ impl IntoResponse for ApiError {
                     FacadeError::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
                     FacadeError::StoreFull => StatusCode::INSUFFICIENT_STORAGE,
                     FacadeError::Unavailable { .. }
+                    | FacadeError::NoInstance(_)
                     | FacadeError::ShuttingDown
                     | FacadeError::Broken
                     | FacadeError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,

@@ -61,6 +61,12 @@ pub struct Config {
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub retry_budget: Duration,
 
+    /// How long the registry may list no logging instance at all before a request gives
+    /// up with 503 (the retry budget applies while instances are listed): about a
+    /// heartbeat interval, so an instance that is restarting still gets its chance.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub no_instance_wait: Duration,
+
     /// Longest message accepted, in bytes.
     #[arg(long, default_value_t = 64 * 1024)]
     pub max_message_bytes: usize,
@@ -162,6 +168,7 @@ async fn serve_over(
         Policy {
             attempt_deadline: config.attempt_deadline,
             budget: config.retry_budget,
+            unlisted_for: config.no_instance_wait,
             ..Policy::default()
         },
         &shutdown,

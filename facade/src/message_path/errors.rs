@@ -31,6 +31,8 @@ pub enum FacadeError {
     InvalidLimit,
     #[error("unknown cursor: pass the `next` of an earlier page")]
     InvalidCursor,
+    #[error("no {0} instance is registered; start one, then try again")]
+    NoInstance(&'static str),
     #[error("no {service} instance could {what} within {budget:?}; try again")]
     Unavailable {
         service: &'static str,
@@ -86,6 +88,10 @@ impl Facade {
                     what,
                     budget: self.failover.policy().budget,
                 }
+            }
+            FailoverError::Unlisted { .. } => {
+                warn!(request_id, error = %error, "gave up: could not {what}");
+                FacadeError::NoInstance(LOGGING)
             }
             FailoverError::ShuttingDown => FacadeError::ShuttingDown,
         }
