@@ -56,14 +56,14 @@ impl RegistryService {
             session_numbers: AtomicU64::new(0),
             watches: rpc::Gate::new(
                 "watches",
-                (limits.watches_per_peer, "--max-watches-per-peer"),
-                (limits.watches, "--max-watches"),
+                Some((limits.watches_per_peer, "--max-watches-per-peer")),
+                Some((limits.watches, "--max-watches")),
                 "registry_watches_refused_total",
             ),
             sessions: rpc::Gate::new(
                 "sessions",
-                (limits.sessions_per_peer, "--max-sessions-per-peer"),
-                (limits.sessions, "--max-sessions"),
+                Some((limits.sessions_per_peer, "--max-sessions-per-peer")),
+                Some((limits.sessions, "--max-sessions")),
                 "registry_sessions_refused_total",
             ),
         }
@@ -72,8 +72,7 @@ impl RegistryService {
     /// A place for one more stream of `request`'s peer under `gate`, or
     /// `RESOURCE_EXHAUSTED` saying which limit it met.
     fn hold<T>(gate: &Arc<rpc::Gate>, request: &Request<T>) -> Result<rpc::Pass, Status> {
-        let peer = rpc::peer(request).map(|peer| peer.addr.ip());
-        gate.enter(peer)
+        gate.enter(rpc::peer_ip(request))
             .map_err(|refused| Status::resource_exhausted(format!("too many streams: {refused}")))
     }
 

@@ -380,7 +380,7 @@ async fn a_hostile_client_holds_nothing_that_starves_a_well_behaved_one() {
             if started.elapsed() > HEADER_TIMEOUT + Duration::from_secs(10) {
                 return None; // never closed
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::time::sleep(Duration::from_secs(1)).await; // the attack's pace, not a settle
             if stream.write_all(b"x").await.is_err() {
                 return Some(started.elapsed());
             }

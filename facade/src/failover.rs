@@ -103,8 +103,8 @@ pub enum FailoverError {
 enum RoundError {
     /// Every instance failed transiently (or there was none): the last failure.
     Transient(String),
-    /// The registry has listed no instance since this instant, for longer than
-    /// [`Policy::unlisted_for`].
+    /// The registry listed no instance, at this instant (the caller gives up once that
+    /// has lasted [`Policy::unlisted_for`]).
     Unlisted(Instant),
     /// An instance gave a final answer.
     Rejected(Status),

@@ -55,7 +55,7 @@ impl pb::facade_server::Facade for FacadeService {
         request: Request<pb::PostRequest>,
     ) -> Result<Response<pb::PostResponse>, Status> {
         let request_id = request_id_of(&request);
-        let peer = rpc::peer(&request).map(|peer| peer.addr.ip());
+        let peer = rpc::peer_ip(&request);
         let pb::PostRequest {
             msg,
             idempotency_key,
@@ -78,7 +78,7 @@ impl pb::facade_server::Facade for FacadeService {
         request: Request<pb::GetRequest>,
     ) -> Result<Response<Self::GetStream>, Status> {
         let request_id = request_id_of(&request);
-        let peer = rpc::peer(&request).map(|peer| peer.addr.ip());
+        let peer = rpc::peer_ip(&request);
         let mut read = self
             .facade
             .read_all(&request_id, peer)

@@ -41,8 +41,8 @@ impl<S: MessageStore> LoggingService<S> {
             full_reads: rpc::Gate::new(
                 "full reads",
                 // One limit for the instance, whoever asks: a full read's peer is a facade.
-                (max_full_reads, "--max-full-reads"),
-                (max_full_reads, "--max-full-reads"),
+                None,
+                Some((max_full_reads, "--max-full-reads")),
                 "logging_full_reads_refused_total",
             ),
         }
@@ -227,7 +227,7 @@ impl<S: MessageStore> pb::logging_server::Logging for LoggingService<S> {
         request: Request<pb::StreamRequest>,
     ) -> Result<Response<Self::StreamStream>, Status> {
         let request_id = request_id::of(&request).unwrap_or_default();
-        let peer = rpc::peer(&request).map(|peer| peer.addr.ip());
+        let peer = rpc::peer_ip(&request);
         let pass = self.full_reads.enter(peer).map_err(|refused| {
             Status::resource_exhausted(format!("busy with full reads: {refused}; try again"))
         })?;

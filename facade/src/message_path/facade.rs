@@ -114,16 +114,16 @@ impl Facade {
             }),
             full_reads: rpc::Gate::new(
                 "full reads",
-                (max_full_reads, "--max-full-reads"),
-                (max_full_reads, "--max-full-reads"),
+                None,
+                Some((max_full_reads, "--max-full-reads")),
                 "facade_full_reads_refused_total",
             ),
             queue_refusals: rpc::Refusals::new("queued posts", "facade_queued_posts_refused_total"),
-            // In all, the queue's limit answers first.
+            // In all, the queue's own limits (`batch::Limits`) answer.
             posts: rpc::Gate::new(
                 "POSTs in progress",
-                (batching.max_posts_per_peer, "--max-posts-per-peer"),
-                (usize::MAX, "--max-queued-posts"),
+                Some((batching.max_posts_per_peer, "--max-posts-per-peer")),
+                None,
                 "facade_posts_per_peer_refused_total",
             ),
         })

@@ -27,7 +27,7 @@ pub mod tls;
 
 pub use limits::{Gate, LimitArgs, Pass, Refusals, ServeLimits};
 pub use server::Listener;
-pub use tls::{peer, AddressError, ClientCerts, Identity, Peer, Tls, TlsArgs, Transport};
+pub use tls::{peer, peer_ip, AddressError, ClientCerts, Identity, Peer, Tls, TlsArgs, Transport};
 
 use std::{future::Future, io, time::Duration};
 

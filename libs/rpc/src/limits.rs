@@ -9,8 +9,8 @@
 //! - [`ServeLimits`] (flags: [`LimitArgs`]): connections per peer address and in all,
 //!   how long a connection may take to send a request's headers, how long it may stay
 //!   open with no request in flight, and the largest gRPC request message.
-//! - [`Gate`]: anything held open (a connection, a Watch, a Session, a full read),
-//!   counted per peer address and in all.
+//! - [`Gate`]: anything held open (a connection, a Watch, a Session, a full read, a
+//!   POST in progress), counted per peer address, in all, or both.
 
 use std::{
     collections::HashMap,
@@ -26,8 +26,9 @@ use tracing::warn;
 
 /// How often a refusal is logged for one peer and one limit, at most.
 pub const REPORT_EVERY: Duration = Duration::from_secs(60);
-/// Peers remembered per limit for [`REPORT_EVERY`]; past it, the oldest are forgotten
-/// (so a refusal may be logged sooner than once a minute, never missed or unbounded).
+/// Peers remembered per limit for [`REPORT_EVERY`]; past it, those not logged in the last
+/// minute are forgotten, and all of them if every one was (so a refusal may be logged
+/// sooner than once a minute, never missed, and the memory stays bounded).
 const PEERS_REMEMBERED: usize = 4096;
 
 /// The limits [`crate::serve`] applies to every connection.
@@ -179,12 +180,13 @@ impl fmt::Display for Refused {
     }
 }
 
-/// Limits on one kind of thing held open: how many per peer address and in all.
+/// Limits on one kind of thing held open: how many per peer address, in all, or both.
 pub struct Gate {
     /// What is held, for messages: "connections", "watches".
     what: &'static str,
-    per_peer: (usize, &'static str),
-    total: (usize, &'static str),
+    /// The limit per peer address and in all, each with the flag that sets it.
+    per_peer: Option<(usize, &'static str)>,
+    total: Option<(usize, &'static str)>,
     held: Mutex<Held>,
     refusals: Refusals,
 }
@@ -192,22 +194,24 @@ pub struct Gate {
 #[derive(Default)]
 struct Held {
     total: usize,
+    /// Counted only under a per-peer limit.
     by_peer: HashMap<IpAddr, usize>,
 }
 
 impl Gate {
-    /// At most `per_peer` from one address (raised with the flag `per_peer_flag`) and
-    /// `total` in all (`total_flag`); refusals counted in `metric`.
+    /// At most `per_peer` from one address and `total` in all (`None`: no such limit),
+    /// each given with the flag that sets it; refusals counted in `metric`.
     pub fn new(
         what: &'static str,
-        (per_peer, per_peer_flag): (usize, &'static str),
-        (total, total_flag): (usize, &'static str),
+        per_peer: Option<(usize, &'static str)>,
+        total: Option<(usize, &'static str)>,
         metric: &'static str,
     ) -> Arc<Self> {
+        let at_least_one = |(limit, flag): (usize, &'static str)| (limit.max(1), flag);
         Arc::new(Self {
             what,
-            per_peer: (per_peer.max(1), per_peer_flag),
-            total: (total.max(1), total_flag),
+            per_peer: per_peer.map(at_least_one),
+            total: total.map(at_least_one),
             held: Mutex::new(Held::default()),
             refusals: Refusals::new(what, metric),
         })
@@ -216,33 +220,37 @@ impl Gate {
     /// Holds one for `peer` (`None`: not known, counted in all only) until the pass is
     /// dropped; refused (counted and logged) at a limit.
     pub fn enter(self: &Arc<Self>, peer: Option<IpAddr>) -> Result<Pass, Refused> {
+        // Only a gate with a per-peer limit counts by peer.
+        let counted = peer.filter(|_| self.per_peer.is_some());
         let entered = {
             let mut held = self.held.lock();
-            let from_peer = peer.map_or(0, |ip| held.by_peer.get(&ip).copied().unwrap_or(0));
-            if held.total >= self.total.0 {
-                Err(Refused::Total {
+            let from_peer = counted.map_or(0, |ip| held.by_peer.get(&ip).copied().unwrap_or(0));
+            match (self.total, self.per_peer) {
+                (Some((limit, flag)), _) if held.total >= limit => Err(Refused::Total {
                     held: held.total,
-                    limit: self.total.0,
-                    flag: self.total.1,
-                })
-            } else if peer.is_some() && from_peer >= self.per_peer.0 {
-                Err(Refused::PerPeer {
-                    held: from_peer,
-                    limit: self.per_peer.0,
-                    flag: self.per_peer.1,
-                })
-            } else {
-                held.total += 1;
-                if let Some(ip) = peer {
-                    *held.by_peer.entry(ip).or_default() += 1;
+                    limit,
+                    flag,
+                }),
+                (_, Some((limit, flag))) if counted.is_some() && from_peer >= limit => {
+                    Err(Refused::PerPeer {
+                        held: from_peer,
+                        limit,
+                        flag,
+                    })
                 }
-                Ok(())
+                _ => {
+                    held.total += 1;
+                    if let Some(ip) = counted {
+                        *held.by_peer.entry(ip).or_default() += 1;
+                    }
+                    Ok(())
+                }
             }
         };
         match entered {
             Ok(()) => Ok(Pass {
                 gate: Arc::clone(self),
-                peer,
+                peer: counted,
             }),
             Err(refused) => {
                 self.refusals
@@ -261,6 +269,7 @@ impl Gate {
 /// One thing held through a [`Gate`]; dropping it lets the next one in.
 pub struct Pass {
     gate: Arc<Gate>,
+    /// The peer it is counted for (none when the gate has no per-peer limit).
     peer: Option<IpAddr>,
 }
 
@@ -302,8 +311,8 @@ mod tests {
     fn a_gate_holds_up_to_its_limits_and_lets_the_next_in_when_one_goes() {
         let gate = Gate::new(
             "watches",
-            (2, "--max-watches-per-peer"),
-            (3, "--max-watches"),
+            Some((2, "--max-watches-per-peer")),
+            Some((3, "--max-watches")),
             "test_refused_total",
         );
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
@@ -332,6 +341,32 @@ mod tests {
         let _again = gate.enter(Some(a)).expect("room again");
         let refused = gate.enter(None).expect_err("full").to_string();
         assert!(refused.contains("--max-watches"), "{refused}");
+    }
+
+    #[test]
+    fn a_gate_with_one_limit_applies_only_that_one() {
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let in_all = Gate::new("full reads", None, Some((2, "--max-full-reads")), "t_total");
+        let _held = [
+            in_all.enter(Some(ip)).expect("1"),
+            in_all.enter(None).expect("2"),
+        ];
+        assert!(matches!(in_all.enter(Some(ip)), Err(Refused::Total { .. })));
+        let per_peer = Gate::new("posts", Some((1, "--max-posts-per-peer")), None, "t_peer");
+        let _first = per_peer.enter(Some(ip)).expect("first");
+        assert!(matches!(
+            per_peer.enter(Some(ip)),
+            Err(Refused::PerPeer { .. })
+        ));
+        let others: Vec<Pass> = (0..100)
+            .map(|i| {
+                per_peer
+                    .enter(Some(IpAddr::from([10, 1, 0, i])))
+                    .expect("others")
+            })
+            .collect();
+        assert_eq!(per_peer.held(), 101, "no limit in all");
+        drop(others);
     }
 
     #[test]

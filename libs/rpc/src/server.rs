@@ -147,8 +147,8 @@ impl From<TcpListener> for Listener {
 fn connection_gate(limits: &ServeLimits) -> Arc<Gate> {
     Gate::new(
         "connections",
-        (limits.connections_per_peer, "--max-connections-per-peer"),
-        (limits.connections, "--max-connections"),
+        Some((limits.connections_per_peer, "--max-connections-per-peer")),
+        Some((limits.connections, "--max-connections")),
         "rpc_connections_refused_total",
     )
 }

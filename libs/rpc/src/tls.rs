@@ -323,6 +323,11 @@ pub fn peer<T>(request: &tonic::Request<T>) -> Option<&Peer> {
         .map(|info| &info.0)
 }
 
+/// The address of the peer of a gRPC request, as the limits count it.
+pub fn peer_ip<T>(request: &tonic::Request<T>) -> Option<std::net::IpAddr> {
+    peer(request).map(|peer| peer.addr.ip())
+}
+
 /// How a process opens channels: plaintext, or TLS with its identity.
 #[derive(Debug, Clone, Default)]
 pub struct Transport {

@@ -11,7 +11,7 @@
 //!   sends everything after a position in batches, up to the end of the log when the
 //!   call began.
 //! - **A full read's memory is bounded in bytes, whatever the log or message size.** A
-//!   batch holds at most [`STREAM_BATCH_BYTES`] (128 KiB) of text and one message more;
+//!   batch holds at most [`STREAM_BATCH_BYTES`] (128 KiB) of text, or one message alone;
 //!   the channel to the reader holds two. The memory store copies one batch at a time,
 //!   so a full read holds three batches: under 600 KiB with 64 KiB texts. The NATS
 //!   store holds, besides, one answer of 128 KiB (and one message) for each of its four
@@ -159,7 +159,7 @@ pub trait MessageStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Page, StoreError>> + Send;
 
     /// Every message after `after` up to `until` (`None`: the end of the log now), in
-    /// batches of up to [`STREAM_BATCH`] messages and [`MAX_BATCH_BYTES`] of text.
+    /// batches of up to [`STREAM_BATCH`] messages and [`STREAM_BATCH_BYTES`] of text.
     fn stream(
         &self,
         after: u64,

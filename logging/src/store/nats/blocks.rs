@@ -13,8 +13,9 @@
 //!   so two instances building the same block store it once, and the number of blocks
 //!   built is the stream's last sequence.
 //! - **Built from what the leader confirms.** Block `n` is built once the messages
-//!   stream's leader says position `(n+1)·100` is stored, from one batched get of its
-//!   hundred messages (any replica; one that is behind is asked again), and only when
+//!   stream's leader says position `(n+1)·100` is stored, from batched gets of its
+//!   hundred messages (one for short texts; any replica, and one that is behind is asked
+//!   again), and only when
 //!   the leader holds the same message at the block's last position as the replica
 //!   that answered. Replicas that disagree (nats-server 2.9 could diverge after a
 //!   network partition) differ at every position after the fork, so the check at each
@@ -63,8 +64,8 @@ use crate::store::{StoreError, Stored};
 /// Messages per block. A hundred: a block is about 10 KB of short texts.
 pub(super) const BLOCK: u64 = 100;
 /// Blocks are built ten at a time, when an append stores a position that is a multiple
-/// of this: two stream-info requests for the ten, and for each block a batched get of its
-/// messages, a get from the leader to confirm them and a publish.
+/// of this: two stream-info requests for the ten, and for each block batched gets of its
+/// messages (one for short texts), a get from the leader to confirm them and a publish.
 pub(super) const BUILD_EVERY: u64 = 10 * BLOCK;
 pub const STREAM: &str = "MESSAGES_BLOCKS";
 const SUBJECT_PREFIX: &str = "blocks.";
@@ -73,7 +74,8 @@ const SUBJECT_PREFIX: &str = "blocks.";
 const LOG_HEADER: &str = "Log";
 const BLOCK_HEADER: &str = "Block";
 const SIZE_HEADER: &str = "Block-Size";
-/// Set on a block kept as a marker because its texts were too big to publish as one.
+/// Set on a block kept as a marker because its texts hold more than [`BLOCK_MAX_BYTES`]
+/// or are too big to publish as one.
 const SKIPPED_HEADER: &str = "Block-Skipped";
 /// Blocks asked for in one batched get, and the bytes it may send (one block more at
 /// most): ten blocks of short texts are about 100 KB.

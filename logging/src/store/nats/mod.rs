@@ -98,7 +98,8 @@ const READS_IN_FLIGHT: usize = 4;
 /// Most bytes one request of a full read asks for (the server sends one message more at
 /// most): a thousand short texts, or two of 64 KiB.
 const READ_BYTES: usize = 128 * 1024;
-/// Messages one request of a full read asks for, after the built blocks.
+/// Messages one request of a full read asks for (fewer over [`READ_BYTES`]), after the
+/// built blocks; also the positions of one piece.
 const MESSAGES_PER_GET: usize = 1000;
 
 /// The size the stream may reach on disk by default (`--store-max-bytes`): past it,
@@ -616,8 +617,8 @@ enum Piece {
 }
 
 /// Positions `start..=until` cut into pieces: those in the first `built` blocks,
-/// [`BLOCKS_PER_GET`] blocks a piece (one request), then the rest, [`MESSAGES_PER_GET`]
-/// a piece.
+/// [`BLOCKS_PER_GET`] blocks a piece, then the rest, [`MESSAGES_PER_GET`] a piece. A
+/// piece of short texts is one request; one over [`READ_BYTES`] takes more, in turn.
 fn pieces(start: u64, until: u64, built: u64) -> impl Iterator<Item = Piece> {
     let in_blocks = (built * BLOCK).min(until);
     let blocks = (start <= in_blocks)

@@ -53,6 +53,15 @@ async fn read_from(store: &NatsStore, after: u64) -> Vec<Stored> {
     all
 }
 
+/// Deletes the blocks stream, as an operator may (it is derived data).
+async fn delete_blocks(store: &NatsStore) {
+    store
+        .jetstream
+        .delete_stream(BLOCKS_STREAM)
+        .await
+        .expect("delete the blocks");
+}
+
 /// Appends `messages` in one batch, and again those answered unavailable (as the facade
 /// retries, same ids) until every one is stored; returns the ids, each acknowledged
 /// (inserted, or already stored by an earlier attempt).
@@ -350,11 +359,7 @@ async fn deleted_blocks_are_built_again() {
     };
     built(2).await;
     let all = read_from(&store, 0).await;
-    store
-        .jetstream
-        .delete_stream(BLOCKS_STREAM)
-        .await
-        .expect("delete the blocks");
+    delete_blocks(&store).await;
     assert_eq!(read_from(&store, 0).await, all, "read without blocks");
     built(2).await;
     assert_eq!(
@@ -375,11 +380,7 @@ async fn a_full_read_does_not_wait_for_blocks_that_are_gone() {
     assert_eq!(blocks.catch_up().await.expect("catch up"), (10, 10));
     assert_eq!(blocks.known_built(), 10);
     let all = read_from(&store, 0).await;
-    store
-        .jetstream
-        .delete_stream(BLOCKS_STREAM)
-        .await
-        .expect("delete the blocks");
+    delete_blocks(&store).await;
     blocks.recreate_if_missing().await;
     let started = Instant::now();
     assert_eq!(read_from(&store, 0).await, all, "read without blocks");
