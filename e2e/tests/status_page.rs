@@ -67,7 +67,7 @@ async fn the_status_page_shows_instances_live_and_drops_a_killed_one() {
         ])
         .env(
             "PLAYWRIGHT_DIR",
-            repo_root().join(".tools/browser/node_modules"),
+            repo_root().join(".tools/npm/node_modules"),
         )
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -1,9 +1,14 @@
 //! The HTTP/JSON API: `POST /messages`, `GET /messages` (and `/facade`, the same),
-//! `GET /v1/messages?limit=N&after=CURSOR`, `GET /healthz`, `GET /metrics`. Every error
-//! is `{"error": "..."}` with its status chosen in one place, [`ApiError::into_response`];
-//! the body limit is a layer, not a check in a handler. One middleware ([`record`]) wraps
-//! the whole router, unknown paths and `/metrics` included, so every request gets an id
-//! and is counted.
+//! `GET /v1/messages?limit=N&after=CURSOR`, `GET /healthz`, `GET /metrics`, and its own
+//! OpenAPI 3.1 document at `GET /openapi.json`. Every error is `{"error": "..."}` with
+//! its status chosen in one place, [`ApiError::into_response`]; the body limit is a
+//! layer, not a check in a handler. One middleware ([`record`]) wraps the whole router,
+//! unknown paths and `/metrics` included, so every request gets an id and is counted.
+//!
+//! The document is generated from the handlers: each route is registered from its
+//! `#[utoipa::path]` annotation (utoipa-axum's `routes!`), so a route cannot exist
+//! without its description, nor a description without its route. The schemas are the
+//! types the handlers answer with. `docs/openapi.json` is a copy, kept equal by a test.
 //!
 //! `GET /messages` is the lab's answer, `{"logs":["msg1",...],"message":"..."}`, for a
 //! log of any size: the body is chunked and written batch by batch as the log is read,
@@ -24,12 +29,14 @@ use axum::{
     },
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::{get, MethodRouter},
+    routing::get,
     Extension, Json, Router,
 };
 use rpc::request_id;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::{openapi::OpenApi, IntoParams, OpenApi as _, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::message_path::{Facade, FacadeError, FullRead, MessagesText, Page};
 
@@ -37,21 +44,72 @@ use crate::message_path::{Facade, FacadeError, FullRead, MessagesText, Page};
 const RETRY_AFTER_SECONDS: &str = "1";
 /// JSON framing allowed on top of the message itself.
 const BODY_OVERHEAD: usize = 1024;
+/// The path `/messages` is also served under, for the lab's clients.
+const ALIAS: &str = "/facade";
+
+/// What the document says beyond the routes: the API as a whole, and the schemas every
+/// route shares.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "facade",
+        description = "The front door of the microservices reference system: POST a \
+            message, read the log back whole or page by page. Every response carries \
+            `x-request-id` (the request's own when it sent one of 1-128 visible ASCII \
+            characters, else a fresh uuid), and every error is `{\"error\": \"...\"}`. \
+            A `503` always comes with `Retry-After`."
+    ),
+    servers((url = "http://127.0.0.1:8080", description = "the facade's default address")),
+    tags(
+        (name = "messages", description = "The message log"),
+        (name = "operations", description = "Health, metrics and this document"),
+    ),
+    components(schemas(ErrorBody))
+)]
+struct ApiDoc;
 
 pub fn router(facade: Arc<Facade>) -> Router {
     let body_limit = facade.max_message_bytes() + BODY_OVERHEAD;
-    let messages =
-        || -> MethodRouter<Arc<Facade>> { get(list).post(post).fallback(method_not_allowed) };
+    telemetry::metrics(); // installed now: counting starts before the first scrape
+    let (messages, _) = routes().with_state(Arc::clone(&facade)).split_for_parts();
+    let alias = get(list).post(post).with_state(facade);
     rpc::http_router()
-        .route("/messages", messages())
-        .route("/facade", messages())
-        .route("/v1/messages", get(page).fallback(method_not_allowed))
-        .route("/healthz", get(healthz))
-        .with_state(facade)
-        .merge(telemetry::metrics_router())
+        .merge(messages)
+        .route(ALIAS, alias)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         // `layer`, not `route_layer`: the fallback (404) is wrapped too.
         .layer(middleware::from_fn(record))
+}
+
+/// Every route but the alias, each with its handler and its description.
+fn routes() -> OpenApiRouter<Arc<Facade>> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(list, post))
+        .routes(routes!(page))
+        .routes(routes!(healthz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json))
+}
+
+/// The OpenAPI document of this API, as `GET /openapi.json` serves it: the routes'
+/// descriptions, and `/facade` described as `/messages` is, under its own operation ids.
+pub fn openapi() -> OpenApi {
+    let (_, mut doc) = routes().split_for_parts();
+    if let Some(mut item) = doc.paths.paths.get("/messages").cloned() {
+        for operation in [&mut item.get, &mut item.post].into_iter().flatten() {
+            operation.operation_id = operation
+                .operation_id
+                .take()
+                .map(|id| format!("{id}_facade"));
+            operation.summary = operation
+                .summary
+                .take()
+                .map(|s| format!("{s} (as /messages)"));
+        }
+        doc.paths.paths.insert(ALIAS.to_owned(), item);
+    }
+    doc
 }
 
 /// The status code as a label, without allocating for the codes this API answers.
@@ -98,6 +156,7 @@ async fn record(mut request: Request, next: Next) -> Response {
         Some("/v1/messages") => "/v1/messages",
         Some("/healthz") => "/healthz",
         Some("/metrics") => "/metrics",
+        Some("/openapi.json") => "/openapi.json",
         Some(_) => "other",
         None => "unmatched",
     };
@@ -121,9 +180,79 @@ async fn record(mut request: Request, next: Next) -> Response {
     response
 }
 
-#[derive(Debug, Deserialize)]
+/// `POST /messages`'s body. `msg` is optional here so that a missing one gets its own
+/// error; the document says it is required.
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"msg": "msg1"}))]
 struct PostBody {
+    /// The text to store: not empty, and at most `--max-message-bytes` (64 KiB by
+    /// default) of UTF-8.
+    #[schema(required = true, value_type = String, min_length = 1)]
     msg: Option<String>,
+}
+
+/// A stored message's id.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"id": "0b7e2f44-6f1e-4c3c-9d7a-3a52e4b1f0a1"}))]
+struct Created {
+    /// The message's uuid: fresh, or derived from the `Idempotency-Key`.
+    id: String,
+}
+
+/// The lab's answer. It is streamed, never built whole; this type describes it.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"logs": ["msg1", "msg2"], "message": "not implemented yet"}))]
+#[allow(dead_code)]
+struct Logs {
+    /// Every text in the log, in insertion order.
+    logs: Vec<String>,
+    /// The messages service's text; `null` when it could not be reached.
+    message: Option<String>,
+    /// Present when something was missing from the answer (the messages service).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warnings: Option<Vec<String>>,
+}
+
+/// Every error's body.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"error": "msg is empty"}))]
+pub struct ErrorBody {
+    /// What went wrong, for a person to read.
+    error: String,
+}
+
+/// `/healthz`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"status": "ok"}))]
+struct Health {
+    status: &'static str,
+}
+
+/// The headers a POST may send.
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+struct PostHeaders {
+    /// Makes the POST safe to retry: the same key always gives the same id, and the
+    /// message is stored once; the same key with another `msg` is `422`, and the first
+    /// message stays.
+    #[param(rename = "Idempotency-Key", value_type = String, required = false, min_length = 1, max_length = 256, pattern = r"^[\t -~]+$", example = "order-42")]
+    idempotency_key: Option<String>,
+    /// The request's id, echoed in the answer's `x-request-id` and in every service's
+    /// log lines; one that is not 1-128 visible ASCII characters is replaced.
+    #[param(rename = "x-request-id", value_type = String, required = false, example = "lab-1")]
+    x_request_id: Option<String>,
+}
+
+/// The header every answer carries.
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+struct RequestIdHeader {
+    /// The request's id, echoed in the answer's `x-request-id` and in every service's
+    /// log lines; one that is not 1-128 visible ASCII characters is replaced.
+    #[param(rename = "x-request-id", value_type = String, required = false, example = "lab-1")]
+    x_request_id: Option<String>,
 }
 
 /// The peer's address, as the server saw the connection.
@@ -131,13 +260,34 @@ fn peer_ip(peer: Option<Extension<ConnectInfo<rpc::Peer>>>) -> Option<IpAddr> {
     peer.map(|Extension(ConnectInfo(peer))| peer.addr.ip())
 }
 
+/// Store a message
+///
+/// Gives the message an id and stores it through a live logging instance, moving to
+/// the next one when a call fails and retrying with the same id, so it is stored once.
+#[utoipa::path(
+    post,
+    path = "/messages",
+    tag = "messages",
+    params(PostHeaders),
+    request_body(content = PostBody, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Stored", body = Created, headers(("x-request-id" = String, description = "The request's id"))),
+        (status = 400, description = "`msg` empty, missing or not a string; malformed JSON; a bad `Idempotency-Key`", body = ErrorBody, headers(("x-request-id" = String, description = "The request's id")), example = json!({"error": "msg is empty"})),
+        (status = 413, description = "The body or `msg` over the limit (`--max-message-bytes`, 64 KiB)", body = ErrorBody, headers(("x-request-id" = String, description = "The request's id")), example = json!({"error": "msg is 70000 bytes, at most 65536 allowed"})),
+        (status = 415, description = "No `content-type: application/json`", body = ErrorBody, headers(("x-request-id" = String, description = "The request's id")), example = json!({"error": "Expected request with `Content-Type: application/json`"})),
+        (status = 422, description = "The `Idempotency-Key` was used before with another `msg`; the first message stays", body = ErrorBody, headers(("x-request-id" = String, description = "The request's id")), example = json!({"error": "this Idempotency-Key was already used with another message; the first one is kept"})),
+        (status = 502, description = "A logging instance answered with an unexpected error", body = ErrorBody, headers(("x-request-id" = String, description = "The request's id"))),
+        (status = 503, description = "No logging instance is registered (answered after `--no-instance-wait`, 1 s); instances are listed but none could take the call within `--retry-budget` (30 s); or the facade or the instances are at a limit", body = ErrorBody, headers(("x-request-id" = String, description = "The request's id"), ("Retry-After" = String, description = "Seconds to wait before trying again")), example = json!({"error": "no logging instance is registered; start one, then try again"})),
+        (status = 507, description = "The store is full: nothing was stored", body = ErrorBody, headers(("x-request-id" = String, description = "The request's id")), example = json!({"error": "the message store is full: nothing was stored"})),
+    )
+)]
 async fn post(
     State(facade): State<Arc<Facade>>,
     Extension(RequestId(request_id)): Extension<RequestId>,
     peer: Option<Extension<ConnectInfo<rpc::Peer>>>,
     headers: HeaderMap,
     body: Result<Json<PostBody>, JsonRejection>,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+) -> Result<(StatusCode, Json<Created>), ApiError> {
     let Json(body) = body?;
     let msg = body.msg.ok_or(FacadeError::MissingMessage)?;
     let key =
@@ -148,10 +298,25 @@ async fn post(
             })?),
         };
     let id = facade.post(msg, key, &request_id, peer_ip(peer)).await?;
-    Ok((StatusCode::CREATED, Json(json!({ "id": id }))))
+    Ok((StatusCode::CREATED, Json(Created { id })))
 }
 
-/// The lab's GET, streamed: see the module docs.
+/// Read the whole log
+///
+/// Every text in insertion order, and the messages service's text: the lab's answer,
+/// for a log of any size (streamed as it is read). If the read breaks and cannot
+/// resume, the connection is cut before the end, so a cut-off log never looks whole.
+#[utoipa::path(
+    get,
+    path = "/messages",
+    tag = "messages",
+    params(RequestIdHeader),
+    responses(
+        (status = 200, description = "The whole log", body = Logs, headers(("x-request-id" = String, description = "The request's id"))),
+        (status = 502, description = "A logging instance answered with an unexpected error", body = ErrorBody, headers(("x-request-id" = String, description = "The request's id"))),
+        (status = 503, description = "No logging instance is registered (answered after `--no-instance-wait`, 1 s); instances are listed but none could take the call within `--retry-budget` (30 s); or the facade or the instances are at a limit", body = ErrorBody, headers(("x-request-id" = String, description = "The request's id"), ("Retry-After" = String, description = "Seconds to wait before trying again")), example = json!({"error": "busy: 32 full reads in progress; try again shortly"})),
+    )
+)]
 async fn list(
     State(facade): State<Arc<Facade>>,
     Extension(RequestId(request_id)): Extension<RequestId>,
@@ -217,13 +382,37 @@ fn json_string(out: &mut Vec<u8>, text: &str) {
     serde_json::to_writer(out, text).expect("a string always serializes");
 }
 
-#[derive(Debug, Deserialize)]
+/// `GET /v1/messages`'s query.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct PageQuery {
+    /// Messages per page, 1-1000 (100 when absent).
+    #[param(value_type = u32, required = false, minimum = 1, maximum = 1000, example = 2)]
     limit: Option<String>,
+    /// The `next` of an earlier page; from the start of the log when absent. A cursor
+    /// past the end gives an empty page.
+    #[param(value_type = String, required = false, pattern = "^c[1-9][0-9]{0,18}$", example = "c2")]
     after: Option<String>,
 }
 
-/// `GET /v1/messages?limit=N&after=CURSOR`: one page with ids, and the next cursor.
+/// Read one page
+///
+/// Up to `limit` messages with their ids after the cursor `after`, and the cursor of
+/// the next page. Costs the same at any depth of the log.
+#[utoipa::path(
+    get,
+    path = "/v1/messages",
+    tag = "messages",
+    params(PageQuery, RequestIdHeader),
+    responses(
+        (status = 200, description = "One page", body = Page, headers(("x-request-id" = String, description = "The request's id")),
+            links(("next" = (operation_id = "page", parameters(("after" = "$response.body#/next")), description = "The next page"))),
+            example = json!({"messages": [{"id": "0b7e2f44-6f1e-4c3c-9d7a-3a52e4b1f0a1", "msg": "msg1"}, {"id": "5d1c9a0e-2b7f-4e8a-b6c3-0f9e8d7c6b5a", "msg": "msg2"}], "next": "c2"})),
+        (status = 400, description = "`limit` not 1-1000, or a cursor the server did not make", body = ErrorBody, headers(("x-request-id" = String, description = "The request's id")), example = json!({"error": "unknown cursor: pass the `next` of an earlier page"})),
+        (status = 502, description = "A logging instance answered with an unexpected error", body = ErrorBody, headers(("x-request-id" = String, description = "The request's id"))),
+        (status = 503, description = "No logging instance is registered (answered after `--no-instance-wait`, 1 s); instances are listed but none could take the call within `--retry-budget` (30 s); or the facade or the instances are at a limit", body = ErrorBody, headers(("x-request-id" = String, description = "The request's id"), ("Retry-After" = String, description = "Seconds to wait before trying again"))),
+    )
+)]
 async fn page(
     State(facade): State<Arc<Facade>>,
     Extension(RequestId(request_id)): Extension<RequestId>,
@@ -241,8 +430,50 @@ async fn page(
     ))
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(json!({ "status": "ok" }))
+/// Liveness
+///
+/// `200` while the facade serves requests.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    params(RequestIdHeader),
+    responses((status = 200, description = "Serving", body = Health, headers(("x-request-id" = String, description = "The request's id"))))
+)]
+async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// Metrics
+///
+/// The facade's metrics in the Prometheus text format (see the README's "Operating
+/// it").
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    params(RequestIdHeader),
+    responses((status = 200, description = "Prometheus text", content_type = "text/plain", body = String, headers(("x-request-id" = String, description = "The request's id"))))
+)]
+async fn metrics() -> Response {
+    telemetry::render_metrics().into_response()
+}
+
+/// This document
+///
+/// The OpenAPI 3.1 document of this API, for Postman (Import, then Link) and other
+/// tools.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "operations",
+    params(RequestIdHeader),
+    responses((status = 200, description = "The document", content_type = "application/json", body = Object, headers(("x-request-id" = String, description = "The request's id"))))
+)]
+async fn openapi_json() -> Response {
+    static DOCUMENT: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| openapi().to_pretty_json().expect("the document serializes"));
+    ([(CONTENT_TYPE, "application/json")], DOCUMENT.as_str()).into_response()
 }
 
 async fn method_not_allowed() -> ApiError {
@@ -291,7 +522,8 @@ impl IntoResponse for ApiError {
             }
             ApiError::MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
-                "method not allowed: /messages and /facade take GET and POST, /v1/messages takes GET".to_owned(),
+                "method not allowed here: the Allow header lists the methods this path takes"
+                    .to_owned(),
             ),
             ApiError::Query(rejection) => (StatusCode::BAD_REQUEST, rejection.body_text()),
             ApiError::Facade(error) => {
@@ -315,7 +547,7 @@ impl IntoResponse for ApiError {
                 (status, error.to_string())
             }
         };
-        let mut response = (status, Json(json!({ "error": message }))).into_response();
+        let mut response = (status, Json(ErrorBody { error: message })).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()

@@ -38,6 +38,11 @@ const LOOKUP_DEADLINE: Duration = Duration::from_millis(300);
 #[derive(Debug, Clone, Parser)]
 #[command(name = "facade", version, about = "The front door: HTTP/JSON and gRPC")]
 pub struct Config {
+    /// Print the HTTP API's OpenAPI 3.1 document (what `GET /openapi.json` serves) and
+    /// exit.
+    #[arg(long)]
+    pub print_openapi: bool,
+
     /// Address to listen on (HTTP and gRPC share it).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,

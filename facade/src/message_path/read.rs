@@ -23,16 +23,22 @@ use crate::failover::FailoverError;
 const READ_STALL: Duration = Duration::from_secs(3);
 
 /// One stored message, with its id.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"id": "0b7e2f44-6f1e-4c3c-9d7a-3a52e4b1f0a1", "msg": "msg1"}))]
 pub struct LogEntry {
+    /// The message's uuid.
     pub id: String,
+    /// The message's text.
     pub msg: String,
 }
 
 /// One page of messages, and the cursor of the next one (`None` at the end).
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct Page {
+    /// The page's messages, in insertion order.
     pub messages: Vec<LogEntry>,
+    /// The `after` of the next page; `null` at the end of the log.
+    #[schema(example = "c100")]
     pub next: Option<String>,
 }
 

@@ -6,7 +6,7 @@
 
 use std::{sync::OnceLock, time::Duration};
 
-use axum::{http::header::CONTENT_TYPE, routing::get, Router};
+use axum::{http::header::CONTENT_TYPE, response::IntoResponse, routing::get, Router};
 use clap::ValueEnum;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::{fmt, EnvFilter};
@@ -84,14 +84,14 @@ pub fn metrics() -> &'static PrometheusHandle {
 
 /// `GET /metrics` in the Prometheus text format.
 pub fn metrics_router() -> Router {
-    let handle = metrics();
-    Router::new().route(
-        "/metrics",
-        get(move || async move {
-            (
-                [(CONTENT_TYPE, "text/plain; version=0.0.4")],
-                handle.render(),
-            )
-        }),
+    metrics(); // installed now: counting starts before the first scrape
+    Router::new().route("/metrics", get(|| async { render_metrics() }))
+}
+
+/// The process's metrics in the Prometheus text format, as `GET /metrics` answers.
+pub fn render_metrics() -> impl IntoResponse {
+    (
+        [(CONTENT_TYPE, "text/plain; version=0.0.4")],
+        metrics().render(),
     )
 }
