@@ -351,3 +351,155 @@ async fn runner_with_tls_serves_over_https_on_a_locked_store_and_nothing_in_the_
     assert!(status.success(), "{status}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Every port a runner said it started something on: its services' and NATS nodes'.
+fn started_ports(output: &str) -> Vec<u16> {
+    output
+        .lines()
+        .filter(|line| line.contains("is SERVING on") || line.contains("cluster ready ("))
+        .flat_map(|line| line.split("127.0.0.1:").skip(1))
+        .filter_map(|rest| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .collect()
+}
+
+/// The rows of a lab's verdict table: (step, pass).
+fn verdict_rows(output: &str) -> Vec<(String, String)> {
+    output
+        .lines()
+        .skip_while(|line| !line.starts_with("step "))
+        .skip(2)
+        .take_while(|line| line.contains(" | "))
+        .map(|line| {
+            let cells: Vec<&str> = line.split(" | ").map(str::trim).collect();
+            (cells[0].to_owned(), cells[cells.len() - 1].to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runner_lab_passes_on_nats_keeps_the_system_and_stops_it_on_ctrl_c() {
+    let mut lab =
+        Proc::start("runner", "runner", &["lab", "--keep"]).stopped_on_drop_with(Signal::SIGINT);
+    eventually(
+        Duration::from_secs(180),
+        "the lab's verdict and --keep",
+        || async { lab.output().contains("until Ctrl+C") },
+    )
+    .await;
+    let output = lab.output();
+    assert!(
+        output.contains("lab: verdict: PASS, all 7 steps"),
+        "{output}"
+    );
+    let rows = verdict_rows(&output);
+    assert_eq!(rows.len(), 7, "{output}");
+    assert!(rows.iter().all(|(_, pass)| pass == "yes"), "{rows:?}");
+    assert!(
+        output.contains("503 after") && output.contains("stop logging-"),
+        "{output}"
+    );
+    // Who stored what: one line per message, naming an instance.
+    for i in 1..=10 {
+        assert!(
+            output
+                .lines()
+                .any(|line| line.trim_start().starts_with(&format!("msg{i} "))
+                    && line.contains("logging-")),
+            "msg{i} without its instance:\n{output}"
+        );
+    }
+
+    // Kept: the facade still answers with all ten, from the one node left.
+    let facade_port = output
+        .lines()
+        .find(|line| line.contains("facade is SERVING on"))
+        .map(|line| started_ports(line)[0])
+        .expect("the facade's port");
+    let (status, _, body) = curl(
+        "GET",
+        &format!("http://127.0.0.1:{facade_port}/messages"),
+        &[],
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"msg10\""), "{body}");
+
+    lab.signal(Signal::SIGINT);
+    let status = lab.wait_exit(Duration::from_secs(60)).await;
+    assert!(status.success(), "{status}");
+    let output = lab.output();
+    for port in started_ports(&output) {
+        assert!(
+            port_is_closed(port),
+            "port {port} still open after the lab stopped"
+        );
+    }
+    let dir = output
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("lab: starting the system on free ports; services log to ")
+        })
+        .expect("the lab's directory");
+    assert!(
+        !std::path::Path::new(dir).exists(),
+        "{dir} is removed after a pass"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runner_lab_fails_on_the_memory_store_and_says_why() {
+    let mut lab = Proc::start("runner", "runner", &["lab", "--store", "memory"]);
+    let status = lab.wait_exit(Duration::from_secs(120)).await;
+    let output = lab.output();
+    assert_eq!(status.code(), Some(1), "{output}");
+    assert!(output.contains("lab: verdict: FAIL"), "{output}");
+    let rows = verdict_rows(&output);
+    assert_eq!(rows.len(), 7, "{output}");
+    let get = output
+        .lines()
+        .find(|line| line.starts_with("GET /messages "))
+        .expect("the GET row");
+    assert!(
+        get.ends_with("| NO")
+            && get
+                .contains("the memory store keeps each message only on the instance that took it"),
+        "{get}"
+    );
+    for port in started_ports(&output) {
+        assert!(
+            port_is_closed(port),
+            "port {port} still open after the lab ended"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runner_lab_stops_everything_when_interrupted() {
+    let mut lab = Proc::start("runner", "runner", &["lab"]).stopped_on_drop_with(Signal::SIGINT);
+    eventually(
+        Duration::from_secs(180),
+        "the lab waiting on POST msg11",
+        || async { lab.output().contains("lab: POST msg11") },
+    )
+    .await;
+    lab.signal(Signal::SIGINT);
+    let status = lab.wait_exit(Duration::from_secs(60)).await;
+    let output = lab.output();
+    assert_eq!(status.code(), Some(1), "{output}");
+    assert!(output.contains("interrupted"), "{output}");
+    assert!(!output.contains("lab: verdict"), "{output}");
+    // Stopped one by one, politely, not left to die with the runner.
+    for name in ["facade", "messages", "config-server", "nats-3"] {
+        assert!(
+            output.contains(&format!("runner: {name} stopped\n")),
+            "{name}:\n{output}"
+        );
+    }
+    let started = started_ports(&output);
+    assert!(started.len() >= 9, "{started:?}\n{output}");
+    for port in started {
+        assert!(port_is_closed(port), "port {port} still open after Ctrl+C");
+    }
+}

@@ -12,6 +12,7 @@
 
 pub mod certs;
 mod children;
+pub mod lab;
 
 use std::{
     path::{Path, PathBuf},
@@ -119,6 +120,10 @@ pub enum Command {
     /// Writes a CA and a certificate for every service on every host, for --tls-cert,
     /// --tls-key and --tls-ca.
     Certs(certs::CertsArgs),
+    /// The lab's experiment in one command, on free ports and a fresh data directory:
+    /// three logging instances, msg1 to msg10, who stored what, then instances and store
+    /// nodes stopped one pair at a time, with a verdict table (exit 0 only if it passes).
+    Lab(lab::LabArgs),
 }
 
 /// Everything the run will start, decided from the flags before anything starts.
@@ -133,6 +138,8 @@ struct Plan {
     replicas: Vec<String>,
     replicas_file: PathBuf,
     facade: String,
+    /// Where the services' output goes, a file each; to the terminal when `None`.
+    logs: Option<PathBuf>,
 }
 
 enum StorePlan {
@@ -280,6 +287,7 @@ impl Plan {
             replicas,
             replicas_file: config.replicas_file.clone(),
             facade,
+            logs: None,
         })
     }
 
@@ -404,7 +412,8 @@ impl Running {
     /// The start-up steps: the store, the token, then each service once the one before
     /// it answers. Stops at the first failure, or when `shutdown` fires.
     async fn start(&mut self, plan: &Plan, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        self.start_store(&plan.store, shutdown).await?;
+        self.start_store(&plan.store, plan.logs.is_some(), shutdown)
+            .await?;
         // The runner checks health with the facade's certificate: any the CA signed will do.
         let transport = match &plan.tls {
             Some(dir) => rpc::TlsArgs::files(
@@ -425,7 +434,14 @@ impl Running {
             plan.replicas_file.display()
         );
         for service in &plan.services {
-            self.start_service(service, &transport, shutdown).await?;
+            let output = match &plan.logs {
+                Some(dir) => {
+                    Output::problems_after_start(&dir.join(format!("{}.log", service.name)))?
+                }
+                None => Output::Terminal,
+            };
+            self.start_service(service, output, &transport, shutdown)
+                .await?;
         }
         Ok(())
     }
@@ -433,6 +449,7 @@ impl Running {
     async fn start_store(
         &mut self,
         store: &StorePlan,
+        quiet: bool,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
         let StorePlan::Nats {
@@ -498,8 +515,12 @@ impl Running {
             }
             return Err(error);
         }
-        for child in &self.children {
-            child.started();
+        // From now on the nodes' problems reach the terminal, unless the run keeps its
+        // output in files (`runner lab`, which stops nodes on purpose).
+        if !quiet {
+            for child in &self.children {
+                child.started();
+            }
         }
         println!("runner: NATS JetStream cluster ready ({urls})");
         Ok(())
@@ -508,6 +529,7 @@ impl Running {
     async fn start_service(
         &mut self,
         service: &Service,
+        output: Output,
         transport: &rpc::Transport,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
@@ -517,7 +539,7 @@ impl Running {
                 &service.name,
                 &service.program,
                 &service.args,
-                Output::Terminal,
+                output,
                 Signal::SIGTERM,
             )
             .context("build the binaries first: cargo build --release")?;
@@ -565,6 +587,13 @@ impl Running {
                     self.children.retain(|child| child.name != exit.name);
                 }
             }
+        }
+    }
+
+    /// Stops the child named `name`, if it runs; the others keep running.
+    async fn stop_child(&mut self, name: &str) {
+        if let Some(at) = self.children.iter().position(|child| child.name == name) {
+            self.children.remove(at).stop().await;
         }
     }
 

@@ -21,6 +21,16 @@ async fn main() {
             "runner: {signal} again: still stopping; each child gets {STOP_GRACE:?} before kill -9"
         ),
     });
+    if let Some(Command::Lab(args)) = config.command {
+        match runner::lab::run(args, shutdown).await {
+            Ok(true) => return,
+            Ok(false) => std::process::exit(1),
+            Err(error) => {
+                eprintln!("runner: lab: error: {error:#}");
+                std::process::exit(1);
+            }
+        }
+    }
     if let Err(error) = runner::run(config, shutdown).await {
         eprintln!("runner: error: {error:#}");
         std::process::exit(1);
