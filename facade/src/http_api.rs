@@ -35,7 +35,7 @@ use axum::{
 use rpc::request_id;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use utoipa::{openapi::OpenApi, IntoParams, OpenApi as _, ToSchema};
+use utoipa::{openapi::OpenApi, IntoParams, OpenApi as _, ToResponse, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::message_path::{Facade, FacadeError, FullRead, MessagesText, Page};
@@ -57,14 +57,16 @@ const ALIAS: &str = "/facade";
             message, read the log back whole or page by page. Every response carries \
             `x-request-id` (the request's own when it sent one of 1-128 visible ASCII \
             characters, else a fresh uuid), and every error is `{\"error\": \"...\"}`. \
-            A `503` always comes with `Retry-After`."
+            A `503` always comes with `Retry-After`. A path not listed here answers `404`, \
+            and a method a path does not list `405` with `Allow`, both with the same \
+            error body."
     ),
     servers((url = "http://127.0.0.1:8080", description = "the facade's default address")),
     tags(
         (name = "messages", description = "The message log"),
         (name = "operations", description = "Health, metrics and this document"),
     ),
-    components(schemas(ErrorBody))
+    components(schemas(ErrorBody), responses(Upstream, Unavailable))
 )]
 struct ApiDoc;
 
@@ -221,6 +223,29 @@ pub struct ErrorBody {
     error: String,
 }
 
+/// `502`: a logging instance answered with an error the facade did not expect.
+#[derive(ToResponse)]
+#[response(
+    description = "A logging instance answered with an unexpected error",
+    headers(("x-request-id" = String, description = "The request's id")),
+    example = json!({"error": "the logging service answered with an error"})
+)]
+#[allow(dead_code)]
+struct Upstream(ErrorBody);
+
+/// `503`, always with `Retry-After`.
+#[derive(ToResponse)]
+#[response(
+    description = "No logging instance is registered (answered after `--no-instance-wait`, 1 s); instances are listed but none could take the call within `--retry-budget` (30 s); or the facade or the instances are at a limit",
+    headers(
+        ("x-request-id" = String, description = "The request's id"),
+        ("Retry-After" = String, description = "Seconds to wait before trying again")
+    ),
+    example = json!({"error": "no logging instance is registered; start one, then try again"})
+)]
+#[allow(dead_code)]
+struct Unavailable(ErrorBody);
+
 /// `/healthz`'s answer.
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(example = json!({"status": "ok"}))]
@@ -276,8 +301,8 @@ fn peer_ip(peer: Option<Extension<ConnectInfo<rpc::Peer>>>) -> Option<IpAddr> {
         (status = 413, description = "The body or `msg` over the limit (`--max-message-bytes`, 64 KiB)", body = ErrorBody, headers(("x-request-id" = String, description = "The request's id")), example = json!({"error": "msg is 70000 bytes, at most 65536 allowed"})),
         (status = 415, description = "No `content-type: application/json`", body = ErrorBody, headers(("x-request-id" = String, description = "The request's id")), example = json!({"error": "Expected request with `Content-Type: application/json`"})),
         (status = 422, description = "The `Idempotency-Key` was used before with another `msg`; the first message stays", body = ErrorBody, headers(("x-request-id" = String, description = "The request's id")), example = json!({"error": "this Idempotency-Key was already used with another message; the first one is kept"})),
-        (status = 502, description = "A logging instance answered with an unexpected error", body = ErrorBody, headers(("x-request-id" = String, description = "The request's id"))),
-        (status = 503, description = "No logging instance is registered (answered after `--no-instance-wait`, 1 s); instances are listed but none could take the call within `--retry-budget` (30 s); or the facade or the instances are at a limit", body = ErrorBody, headers(("x-request-id" = String, description = "The request's id"), ("Retry-After" = String, description = "Seconds to wait before trying again")), example = json!({"error": "no logging instance is registered; start one, then try again"})),
+        (status = 502, response = Upstream),
+        (status = 503, response = Unavailable),
         (status = 507, description = "The store is full: nothing was stored", body = ErrorBody, headers(("x-request-id" = String, description = "The request's id")), example = json!({"error": "the message store is full: nothing was stored"})),
     )
 )]
@@ -313,8 +338,8 @@ async fn post(
     params(RequestIdHeader),
     responses(
         (status = 200, description = "The whole log", body = Logs, headers(("x-request-id" = String, description = "The request's id"))),
-        (status = 502, description = "A logging instance answered with an unexpected error", body = ErrorBody, headers(("x-request-id" = String, description = "The request's id"))),
-        (status = 503, description = "No logging instance is registered (answered after `--no-instance-wait`, 1 s); instances are listed but none could take the call within `--retry-budget` (30 s); or the facade or the instances are at a limit", body = ErrorBody, headers(("x-request-id" = String, description = "The request's id"), ("Retry-After" = String, description = "Seconds to wait before trying again")), example = json!({"error": "busy: 32 full reads in progress; try again shortly"})),
+        (status = 502, response = Upstream),
+        (status = 503, response = Unavailable),
     )
 )]
 async fn list(
@@ -409,8 +434,8 @@ struct PageQuery {
             links(("next" = (operation_id = "page", parameters(("after" = "$response.body#/next")), description = "The next page"))),
             example = json!({"messages": [{"id": "0b7e2f44-6f1e-4c3c-9d7a-3a52e4b1f0a1", "msg": "msg1"}, {"id": "5d1c9a0e-2b7f-4e8a-b6c3-0f9e8d7c6b5a", "msg": "msg2"}], "next": "c2"})),
         (status = 400, description = "`limit` not 1-1000, or a cursor the server did not make", body = ErrorBody, headers(("x-request-id" = String, description = "The request's id")), example = json!({"error": "unknown cursor: pass the `next` of an earlier page"})),
-        (status = 502, description = "A logging instance answered with an unexpected error", body = ErrorBody, headers(("x-request-id" = String, description = "The request's id"))),
-        (status = 503, description = "No logging instance is registered (answered after `--no-instance-wait`, 1 s); instances are listed but none could take the call within `--retry-budget` (30 s); or the facade or the instances are at a limit", body = ErrorBody, headers(("x-request-id" = String, description = "The request's id"), ("Retry-After" = String, description = "Seconds to wait before trying again"))),
+        (status = 502, response = Upstream),
+        (status = 503, response = Unavailable),
     )
 )]
 async fn page(
