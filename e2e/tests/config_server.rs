@@ -262,3 +262,38 @@ async fn a_frozen_registry_evicts_nobody_when_it_resumes() {
     system.logging_proc(dead).kill9().await;
     system.wait_registered(1).await;
 }
+
+/// The runtime's worker threads of process `pid`, by the name tokio gives them.
+fn worker_threads(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the process's threads")
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|name| name.starts_with("tokio-"))
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn threads_sets_the_runtime_one_thread_by_default() {
+    for (flags, workers) in [(&[][..], 0), (&["--threads", "2"][..], 2)] {
+        let addr = free_addr();
+        let addr_arg = addr.to_string();
+        let mut args = vec!["--addr", addr_arg.as_str()];
+        args.extend_from_slice(flags);
+        let server = Proc::start("config-server", "config-server", &args);
+        wait_serving(addr).await;
+        let lookup = grpcurl_json(
+            addr,
+            "registry.v1.Registry/Lookup",
+            Some(r#"{"service":"logging"}"#),
+        );
+        assert_eq!(lookup["service"], "logging", "{lookup}");
+        assert_eq!(
+            worker_threads(server.pid().as_raw()),
+            workers,
+            "{flags:?}: tokio worker threads"
+        );
+    }
+}
