@@ -21,6 +21,9 @@ use crate::failover::FailoverError;
 /// (`logging::store::nats::STREAM_STALL`), so a stalled store is reported by the
 /// instance first.
 const READ_STALL: Duration = Duration::from_secs(3);
+/// How many times a new full read asks for a stream when the instances it reaches are
+/// at their limit of full reads, before it is refused with 503.
+const BUSY_ASKS: usize = 3;
 
 /// One stored message, with its id.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
@@ -82,8 +85,8 @@ impl Facade {
 
     /// Starts reading the whole log, as it stands now, from a live logging instance.
     /// Fails (503) if no instance can start, or when the facade (`--max-full-reads`) or
-    /// the instance asked is at its limit of full reads; after that, [`FullRead::next`]
-    /// resumes on another instance if the first one fails.
+    /// the instances asked (up to [`BUSY_ASKS`]) are at their limit of full reads; after
+    /// that, [`FullRead::next`] resumes on another instance if the first one fails.
     pub async fn read_all(
         self: &Arc<Self>,
         request_id: &str,
@@ -93,17 +96,27 @@ impl Facade {
             .full_reads
             .enter(peer)
             .map_err(|refused| FacadeError::Busy(format!("full reads: {refused}")))?;
-        let (stream, first) = self
-            .open_stream(request_id, 0, 0, None)
-            .await
-            .map_err(|error| match error {
-                FailoverError::Rejected(status) if status.code() == Code::ResourceExhausted => {
-                    FacadeError::Busy(
-                        "the logging instance asked is serving its most full reads".into(),
-                    )
+        // An instance at its own limit refuses at once; another may have room, so a new
+        // read asks again (the order is random each time) before it is refused.
+        let mut asked = 1;
+        let opened = loop {
+            match self.open_stream(request_id, 0, 0, None).await {
+                Err(FailoverError::Rejected(status))
+                    if status.code() == Code::ResourceExhausted && asked < BUSY_ASKS =>
+                {
+                    asked += 1;
                 }
-                error => self.failed("read the log", request_id, error),
-            })?;
+                opened => break opened,
+            }
+        };
+        let (stream, first) = opened.map_err(|error| match error {
+            FailoverError::Rejected(status) if status.code() == Code::ResourceExhausted => {
+                FacadeError::Busy(
+                    "the logging instances asked are serving their most full reads".into(),
+                )
+            }
+            error => self.failed("read the log", request_id, error),
+        })?;
         let mut read = FullRead {
             _pass: pass,
             facade: Arc::clone(self),
