@@ -8,8 +8,9 @@
 //! 3. a transient failure (unavailable, deadline exceeded, a broken connection) marks the
 //!    instance as suspect and moves on; any other answer is final and returned as is;
 //! 4. after a full round, back off (jittered, capped) and look up again, until the
-//!    total budget is spent or the facade shuts down. The rounds are one [`Retry`]: the
-//!    same loop every wait in the system uses.
+//!    total budget is spent or the facade shuts down; while the registry lists no
+//!    instance at all, only for [`Policy::unlisted_for`]. The rounds are one [`Retry`]:
+//!    the same loop every wait in the system uses.
 //!
 //! Retrying is only safe because every attempt carries the same message id and the
 //! store is put-if-absent by id: an attempt that timed out but did store is answered
@@ -101,7 +102,8 @@ pub enum FailoverError {
 /// How one round over the instances ended, when nobody took the call.
 #[derive(Debug)]
 enum RoundError {
-    /// Every instance failed transiently (or there was none): the last failure.
+    /// Every instance tried failed transiently (or the budget ended first): the last
+    /// failure.
     Transient(String),
     /// The registry listed no instance, at this instant (the caller gives up once that
     /// has lasted [`Policy::unlisted_for`]).
@@ -274,14 +276,13 @@ impl Failover {
         if instances.is_empty() {
             return Err(RoundError::Unlisted(Instant::now()));
         }
-        let mut last = String::from("no live instance in the registry");
+        // Each failure replaces it; it stays only when the budget ends before this
+        // round's first attempt (a request that waited its whole budget for a call, a
+        // batch, or the end of the backoff).
+        let mut last = String::from("the time budget was spent before an attempt");
         for address in self.order(instances) {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                if attempts.load(Ordering::Relaxed) == 0 {
-                    // A request that waited its whole budget for a call (a batch).
-                    last = "the time budget was spent before any attempt".to_owned();
-                }
                 break;
             }
             attempts.fetch_add(1, Ordering::Relaxed);

@@ -218,7 +218,7 @@ struct Logs {
 /// Every error's body.
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(example = json!({"error": "msg is empty"}))]
-pub struct ErrorBody {
+struct ErrorBody {
     /// What went wrong, for a person to read.
     error: String,
 }
@@ -253,7 +253,7 @@ struct Health {
     status: &'static str,
 }
 
-/// The headers a POST may send.
+/// The header a POST may send besides [`RequestIdHeader`].
 #[derive(Debug, IntoParams)]
 #[into_params(parameter_in = Header)]
 #[allow(dead_code)]
@@ -263,13 +263,9 @@ struct PostHeaders {
     /// message stays.
     #[param(rename = "Idempotency-Key", value_type = String, required = false, min_length = 1, max_length = 256, pattern = r"^[\t -~]+$", example = "order-42")]
     idempotency_key: Option<String>,
-    /// The request's id, echoed in the answer's `x-request-id` and in every service's
-    /// log lines; one that is not 1-128 visible ASCII characters is replaced.
-    #[param(rename = "x-request-id", value_type = String, required = false, example = "lab-1")]
-    x_request_id: Option<String>,
 }
 
-/// The header every answer carries.
+/// The header any request may send (and every answer carries back).
 #[derive(Debug, IntoParams)]
 #[into_params(parameter_in = Header)]
 #[allow(dead_code)]
@@ -293,7 +289,7 @@ fn peer_ip(peer: Option<Extension<ConnectInfo<rpc::Peer>>>) -> Option<IpAddr> {
     post,
     path = "/messages",
     tag = "messages",
-    params(PostHeaders),
+    params(PostHeaders, RequestIdHeader),
     request_body(content = PostBody, content_type = "application/json"),
     responses(
         (status = 201, description = "Stored", body = Created, headers(("x-request-id" = String, description = "The request's id"))),
@@ -411,11 +407,11 @@ fn json_string(out: &mut Vec<u8>, text: &str) {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct PageQuery {
-    /// Messages per page, 1-1000 (100 when absent).
+    /// Messages per page, 1-1000 (100 when absent); fewer when the texts pass 1 MiB.
     #[param(value_type = u32, required = false, minimum = 1, maximum = 1000, example = 2)]
     limit: Option<String>,
     /// The `next` of an earlier page; from the start of the log when absent. A cursor
-    /// past the end gives an empty page.
+    /// past the end of the log is `400`: the server never made it.
     #[param(value_type = String, required = false, pattern = "^c[1-9][0-9]{0,18}$", example = "c2")]
     after: Option<String>,
 }

@@ -135,7 +135,8 @@ impl Facade {
     /// log it reads); with `log`, only an instance that serves that log will do. A read
     /// that resumes (with `log`) waits for an instance busy with full reads as for one
     /// that is down, within the retry budget: a read already begun is not given up for
-    /// a moment's load. A new read is refused at once (`RESOURCE_EXHAUSTED`, a 503).
+    /// a moment's load. A new read gets the instance's refusal (`RESOURCE_EXHAUSTED`) as
+    /// it is, and [`Facade::read_all`] asks again before it answers 503.
     async fn open_stream(
         &self,
         request_id: &str,
