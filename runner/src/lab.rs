@@ -21,6 +21,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::{body::Bytes, Request};
 use hyper_util::rt::TokioIo;
 use registry_client::RegistryClient;
+use retry::{Retry, RetryError};
 use tokio_util::sync::CancellationToken;
 
 use crate::{Config, Plan, Running, StoreMode, StorePlan};
@@ -30,6 +31,8 @@ use crate::{Config, Plan, Running, StoreMode, StorePlan};
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the lab waits for the registry or the logs to show what it expects.
 const WAIT: Duration = Duration::from_secs(30);
+/// How often such a wait looks again.
+const POLL: Duration = Duration::from_millis(50);
 /// How often a wait says it is still waiting.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 const MESSAGES: usize = 10;
@@ -321,46 +324,90 @@ async fn wait_listed(registry: &RegistryClient, count: usize) -> usize {
             .await
             .map_or(0, |reply| reply.instances.len())
     };
-    let deadline = Instant::now() + WAIT;
-    let mut seen = listed().await;
-    while seen != count && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        seen = listed().await;
-    }
-    seen
+    wait_until(listed, |seen| *seen == count).await
 }
 
-/// Which instance stored each id, from the "stored" lines of the instances' JSON logs;
-/// waits until every id is reported (or [`WAIT`] passes), since log lines are written
-/// a moment after the answer.
+/// Which instance stored each of `ids`, from the "stored" lines of the instances' JSON
+/// logs; waits until every id is reported (or [`WAIT`] passes), since log lines are
+/// written a moment after the answer.
 async fn wait_stored(
     dir: &Path,
     logging: &[&crate::Service],
     ids: &[(String, String)],
 ) -> BTreeMap<String, String> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let mut stored = BTreeMap::new();
-        for service in logging {
-            let text = std::fs::read_to_string(dir.join(format!("{}.log", service.name)))
-                .unwrap_or_default();
-            for line in text.lines() {
-                let Ok(line) = serde_json::from_str::<serde_json::Value>(line) else {
-                    continue;
-                };
-                if line["message"] == "stored" {
-                    if let Some(id) = line["id"].as_str() {
-                        stored.insert(id.to_owned(), service.name.clone());
-                    }
+    let reported = || async { stored_by(dir, logging) };
+    let mut stored = wait_until(reported, |stored| {
+        ids.iter().all(|(_, id)| stored.contains_key(id))
+    })
+    .await;
+    stored.retain(|id, _| ids.iter().any(|(_, ours)| ours == id));
+    stored
+}
+
+/// Every id the instances' logs say they stored, with the instance's name.
+fn stored_by(dir: &Path, logging: &[&crate::Service]) -> BTreeMap<String, String> {
+    let mut stored = BTreeMap::new();
+    for service in logging {
+        let text =
+            std::fs::read_to_string(dir.join(format!("{}.log", service.name))).unwrap_or_default();
+        for line in text.lines() {
+            let Ok(line) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            if line["message"] == "stored" {
+                if let Some(id) = line["id"].as_str() {
+                    stored.insert(id.to_owned(), service.name.clone());
                 }
             }
         }
-        let all = ids.iter().all(|(_, id)| stored.contains_key(id));
-        if all || Instant::now() >= deadline {
-            stored.retain(|id, _| ids.iter().any(|(_, ours)| ours == id));
-            return stored;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stored
+}
+
+/// What a wait saw when it was not yet what it waits for.
+struct NotYet<T>(T);
+
+impl<T> std::fmt::Display for NotYet<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("not yet")
+    }
+}
+
+/// Looks with `look` every [`POLL`] (the system's one retry loop) until `done` holds for
+/// what it sees or [`WAIT`] passes; returns what it saw last. Ctrl+C ends the whole
+/// experiment (see [`run`]), so the wait has no token of its own.
+async fn wait_until<T, F, Fut>(look: F, done: impl Fn(&T) -> bool) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let waiting = Retry::new("lab: waiting", &CancellationToken::new())
+        .backoff(POLL, POLL)
+        .budget(WAIT)
+        .quiet();
+    let seen = waiting
+        .run(
+            || {
+                let (seen, done) = (look(), &done);
+                async move {
+                    let seen = seen.await;
+                    if done(&seen) {
+                        Ok(seen)
+                    } else {
+                        Err(NotYet(seen))
+                    }
+                }
+            },
+            |_| false,
+        )
+        .await;
+    match seen {
+        Ok(seen)
+        | Err(RetryError::Exhausted {
+            last: NotYet(seen), ..
+        })
+        | Err(RetryError::Permanent(NotYet(seen))) => seen,
+        Err(RetryError::Cancelled) => unreachable!("the token is never cancelled"),
     }
 }
 
