@@ -64,11 +64,6 @@ pub struct Config {
     #[arg(long, value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Option<Duration>,
 
-    /// Threads serving requests. One (tokio's current-thread runtime) is the cheapest
-    /// per session; more let Lookups use more cores.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub threads: u16,
-
     /// How long an instance stays without a heartbeat before it is evicted [default: 3s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub ttl: Option<Duration>,
@@ -103,6 +98,11 @@ pub struct Config {
     /// Most open Session streams in all.
     #[arg(long, value_name = "N", default_value_t = StreamLimits::default().sessions)]
     pub max_sessions: usize,
+
+    /// Threads serving requests. One (tokio's current-thread runtime) is the cheapest
+    /// per session; more let Lookups use more cores.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: u16,
 
     #[command(flatten)]
     pub limits: rpc::LimitArgs,
