@@ -10,7 +10,11 @@
 //! `Nats-Batch-Id`, `Nats-Batch-Sequence`, and `Nats-Batch-Commit: 1` on the last, the
 //! only one that waits for an answer), as the store does for the facade's group commit.
 //!
-//!     bare_publish NATS_URLS IN_FLIGHT SECONDS [--atomic N]
+//! With `--rate R`, the publishers together send at most R messages a second (each
+//! batch waits for its turn), to compare the servers' work at the rate another path
+//! reached.
+//!
+//!     bare_publish NATS_URLS IN_FLIGHT SECONDS [--atomic N] [--rate R]
 
 use std::time::{Duration, Instant};
 
@@ -31,6 +35,9 @@ struct Args {
     /// Messages per atomic batch (1: a publish per message).
     #[arg(long, default_value_t = 1)]
     atomic: usize,
+    /// Most messages a second, all publishers together (none: as fast as they go).
+    #[arg(long)]
+    rate: Option<f64>,
 }
 
 #[tokio::main]
@@ -50,7 +57,12 @@ async fn main() -> anyhow::Result<()> {
             ..Default::default()
         })
         .await?;
-    let until = Instant::now() + Duration::from_secs_f64(args.seconds);
+    let started = Instant::now();
+    let until = started + Duration::from_secs_f64(args.seconds);
+    // Each publisher's pause between the starts of its batches, when paced.
+    let every = args
+        .rate
+        .map(|rate| Duration::from_secs_f64((args.atomic.max(1) * args.in_flight) as f64 / rate));
     let mut tasks = Vec::new();
     for publisher in 0..args.in_flight {
         let (client, jetstream) = (client.clone(), jetstream.clone());
@@ -59,7 +71,12 @@ async fn main() -> anyhow::Result<()> {
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut n = 0u64;
+            let mut turn = started;
             while Instant::now() < until {
+                if let Some(every) = every {
+                    tokio::time::sleep_until(turn.into()).await;
+                    turn += every;
+                }
                 let started = Instant::now();
                 let batch = format!("{publisher}-{n}");
                 for i in 1..=size {

@@ -1,12 +1,12 @@
-//! Seeds the NATS store directly, pipelined, for the growth benchmark (`bench/growth`):
+//! Seeds the NATS store directly, through its own code, for the growth benchmark
+//! (`bench/growth`):
 //!
 //!     seed NATS_URLS FROM TO [TEXT_BYTES]
 //!
 //! writes messages FROM..TO (ids `seed-N`, texts of TEXT_BYTES, default 64) into the
-//! `MESSAGES` stream exactly as the store does, then prints
-//! `seeded=N seconds=S rate=R stored=M last=L blocks=B`, M and L read back from the
-//! stream, B the blocks built so far (`MESSAGES_BLOCKS`, which the logging instances
-//! build from it).
+//! `MESSAGES` stream as the store does (atomic batches, each written as blocks too), then
+//! prints `seeded=N seconds=S rate=R stored=M last=L blocks=B`, M and L read back from the
+//! stream, B the blocks in `MESSAGES_BLOCKS`.
 
 use std::time::Instant;
 
@@ -49,7 +49,7 @@ async fn main() -> anyhow::Result<()> {
     let mut stream = jetstream.get_stream("MESSAGES").await?;
     let state = stream.info().await?.state.clone();
     let blocks = match jetstream.get_stream("MESSAGES_BLOCKS").await {
-        Ok(mut blocks) => blocks.info().await?.state.last_sequence,
+        Ok(mut blocks) => blocks.info().await?.state.messages,
         Err(_) => 0,
     };
     println!(

@@ -389,45 +389,36 @@ pub fn get_lab_at(base: &str, args: &[&str]) -> (u16, Vec<String>, serde_json::V
     (status, logs, body)
 }
 
-/// Writes messages `range` straight into the store's JetStream stream, as the NATS store
-/// does (the store's subject for each id, `Nats-Expected-Last-Subject-Sequence: 0`),
-/// pipelined with 1024 acks in flight: far faster than posting them. Ids are
-/// `{prefix}-{i}`, texts come from `text(i)`. Returns (id, text) in order.
+/// Writes messages `range` straight into the store's JetStream stream through the NATS
+/// store's own code (`NatsStore::append_batch`: atomic batches of up to 1000 messages
+/// and 1 MiB, each written as blocks too), one batch after another so positions follow
+/// `range`: far faster than posting them. Ids are `{prefix}-{i}`, texts come from
+/// `text(i)`. Returns (id, text) in order.
 pub async fn seed_nats(
     urls: &str,
     prefix: &str,
     range: std::ops::Range<usize>,
     text: impl Fn(usize) -> String,
 ) -> Vec<(String, String)> {
-    use async_nats::jetstream::{self, message::PublishMessage};
-    let servers: Vec<&str> = urls.split(',').collect();
-    let client = async_nats::connect(servers.as_slice())
+    use logging::store::{Appended, Message, MessageStore, NatsConfig, NatsStore};
+    let config = NatsConfig::new(urls.split(',').map(str::to_owned).collect());
+    let store = NatsStore::connect(config, &tokio_util::sync::CancellationToken::new())
         .await
         .expect("connect to NATS");
-    let jetstream = jetstream::ContextBuilder::new()
-        .max_ack_inflight(4096)
-        .backpressure_on_inflight(true)
-        .build(client);
-    let mut sent = Vec::with_capacity(range.len());
-    let mut acks = std::collections::VecDeque::new();
-    for i in range {
-        let id = format!("{prefix}-{i}");
-        let body = text(i);
-        let message = PublishMessage::build()
-            .expected_last_subject_sequence(0)
-            .payload(body.clone().into());
-        let ack = jetstream
-            .send_publish(logging::store::nats::subject_for(&id), message)
-            .await
-            .expect("publish");
-        acks.push_back(ack);
-        if acks.len() >= 1024 {
-            acks.pop_front().expect("ack").await.expect("stored");
+    let sent: Vec<(String, String)> = range.map(|i| (format!("{prefix}-{i}"), text(i))).collect();
+    let mut rest = sent.iter().peekable();
+    while rest.peek().is_some() {
+        let (mut batch, mut bytes) = (Vec::new(), 0);
+        while let Some((id, text)) = rest.next_if(|_| batch.len() < 1000 && bytes < 1 << 20) {
+            bytes += text.len();
+            batch.push(Message {
+                id: id.clone(),
+                text: text.clone(),
+            });
         }
-        sent.push((id, body));
-    }
-    for ack in acks {
-        ack.await.expect("stored");
+        for outcome in store.append_batch(batch).await {
+            assert_eq!(outcome.expect("stored"), Appended::Inserted);
+        }
     }
     sent
 }

@@ -1,44 +1,33 @@
-//! The log in blocks of [`BLOCK`] (100) messages, for full reads: a reply of a batched
-//! get costs the servers about the same for one short message as for a block of a
-//! hundred, so a full read of a million messages takes ten thousand replies, not a
-//! million.
+//! The log in blocks, for full reads: a reply of a batched get costs the servers about
+//! the same for one short message as for a block of hundreds, so a full read of a
+//! million messages takes thousands of replies, not a million.
 //!
-//! Blocks are derived data in a second stream, `MESSAGES_BLOCKS`: block `n` holds the
-//! messages at positions `n·100+1 ..= (n+1)·100` as one protobuf message (`repeated
-//! logging.v1.Message`), at sequence `n+1` of its stream. Pages do not use them (a page
-//! is one batched get of the messages themselves).
+//! A block is messages one instance stored, in position order, as one protobuf message
+//! (`repeated logging.v1.Message`) in a second stream, `MESSAGES_BLOCKS`, on the
+//! subject `blocks.<first position>`. Pages do not use them (a page is one batched get
+//! of the messages themselves).
 //!
-//! - **Written once, in order, with no holes.** A block is published with
-//!   `Nats-Expected-Last-Sequence: n`: block `n` lands at sequence `n+1` or not at all,
-//!   so two instances building the same block store it once, and the number of blocks
-//!   built is the stream's last sequence.
-//! - **Built from what the leader confirms.** Block `n` is built once the messages
-//!   stream's leader says position `(n+1)·100` is stored, from batched gets of its
-//!   hundred messages (one for short texts; any replica, and one that is behind is asked
-//!   again), and only when
-//!   the leader holds the same message at the block's last position as the replica
-//!   that answered. Replicas that disagree (nats-server 2.9 could diverge after a
-//!   network partition) differ at every position after the fork, so the check at each
-//!   block's end refuses to build from a diverged replica: it is logged, and the build
-//!   is tried again later.
-//! - **Built by whoever gets there first.** The instance whose append stored a position
-//!   that is a multiple of [`BUILD_EVERY`] builds the blocks complete by then right
-//!   after answering; every instance also looks every few seconds and catches up when
-//!   the blocks have stopped moving (after a bulk import, or after a crash between the
-//!   two).
-//! - **Never trusted blindly.** Every block names its log (the messages stream's
-//!   creation time), its size and its number in headers; one that names anything else
-//!   is not used, and a blocks stream left from a messages stream since deleted, or
-//!   holding blocks of another size, is deleted at start-up and rebuilt.
-//! - **Small, or a marker.** A block whose texts hold more than [`BLOCK_MAX_BYTES`]
-//!   (64 KiB: a hundred texts of 655 bytes on average) is kept as an empty marker, so the
-//!   numbering goes on; full reads read its messages instead, as they do for a block not
-//!   built yet. Building stops reading such a block's messages once they pass the cap,
-//!   so it holds at most 64 KiB and one answer of a batched get in memory.
+//! - **Written by the appender, from the leader's answers.** Once the messages stream's
+//!   leader acknowledges an append, the instance knows its position (a batch's ack
+//!   names its last, and a batch is stored in one piece). It collects what it stored
+//!   and publishes it as a block once it holds [`BLOCK_MAX_BYTES`] or [`BLOCK_WAIT`]
+//!   after the first (one publish, one Raft proposal, for many batches). Nothing is
+//!   read back from a replica: a block is what the leader acknowledged.
+//! - **Derived, never needed.** A block holds one instance's messages, with the other
+//!   instances' in between, so a full read merges the blocks by position and reads
+//!   every position no block holds from the messages stream (see [`super::Reader`]): a
+//!   block lost with a crash, written late, or a blocks stream deleted by hand, makes a
+//!   read slower, never shorter.
+//! - **Small.** A block holds at most [`BLOCK_MAX_BYTES`] (64 KiB) encoded; a message
+//!   over it gets none.
+//! - **Of one log.** The stream's metadata names the log (the messages stream's creation
+//!   time) and the blocks' format; a blocks stream naming anything else is deleted at
+//!   start-up and created again empty.
 
 use std::{
+    collections::HashMap,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicUsize, Ordering},
         Arc,
     },
     time::Duration,
@@ -48,61 +37,35 @@ use async_nats::{
     jetstream::{
         self,
         context::PublishErrorKind,
-        message::PublishMessage,
         stream::{self, StorageType},
     },
-    Client, HeaderMap,
+    Client,
 };
 use prost::Message as _;
 use tokio::{sync::mpsc, time::Instant};
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::direct::{self, Raw};
-use crate::store::{StoreError, Stored};
+use super::{direct, READ_BYTES, STREAM_STALL};
+use crate::store::{Message, StoreError, Stored};
 
-/// Messages per block. A hundred: a block is about 10 KB of short texts.
-pub(super) const BLOCK: u64 = 100;
-/// Blocks are built ten at a time, when an append stores a position that is a multiple
-/// of this: two stream-info requests for the ten, and for each block batched gets of its
-/// messages (one for short texts), a get from the leader to confirm them and a publish.
-pub(super) const BUILD_EVERY: u64 = 10 * BLOCK;
 pub const STREAM: &str = "MESSAGES_BLOCKS";
 const SUBJECT_PREFIX: &str = "blocks.";
-/// Headers naming a block's log, number and size (blocks of another size, from another
-/// version, are blocks of another log).
-const LOG_HEADER: &str = "Log";
-const BLOCK_HEADER: &str = "Block";
-const SIZE_HEADER: &str = "Block-Size";
-/// Set on a block kept as a marker because its texts hold more than [`BLOCK_MAX_BYTES`]
-/// or are too big to publish as one.
-const SKIPPED_HEADER: &str = "Block-Skipped";
-/// Blocks asked for in one batched get, and the bytes it may send (one block more at
-/// most): ten blocks of short texts are about 100 KB.
-pub(super) const BLOCKS_PER_GET: usize = 10;
-const BLOCK_GET_BYTES: usize = super::READ_BYTES;
-/// Most bytes of text one block holds: a block whose hundred texts hold more is kept as
-/// a marker, and full reads read its messages (blocks pay off for short texts, where a
-/// reply per message costs more than its bytes).
+/// What the stream's metadata says of its blocks: the version of their format.
+const FORMAT: &str = "merged-1";
+/// Most bytes of one block, encoded (ids, texts and a few bytes each): about a thousand
+/// short messages, or one of 64 KiB.
 pub(super) const BLOCK_MAX_BYTES: usize = 64 * 1024;
-/// How long building waits for a complete block's messages.
-const BUILD_WAIT: Duration = Duration::from_secs(5);
-/// How long a full read waits for blocks it knows are built (a replica a moment behind)
-/// before reading their messages instead.
-const BLOCKS_WAIT: Duration = Duration::from_millis(250);
-/// How often an instance looks whether the blocks have fallen behind (jittered, so
-/// instances do not all look at once).
-const LOOK_EVERY: Duration = Duration::from_secs(2);
-
-/// The block holding `position` (1-based).
-pub(super) fn block_of(position: u64) -> u64 {
-    (position - 1) / BLOCK
-}
-
-/// The positions block `n` holds.
-pub(super) fn range_of(n: u64) -> (u64, u64) {
-    (n * BLOCK + 1, (n + 1) * BLOCK)
-}
+/// How long an instance collects what it stored before writing it as a block, when it
+/// does not reach [`BLOCK_MAX_BYTES`] first.
+pub(super) const BLOCK_WAIT: Duration = Duration::from_secs(1);
+/// Bytes of messages an instance may have stored but not yet put in a block; past it
+/// (NATS slower than the appends), further messages get no block.
+const TO_WRITE_BYTES: usize = 1024 * 1024;
+/// Blocks asked for in one batched get (fewer over [`READ_BYTES`]).
+const BLOCKS_PER_GET: usize = 64;
+/// How far before the block found for a position a full read from inside the log starts
+/// reading blocks, for those written out of order.
+pub(super) const SEEK_MARGIN: u64 = 64;
 
 /// The wire form of a block: what `logging.v1.Message` already is.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -111,7 +74,10 @@ struct Encoded {
     messages: Vec<proto::logging::v1::Message>,
 }
 
-fn encode(messages: &[Stored]) -> Vec<u8> {
+/// A block: messages in position order, never empty.
+pub(super) type Block = Vec<Stored>;
+
+pub(super) fn encode(messages: &[Stored]) -> Vec<u8> {
     let encoded = Encoded {
         messages: messages
             .iter()
@@ -125,8 +91,11 @@ fn encode(messages: &[Stored]) -> Vec<u8> {
     encoded.encode_to_vec()
 }
 
-fn decode(payload: &[u8]) -> Result<Vec<Stored>, prost::DecodeError> {
-    Ok(Encoded::decode(payload)?
+/// A block as stored; `None` for anything that is not a block (empty, undecodable, or
+/// out of position order).
+fn decode(payload: &[u8]) -> Option<Block> {
+    let messages: Block = Encoded::decode(payload)
+        .ok()?
         .messages
         .into_iter()
         .map(|m| Stored {
@@ -134,11 +103,16 @@ fn decode(payload: &[u8]) -> Result<Vec<Stored>, prost::DecodeError> {
             id: m.id,
             text: m.text,
         })
-        .collect())
+        .collect();
+    let ordered = messages
+        .windows(2)
+        .all(|pair| pair[1].position > pair[0].position);
+    (!messages.is_empty() && ordered).then_some(messages)
 }
 
-fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).map(|value| value.as_str())
+/// A message's size in a block: its id, text and position, and their tags.
+fn size(message: &Stored) -> usize {
+    message.id.len() + message.text.len() + 24
 }
 
 /// The blocks of one log.
@@ -146,22 +120,16 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 pub(super) struct Blocks {
     client: Client,
     jetstream: jetstream::Context,
-    config: stream::Config,
-    stream: stream::Stream,
-    /// The messages stream the blocks are built from.
-    messages: stream::Stream,
-    /// The log the blocks belong to (see [`crate::store::MessageStore::log`]).
-    log: String,
-    /// The largest block payload the servers accept.
-    max_payload: usize,
-    /// How many blocks this instance knows are built (see [`Blocks::known_built`]).
-    known: Arc<AtomicU64>,
+    /// To this instance's block writer ([`write_blocks`]): what it stored.
+    stored: mpsc::UnboundedSender<Vec<Stored>>,
+    /// What `stored` holds, in bytes (at most [`TO_WRITE_BYTES`]).
+    queued: Arc<AtomicUsize>,
 }
 
 impl Blocks {
     /// Opens (creating it if missing) the blocks stream of the log `log` kept in
     /// `messages`, with limits that keep at least as much as the messages stream. A
-    /// blocks stream whose blocks name another log is deleted and created again.
+    /// blocks stream of another log or format is deleted and created again.
     pub(super) async fn open(
         client: &Client,
         jetstream: &jetstream::Context,
@@ -170,18 +138,11 @@ impl Blocks {
     ) -> Result<Self, StoreError> {
         let unavailable = |e: &dyn std::fmt::Display| StoreError::unavailable("blocks stream", e);
         let limits = &messages.cached_info().config;
-        let scaled = |limit: i64| {
-            if limit > 0 {
-                (limit as u64).div_ceil(BLOCK) as i64 + 1
-            } else {
-                limit
-            }
-        };
         let config = stream::Config {
             name: STREAM.to_owned(),
             description: Some(format!(
-                "The {} stream in blocks of {BLOCK} messages, for full reads: derived \
-                 data, rebuilt by the logging instances when missing",
+                "The {} stream's atomic batches as blocks, for full reads: derived data, \
+                 written by the logging instances with each batch",
                 limits.name
             )),
             subjects: vec![format!("{SUBJECT_PREFIX}>")],
@@ -190,7 +151,11 @@ impl Blocks {
             allow_direct: true,
             max_age: limits.max_age,
             max_bytes: limits.max_bytes,
-            max_messages: scaled(limits.max_messages),
+            max_messages: limits.max_messages,
+            metadata: HashMap::from([
+                ("log".to_owned(), log.to_owned()),
+                ("format".to_owned(), FORMAT.to_owned()),
+            ]),
             ..Default::default()
         };
         let open = || async {
@@ -199,338 +164,199 @@ impl Blocks {
                 .await
                 .map_err(|e| unavailable(&e))
         };
-        let mut blocks = Self {
-            client: client.clone(),
-            jetstream: jetstream.clone(),
-            config: config.clone(),
-            stream: open().await?,
-            messages: messages.clone(),
-            log: log.to_owned(),
-            max_payload: client.server_info().max_payload,
-            known: Arc::new(AtomicU64::new(0)),
-        };
-        if blocks.of_another_log().await? {
+        let stream = open().await?;
+        let existing = &stream.cached_info().config;
+        if existing.metadata != config.metadata || !existing.allow_direct {
             warn!(
                 stream = STREAM,
                 "store: the blocks stream belongs to a messages stream since deleted, or \
-                 holds blocks of another size; deleting it (it is rebuilt from the messages)"
+                 holds blocks of another format; deleting it (full reads read the messages \
+                 until new batches write blocks)"
             );
             // Another instance may delete it first, or create it again: both are fine.
             let _ = jetstream.delete_stream(STREAM).await;
-            blocks.stream = open().await?;
-            blocks.known.store(0, Ordering::Relaxed);
+            open().await?;
         }
-        if !blocks.stream.cached_info().config.allow_direct {
-            let mut config = blocks.stream.cached_info().config.clone();
-            config.allow_direct = true;
-            jetstream
-                .update_stream(config)
-                .await
-                .map_err(|e| unavailable(&e))?;
+        let (stored, to_write) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let writer = write_blocks(jetstream.clone(), config, to_write, Arc::clone(&queued));
+        tokio::spawn(writer);
+        Ok(Self {
+            client: client.clone(),
+            jetstream: jetstream.clone(),
+            stored,
+            queued,
+        })
+    }
+
+    /// Hands `messages`, just stored at positions up to `last`, to the block writer;
+    /// when it is [`TO_WRITE_BYTES`] behind, they get no block.
+    pub(super) fn write(&self, last: u64, messages: Vec<Message>) {
+        let bytes = messages.iter().map(|m| m.id.len() + m.text.len()).sum();
+        if self.queued.fetch_add(bytes, Ordering::Relaxed) + bytes > TO_WRITE_BYTES {
+            self.queued.fetch_sub(bytes, Ordering::Relaxed);
+            return;
         }
-        Ok(blocks)
-    }
-
-    /// Creates the blocks stream again if it was deleted (by hand: it is derived data),
-    /// so building goes on; handles to it work again, as they name it.
-    pub(super) async fn recreate_if_missing(&self) {
-        if let Err(error) = self
-            .jetstream
-            .get_or_create_stream(self.config.clone())
-            .await
-        {
-            debug!(%error, "store: the blocks stream cannot be opened now");
-        }
-    }
-
-    /// Whether a block's headers name this log, in blocks of this size.
-    fn names_this_log(&self, headers: &HeaderMap) -> bool {
-        header(headers, LOG_HEADER) == Some(self.log.as_str())
-            && header(headers, SIZE_HEADER).and_then(|size| size.parse().ok()) == Some(BLOCK)
-    }
-
-    /// Whether the newest block names another log (or another block size).
-    async fn of_another_log(&self) -> Result<bool, StoreError> {
-        let built = self.built().await?;
-        if built == 0 {
-            return Ok(false);
-        }
-        match self.stream.get_raw_message(built).await {
-            Ok(newest) => Ok(!self.names_this_log(&newest.headers)),
-            Err(error) => Err(StoreError::unavailable("blocks stream", error)),
-        }
-    }
-
-    /// The same blocks, published as if the servers accepted at most `max_payload`.
-    #[cfg(test)]
-    pub(super) fn with_max_payload(mut self, max_payload: usize) -> Self {
-        self.max_payload = max_payload;
-        self
-    }
-
-    /// How many blocks are built: blocks `0..built` exist. Asks the stream's leader (and
-    /// remembers the answer as [`Blocks::known_built`]).
-    pub(super) async fn built(&self) -> Result<u64, StoreError> {
-        let info = self
-            .stream
-            .get_info()
-            .await
-            .map_err(|e| StoreError::unavailable("blocks stream info", e))?;
-        let built = info.state.last_sequence;
-        // The leader's count, down too: a blocks stream deleted and created again starts
-        // over, and a read must not wait for blocks that are gone.
-        self.known.store(built, Ordering::Relaxed);
-        Ok(built)
-    }
-
-    /// How many blocks were built when this instance last looked (at start-up, every few
-    /// seconds, and whenever it builds one), without asking: full reads use only these,
-    /// so a read never waits on the blocks stream for a block that cannot be there.
-    /// Blocks built by others since are read as messages until the next look.
-    pub(super) fn known_built(&self) -> u64 {
-        self.known.load(Ordering::Relaxed)
-    }
-
-    /// The next blocks of `first..=last` (all known to be built), in order, from
-    /// `first` on: one answer of at most [`BLOCKS_PER_GET`] blocks and about
-    /// [`BLOCK_GET_BYTES`], each block with its messages, or `None` for one that is not
-    /// usable (a marker, another log's). When the blocks cannot be read by `deadline`
-    /// (the blocks stream deleted or without a leader), every block of the range is
-    /// `None`: the caller reads those blocks' messages instead.
-    pub(super) async fn read(
-        &self,
-        (first, last): (u64, u64),
-        deadline: Instant,
-    ) -> Vec<(u64, Option<Vec<Stored>>)> {
-        let read = direct::chunk(
-            &self.client,
-            &self.config.name,
-            (first + 1, last + 1),
-            BLOCKS_PER_GET,
-            BLOCK_GET_BYTES,
-            deadline.min(Instant::now() + BLOCKS_WAIT),
-        )
-        .await;
-        let found = match read {
-            Ok(found) if !found.is_empty() => found,
-            other => {
-                // Gone (the stream deleted, created again empty) or unreadable: count
-                // the blocks again, so later reads do not ask for them.
-                let error = other.err().map(|e| e.to_string()).unwrap_or_default();
-                debug!(%error, first, last, "store: blocks not there; reading their messages");
-                let _ = self.built().await;
-                Vec::new()
-            }
-        };
-        // Up to the last block answered; the whole range when none was.
-        let upto = found.last().map_or(last, |raw| raw.sequence - 1);
-        let mut found = found.into_iter().peekable();
-        (first..=upto)
-            .map(|n| {
-                let block = found
-                    .next_if(|raw| raw.sequence == n + 1)
-                    .and_then(|raw| self.usable(n, &raw.headers, &raw.payload));
-                (n, block)
+        let first = last + 1 - messages.len() as u64;
+        let stored = (first..)
+            .zip(messages)
+            .map(|(position, message)| Stored {
+                position,
+                id: message.id,
+                text: message.text,
             })
-            .collect()
+            .collect();
+        let _ = self.stored.send(stored);
     }
 
-    /// The messages of block `n`, as stored with `headers` and `payload`, if it is a
-    /// block of this log and number that holds them (not a marker).
-    fn usable(&self, n: u64, headers: &HeaderMap, payload: &[u8]) -> Option<Vec<Stored>> {
-        let number = n.to_string();
-        let ours =
-            self.names_this_log(headers) && header(headers, BLOCK_HEADER) == Some(number.as_str());
-        if !ours {
-            warn!(
-                block = n,
-                "store: a block of another log or number; not used"
-            );
-            return None;
-        }
-        if header(headers, SKIPPED_HEADER).is_some() {
-            return None;
-        }
-        match decode(payload) {
-            Ok(messages) => Some(messages),
-            Err(error) => {
-                warn!(block = n, %error, "store: a block that does not decode; not used");
-                None
-            }
-        }
+    /// The first position of the block at sequence `sequence` of the blocks stream or
+    /// after it, from its subject; `None` when there is none or it cannot be read.
+    async fn first_at(&self, sequence: u64) -> Option<(u64, u64)> {
+        let answer = direct::batch(&self.client, STREAM, sequence, 1, 1, STREAM_STALL)
+            .await
+            .ok()?;
+        let raw = answer.messages.into_iter().next()?;
+        let first = raw.subject.strip_prefix(SUBJECT_PREFIX)?.parse().ok()?;
+        Some((raw.sequence, first))
     }
 
-    /// Stores `contents` as block `n`, or a marker when there are none (texts over
-    /// [`BLOCK_MAX_BYTES`]) or they are too big to publish. `Ok(false)`: another
-    /// instance stored block `n` first.
-    async fn publish(&self, n: u64, contents: Option<&[Stored]>) -> Result<bool, StoreError> {
-        let mut publish = PublishMessage::build()
-            .expected_last_sequence(n)
-            .header(LOG_HEADER, self.log.as_str())
-            .header(SIZE_HEADER, BLOCK.to_string().as_str())
-            .header(BLOCK_HEADER, n.to_string().as_str());
-        let payload = contents.map(encode);
-        // Headers and subject take well under 1 KiB.
-        publish = match payload {
-            Some(payload) if payload.len() + 1024 <= self.max_payload => {
-                publish.payload(payload.into())
-            }
-            _ => {
-                debug!(
-                    block = n,
-                    "store: block texts too big for a block; full reads read its messages"
-                );
-                publish.header(SKIPPED_HEADER, "too big")
-            }
+    /// Where in the blocks stream a full read from `position` on starts: a little before
+    /// the last block found (by bisection) to start at or before it, as blocks are
+    /// written about in position order. 1 from the log's start, or when the blocks
+    /// stream cannot be read.
+    pub(super) async fn seek(&self, position: u64) -> u64 {
+        let Some((mut low, first)) = self.first_at(1).await else {
+            return 1;
         };
-        let ack = self
-            .jetstream
-            .send_publish(format!("{SUBJECT_PREFIX}{n}"), publish)
-            .await
-            .map_err(|e| StoreError::unavailable("block publish", e))?;
-        match ack.await {
-            Ok(_) => {
-                self.known.fetch_max(n + 1, Ordering::Relaxed);
-                Ok(true)
+        if first > position {
+            return low;
+        }
+        let Ok(stream) = self.jetstream.get_stream(STREAM).await else {
+            return low;
+        };
+        let mut high = stream.cached_info().state.last_sequence;
+        // `low` holds a block starting at or before `position`; look between it and `high`.
+        while low < high {
+            let middle = low + (high - low).div_ceil(2);
+            match self.first_at(middle).await {
+                Some((found, first)) if first <= position => low = found.min(high),
+                Some(_) => high = middle - 1,
+                None => break,
             }
-            Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => Ok(false),
-            Err(error) => Err(StoreError::unavailable("block publish", error)),
         }
+        low.saturating_sub(SEEK_MARGIN).max(1)
     }
 
-    /// The messages of complete block `n`, read answer by answer and checked against
-    /// the messages stream's leader (see the module docs); `None` once their texts pass
-    /// [`BLOCK_MAX_BYTES`], so building holds at most that (and one answer) in memory.
-    async fn contents(&self, n: u64) -> Result<Option<Vec<Stored>>, StoreError> {
-        let name = &self.messages.cached_info().config.name;
-        let deadline = Instant::now() + BUILD_WAIT;
-        let (mut next, last) = range_of(n);
-        let (mut read, mut bytes) = (Vec::new(), 0);
-        while next <= last {
-            let answer = direct::chunk(
-                &self.client,
-                name,
-                (next, last),
-                BLOCK as usize,
-                BLOCK_GET_BYTES,
-                deadline,
-            )
-            .await?;
-            let Some(newest) = answer.last() else { break };
-            next = newest.sequence + 1;
-            bytes += answer.iter().map(|raw| raw.payload.len()).sum::<usize>();
-            if bytes > BLOCK_MAX_BYTES {
-                return Ok(None);
-            }
-            read.extend(answer);
-        }
-        if let Some(last) = read.last() {
-            self.confirm(last).await?;
-        }
-        Ok(Some(read.into_iter().map(Raw::into_stored).collect()))
-    }
-
-    /// Whether the messages stream's leader holds `read` at its position.
-    pub(super) async fn confirm(&self, read: &Raw) -> Result<(), StoreError> {
-        let leader = self
-            .messages
-            .get_raw_message(read.sequence)
-            .await
-            .map_err(|e| StoreError::unavailable("leader get", e))?;
-        if leader.subject.as_str() == read.subject && leader.payload == read.payload {
-            return Ok(());
-        }
-        warn!(
-            position = read.sequence,
-            replica = read.subject,
-            leader = %leader.subject,
-            "store: the replica that answered and the stream's leader hold different \
-             messages at one position; not building blocks from it"
-        );
-        Err(StoreError::unavailable(
-            "build",
-            format!("replicas disagree at position {}", read.sequence),
-        ))
-    }
-
-    /// Builds every complete block not built yet, in order, until none is left (the log
-    /// may grow meanwhile); returns how many blocks this call stored and how many are
-    /// built.
-    pub(super) async fn catch_up(&self) -> Result<(u64, u64), StoreError> {
-        let mut stored = 0;
-        let mut next = self.built().await?;
+    /// Sends the blocks that hold positions after `after`, in the blocks stream's order
+    /// from where [`Blocks::seek`] says, one answer of at most [`READ_BYTES`] at a time:
+    /// the next is asked for only once `out` has room. Stops after a block past `until`,
+    /// at the stream's end, or when it cannot be read (the reader reads messages then).
+    pub(super) async fn scan(self, after: u64, until: u64, out: mpsc::Sender<Vec<Block>>) {
+        let mut next = self.seek(after + 1).await;
         loop {
-            let last = self
-                .messages
-                .get_info()
-                .await
-                .map_err(|e| StoreError::unavailable("stream info", e))?
-                .state
-                .last_sequence;
-            let complete = last / BLOCK;
-            if next >= complete {
-                return Ok((stored, next));
-            }
-            while next < complete {
-                let contents = self.contents(next).await?;
-                if self.publish(next, contents.as_deref()).await? {
-                    stored += 1;
-                    next += 1;
-                } else {
-                    // Another instance got there first: go on from where it is.
-                    next = self.built().await?;
-                    break;
+            let Ok(room) = out.reserve().await else {
+                return;
+            };
+            let read = direct::batch(
+                &self.client,
+                STREAM,
+                next,
+                BLOCKS_PER_GET,
+                READ_BYTES,
+                STREAM_STALL,
+            )
+            .await;
+            let answer = match read {
+                Ok(answer) => answer,
+                Err(error) => {
+                    debug!(%error, "store: blocks unreadable; reading their messages");
+                    return;
                 }
+            };
+            let Some(newest) = answer.messages.last() else {
+                return;
+            };
+            next = newest.sequence + 1;
+            let blocks: Vec<Block> = answer
+                .messages
+                .iter()
+                .filter_map(|raw| decode(&raw.payload))
+                .filter(|block| block.last().is_some_and(|m| m.position > after))
+                .collect();
+            let past = blocks.iter().any(|block| block[0].position > until);
+            room.send(blocks);
+            if past || answer.pending == 0 {
+                return;
             }
         }
     }
 }
 
-/// Keeps the blocks up with the log until `cancel`: catches up at once when `completed`
-/// says an append of this instance stored the last position of a block, and every few
-/// seconds when the blocks have not moved since this instance last looked (so nobody
-/// else is building them: after a bulk import, or when the instance that completed a
-/// block died before building it).
-pub(super) async fn keep_up(
-    blocks: Blocks,
-    mut completed: mpsc::Receiver<()>,
-    cancel: CancellationToken,
+/// Writes what this instance stored as blocks, until the store goes: collects the
+/// messages `stored` sends (`queued` bytes of them) and publishes them, in position
+/// order, once they fill a block or [`BLOCK_WAIT`] after the first. A blocks stream
+/// deleted by hand is created again (its block is lost: those messages are read as
+/// they are).
+async fn write_blocks(
+    jetstream: jetstream::Context,
+    config: stream::Config,
+    mut stored: mpsc::UnboundedReceiver<Vec<Stored>>,
+    queued: Arc<AtomicUsize>,
 ) {
-    let mut seen = None;
+    let (mut block, mut bytes, mut due): (Block, usize, Option<Instant>) = (Vec::new(), 0, None);
     loop {
-        let jitter = LOOK_EVERY.mul_f64(rand::random::<f64>());
-        let look = tokio::select! {
-            _ = cancel.cancelled() => return,
-            Some(()) = completed.recv() => false,
-            _ = tokio::time::sleep(LOOK_EVERY + jitter) => true,
+        let received = match due {
+            Some(due) => tokio::select! {
+                received = stored.recv() => received,
+                _ = tokio::time::sleep_until(due) => Some(Vec::new()),
+            },
+            None => stored.recv().await,
         };
-        if look {
-            let Ok(built) = blocks.built().await else {
-                blocks.recreate_if_missing().await;
-                continue;
-            };
-            let moved = seen.is_some_and(|seen| built > seen);
-            seen = Some(built);
-            if moved {
-                continue; // someone else is building them
+        let Some(messages) = received else {
+            publish(&jetstream, &config, block).await;
+            return;
+        };
+        let timed_out = messages.is_empty();
+        let bytes_in: usize = messages.iter().map(|m| m.id.len() + m.text.len()).sum();
+        queued.fetch_sub(bytes_in, Ordering::Relaxed);
+        for message in messages.into_iter().filter(|m| size(m) <= BLOCK_MAX_BYTES) {
+            if bytes + size(&message) > BLOCK_MAX_BYTES {
+                publish(&jetstream, &config, std::mem::take(&mut block)).await;
+                (bytes, due) = (0, None);
+            }
+            bytes += size(&message);
+            block.push(message);
+            due.get_or_insert_with(|| Instant::now() + BLOCK_WAIT);
+        }
+        if timed_out {
+            publish(&jetstream, &config, std::mem::take(&mut block)).await;
+            (bytes, due) = (0, None);
+        }
+    }
+}
+
+/// Publishes `block` (if it holds any message) to the blocks stream, creating the
+/// stream again when it is missing.
+async fn publish(jetstream: &jetstream::Context, config: &stream::Config, mut block: Block) {
+    block.sort_unstable_by_key(|m| m.position);
+    let Some(first) = block.first() else { return };
+    let subject = format!("{SUBJECT_PREFIX}{}", first.position);
+    let stored = match jetstream.publish(subject, encode(&block).into()).await {
+        Ok(ack) => ack.await.map(drop),
+        Err(error) => Err(error),
+    };
+    match stored {
+        Ok(()) => {}
+        Err(error) if error.kind() == PublishErrorKind::StreamNotFound => {
+            match jetstream.get_or_create_stream(config.clone()).await {
+                Ok(_) => warn!(
+                    stream = STREAM,
+                    "store: the blocks stream was missing; created it again"
+                ),
+                Err(error) => debug!(%error, "store: the blocks stream cannot be created now"),
             }
         }
-        let result = tokio::select! {
-            _ = cancel.cancelled() => return,
-            result = blocks.catch_up() => result,
-        };
-        match result {
-            Ok((stored, built)) => {
-                seen = Some(built);
-                if stored > 0 {
-                    debug!(stored, built, "store: blocks built");
-                }
-            }
-            Err(error) => {
-                debug!(%error, "store: building blocks failed; trying again later");
-                blocks.recreate_if_missing().await;
-            }
-        }
+        Err(error) => debug!(%error, "store: a block was not stored; full reads read its messages"),
     }
 }
 
@@ -539,25 +365,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn blocks_hold_a_hundred_positions_each() {
-        assert_eq!(block_of(1), 0);
-        assert_eq!(block_of(100), 0);
-        assert_eq!(block_of(101), 1);
-        assert_eq!(range_of(0), (1, 100));
-        assert_eq!(range_of(2), (201, 300));
-    }
-
-    #[test]
     fn a_block_decodes_to_what_was_encoded() {
-        let messages: Vec<Stored> = (1..=3)
+        let block: Block = (1..=3)
             .map(|position| Stored {
                 position,
                 id: format!("id-{position}"),
                 text: format!("text ünï {position}"),
             })
             .collect();
-        assert_eq!(decode(&encode(&messages)).expect("decode"), messages);
-        assert!(decode(&encode(&[])).expect("decode").is_empty());
-        assert!(decode(b"\xff\xff\xff").is_err());
+        assert_eq!(decode(&encode(&block)), Some(block.clone()));
+        assert_eq!(decode(&encode(&[])), None, "empty");
+        assert_eq!(decode(b"\xff\xff\xff"), None, "not a block");
+        let holes = [block[0].clone(), block[2].clone()];
+        assert_eq!(
+            decode(&encode(&holes)),
+            Some(holes.to_vec()),
+            "other instances' between"
+        );
+        let backwards = [block[1].clone(), block[0].clone()];
+        assert_eq!(decode(&encode(&backwards)), None, "out of order");
     }
 }

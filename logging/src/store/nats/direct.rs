@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use async_nats::{Client, HeaderMap};
+use async_nats::Client;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use retry::Backoff;
@@ -27,7 +27,6 @@ use crate::store::{StoreError, Stored};
 pub(super) struct Raw {
     pub(super) sequence: u64,
     pub(super) subject: String,
-    pub(super) headers: HeaderMap,
     pub(super) payload: Bytes,
 }
 
@@ -109,7 +108,6 @@ pub(super) async fn batch(
                 answer.messages.push(Raw {
                     sequence,
                     subject,
-                    headers,
                     payload: reply.payload,
                 });
             }

@@ -19,14 +19,16 @@
 //!   ones from the repeats and conflicts (a repeat of an id goes after the append before
 //!   it).
 //! - **Every read a batched direct get** ([`direct`]). A page is one request for its
-//!   messages, answered by any replica. A full read takes the built blocks of a hundred
-//!   messages ([`blocks`]) and then the newest messages, in pieces of a thousand
-//!   positions, four pieces at once. A piece asks for one answer of at most
-//!   [`READ_BYTES`] (128 KiB, and one message more) at a time, and for the next only
-//!   once the reader has taken the last: nothing is gathered whole, so a full read holds
-//!   under 2 MiB whatever the log's size or its messages' (see [`crate::store`]). The
-//!   process keeps no copy of the log, only how many blocks are built and the streams'
-//!   configuration.
+//!   messages, answered by any replica. A full read merges the blocks the instances
+//!   wrote of what they stored ([`blocks`]: one reply holds hundreds of messages) and
+//!   reads every position no block holds from the messages stream, up to a thousand at
+//!   a time. It asks for one answer of at most [`READ_BYTES`] (128 KiB, and one
+//!   message more) at a time, and for the next only once the reader has taken the last,
+//!   and holds at most [`WINDOW_BYTES`] (512 KiB) of blocks waiting for others: nothing
+//!   is gathered whole, so a full read holds under 2 MiB whatever the log's size or its
+//!   messages' (see [`crate::store`]). The process keeps no copy of the log, only the
+//!   streams' configuration and what it stored but has not yet written in a block (at
+//!   most 1 MiB queued and one block of 64 KiB).
 //! - **Bounded on disk.** The stream is created with a size limit
 //!   ([`DEFAULT_MAX_BYTES`], 1 GiB, `--store-max-bytes`) and discard-new: at the limit an
 //!   append is refused ([`StoreError::Full`]) and nothing stored is dropped. Retention
@@ -43,7 +45,7 @@ mod publish;
 mod subject;
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -62,20 +64,17 @@ use async_nats::{
 use futures_util::future::join_all;
 use retry::Retry;
 use tokio::{sync::mpsc, time::Instant};
-use tokio_util::{
-    sync::{CancellationToken, DropGuard},
-    task::AbortOnDropHandle,
-};
+use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 use tracing::{debug, error, info, warn};
 
+use self::{
+    blocks::Blocks,
+    direct::Raw,
+    publish::{Batched, Published},
+};
 pub use self::{
     blocks::STREAM as BLOCKS_STREAM,
     subject::{id_of, subject_for},
-};
-use self::{
-    blocks::{block_of, range_of, Blocks, BLOCK, BLOCKS_PER_GET},
-    direct::Raw,
-    publish::{Batched, Published},
 };
 use super::{
     fill, Appended, Batches, Message, MessageStore, Page, StoreError, Stored, MAX_BATCH_BYTES,
@@ -93,14 +92,15 @@ const PING_INTERVAL: Duration = Duration::from_secs(1);
 /// batch (3 s), so an instance gives up on its store before the facade gives up on it,
 /// and the facade hears why.
 pub const STREAM_STALL: Duration = Duration::from_secs(2);
-/// Pieces of a full read read at once (each one request at a time).
-const READS_IN_FLIGHT: usize = 4;
 /// Most bytes one request of a full read asks for (the server sends one message more at
 /// most): a thousand short texts, or two of 64 KiB.
 const READ_BYTES: usize = 128 * 1024;
-/// Messages one request of a full read asks for (fewer over [`READ_BYTES`]), after the
-/// built blocks; also the positions of one piece.
+/// Messages one request of a full read asks for (fewer over [`READ_BYTES`]) where no
+/// block holds them.
 const MESSAGES_PER_GET: usize = 1000;
+/// Blocks a full read holds, in bytes, that do not start at the next position it sends
+/// (written out of order), before it reads the positions up to them as messages.
+const WINDOW_BYTES: usize = 512 * 1024;
 
 /// The size the stream may reach on disk by default (`--store-max-bytes`): past it,
 /// appends are refused ([`StoreError::Full`], a 507 at the facade) and nothing stored is
@@ -147,9 +147,9 @@ pub struct NatsConfig {
     pub retention: Retention,
     /// The stream's size limit when this instance creates it (`None`: none).
     pub max_bytes: Option<u64>,
-    /// Whether this instance builds blocks (see [`blocks`]). Reads use the blocks there
-    /// are either way; only tests turn it off, to read a log without them.
-    pub build_blocks: bool,
+    /// Whether this instance writes its batches as blocks (see [`blocks`]). Reads use the
+    /// blocks there are either way; only tests turn it off, to read a log without them.
+    pub write_blocks: bool,
     /// TLS and the user's nkey, for a locked-down cluster.
     pub credentials: local_nats::Credentials,
 }
@@ -166,7 +166,7 @@ impl NatsConfig {
             timeout: Duration::from_millis(900),
             retention: Retention::default(),
             max_bytes: Some(DEFAULT_MAX_BYTES),
-            build_blocks: true,
+            write_blocks: true,
             credentials: local_nats::Credentials::default(),
         }
     }
@@ -180,11 +180,7 @@ pub struct NatsStore {
     timeout: Duration,
     log: String,
     reader: Reader,
-    /// Told when an append stored a multiple of [`blocks::BUILD_EVERY`], so the blocks
-    /// complete by then are built now.
-    completed: mpsc::Sender<()>,
-    /// Stops the task that builds blocks when the store goes.
-    _building: DropGuard,
+    write_blocks: bool,
 }
 
 /// Whether `version` (as a server's INFO gives it: `2.15.1`, `2.12.0-RC.1`) is at least
@@ -324,15 +320,6 @@ impl NatsStore {
                 |_| false,
             )
             .await?;
-        let (completed, completions) = mpsc::channel(1);
-        let building = CancellationToken::new();
-        if config.build_blocks {
-            tokio::spawn(blocks::keep_up(
-                blocks.clone(),
-                completions,
-                building.clone(),
-            ));
-        }
         let reader = Reader {
             client: client.clone(),
             blocks,
@@ -344,8 +331,7 @@ impl NatsStore {
             timeout: config.timeout,
             log,
             reader,
-            completed,
-            _building: building.drop_guard(),
+            write_blocks: config.write_blocks,
         })
     }
 
@@ -382,15 +368,6 @@ impl NatsStore {
         }
     }
 
-    /// Notes that positions `last - count + 1 ..= last` were just stored: when they
-    /// complete blocks to build, building starts now.
-    fn stored_through(&self, last: u64, count: u64) {
-        let first = last.saturating_sub(count) + 1;
-        if last / blocks::BUILD_EVERY > (first - 1) / blocks::BUILD_EVERY {
-            let _ = self.completed.try_send(());
-        }
-    }
-
     async fn with_deadline<T>(
         &self,
         what: &str,
@@ -409,8 +386,11 @@ impl NatsStore {
             Ok(Batched::Stored(last)) => {
                 metrics::counter!("logging_store_batches_total", "outcome" => "stored")
                     .increment(1);
-                self.stored_through(last, messages.len() as u64);
-                messages.iter().map(|_| Ok(Appended::Inserted)).collect()
+                let answers = messages.iter().map(|_| Ok(Appended::Inserted)).collect();
+                if self.write_blocks {
+                    self.reader.blocks.write(last, messages);
+                }
+                answers
             }
             Ok(Batched::Full(reason)) => {
                 metrics::counter!("logging_store_batches_total", "outcome" => "full").increment(1);
@@ -549,7 +529,9 @@ impl MessageStore for NatsStore {
         let append = async {
             match publish::one(&self.jetstream, &message).await? {
                 Published::Stored(position) => {
-                    self.stored_through(position, 1);
+                    if self.write_blocks {
+                        self.reader.blocks.write(position, vec![message.clone()]);
+                    }
                     Ok(Appended::Inserted)
                 }
                 Published::Refused => self.refused(&message).await,
@@ -605,43 +587,6 @@ impl MessageStore for NatsStore {
     }
 }
 
-/// One stretch of a full read: built blocks `blocks` for positions `positions`, or
-/// messages read as they are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Piece {
-    Blocks {
-        blocks: (u64, u64),
-        positions: (u64, u64),
-    },
-    Messages((u64, u64)),
-}
-
-/// Positions `start..=until` cut into pieces: those in the first `built` blocks,
-/// [`BLOCKS_PER_GET`] blocks a piece, then the rest, [`MESSAGES_PER_GET`] a piece. A
-/// piece of short texts is one request; one over [`READ_BYTES`] takes more, in turn.
-fn pieces(start: u64, until: u64, built: u64) -> impl Iterator<Item = Piece> {
-    let in_blocks = (built * BLOCK).min(until);
-    let blocks = (start <= in_blocks)
-        .then(|| (block_of(start)..=block_of(in_blocks)).step_by(BLOCKS_PER_GET))
-        .into_iter()
-        .flatten()
-        .map(move |first| {
-            let last = (first + BLOCKS_PER_GET as u64 - 1).min(block_of(in_blocks));
-            Piece::Blocks {
-                blocks: (first, last),
-                positions: (
-                    range_of(first).0.max(start),
-                    range_of(last).1.min(in_blocks),
-                ),
-            }
-        });
-    let tail = start.max(in_blocks + 1);
-    let messages = (tail..=until)
-        .step_by(MESSAGES_PER_GET)
-        .map(move |from| Piece::Messages((from, (from + MESSAGES_PER_GET as u64 - 1).min(until))));
-    blocks.chain(messages)
-}
-
 /// What full reads need, apart from the store: a connection and the blocks.
 #[derive(Clone)]
 struct Reader {
@@ -649,127 +594,113 @@ struct Reader {
     blocks: Blocks,
 }
 
-/// Where a piece sends its messages, answer by answer.
+/// Where a full read sends its batches.
 type Chunks = mpsc::Sender<Result<Vec<Stored>, StoreError>>;
 
+/// What a message of a block holds in memory, about.
+fn weight(message: &Stored) -> usize {
+    message.id.len() + message.text.len() + 64
+}
+
 impl Reader {
-    /// Sends the messages at positions `(from, to)` (all stored) to `out`, one answer
-    /// of at most [`READ_BYTES`] at a time: the next is asked for only once `out` has
-    /// room for it. `false` when the reader went away or a read failed (sent to `out`).
-    async fn messages(&self, (from, to): (u64, u64), out: &Chunks) -> bool {
+    /// Sends positions `start..=until` (all stored) in batches, in order, until the
+    /// reader goes away or a read fails (sent as the last item). The blocks hold each
+    /// one instance's messages, so they are merged: the next position comes from the
+    /// block that holds it, and where none does, the positions up to the next a block
+    /// holds are read from the messages stream. Blocks whose next message is not the
+    /// next position wait, up to [`WINDOW_BYTES`], for the blocks that fill the gap.
+    async fn send(self, start: u64, until: u64, sender: Chunks) {
+        let (found, mut scanned) = mpsc::channel(1);
+        let scan = self.blocks.clone().scan(start - 1, until, found);
+        let _scan = AbortOnDropHandle::new(tokio::spawn(scan));
+        // Blocks by their next message's position (and the order they came in).
+        let mut waiting: BTreeMap<(u64, u64), VecDeque<Stored>> = BTreeMap::new();
+        let (mut held, mut scanning, mut next, mut count) = (0, true, start, 0);
+        let mut out = Vec::new();
+        while next <= until {
+            if let Some(entry) = waiting.first_entry().filter(|e| e.key().0 <= next) {
+                let mut block = entry.remove();
+                while block.front().is_some_and(|m| m.position <= next) {
+                    let Some(message) = block.pop_front() else {
+                        break;
+                    };
+                    held -= weight(&message);
+                    if message.position == next && next <= until {
+                        next += 1;
+                        out.push(message);
+                    }
+                }
+                if let Some(head) = block.front() {
+                    waiting.insert((head.position, count), block);
+                    count += 1;
+                }
+                if out.len() >= STREAM_BATCH
+                    && !send_batches(&sender, std::mem::take(&mut out)).await
+                {
+                    return;
+                }
+                continue;
+            }
+            if scanning && held < WINDOW_BYTES {
+                match scanned.recv().await {
+                    Some(blocks) => {
+                        for block in blocks {
+                            held += block.iter().map(weight).sum::<usize>();
+                            waiting.insert((block[0].position, count), block.into());
+                            count += 1;
+                        }
+                    }
+                    None => scanning = false,
+                }
+                continue;
+            }
+            let to = waiting
+                .keys()
+                .next()
+                .map_or(until, |(head, _)| head - 1)
+                .min(until);
+            if !send_batches(&sender, std::mem::take(&mut out)).await
+                || !self.messages((next, to), &sender).await
+            {
+                return;
+            }
+            next = to + 1;
+        }
+        send_batches(&sender, out).await;
+    }
+
+    /// Sends the messages at positions `from..=to` (all stored) in batches, one answer
+    /// of at most [`READ_BYTES`] read at a time. `false` when the reader went away or a
+    /// read failed (sent to it).
+    async fn messages(&self, (from, to): (u64, u64), sender: &Chunks) -> bool {
         let mut next = from;
         while next <= to {
-            let Ok(room) = out.reserve().await else {
-                return false;
-            };
-            let deadline = Instant::now() + STREAM_STALL;
             let read = direct::chunk(
                 &self.client,
                 STREAM,
                 (next, to),
                 MESSAGES_PER_GET,
                 READ_BYTES,
-                deadline,
+                Instant::now() + STREAM_STALL,
             )
             .await;
-            match read {
-                Ok(answer) => {
-                    let Some(newest) = answer.last() else {
-                        return true;
-                    };
-                    next = newest.sequence + 1;
-                    room.send(Ok(answer.into_iter().map(Raw::into_stored).collect()));
-                }
+            let answer = match read {
+                Ok(answer) => answer,
                 Err(error) => {
-                    room.send(Err(error));
+                    let _ = sender.send(Err(error)).await;
                     return false;
                 }
+            };
+            let Some(newest) = answer.last() else {
+                return true;
+            };
+            next = newest.sequence + 1;
+            let messages = answer.into_iter().map(Raw::into_stored).collect();
+            if !send_batches(sender, messages).await {
+                return false;
             }
         }
         true
-    }
-
-    /// Sends the messages of `piece` to `out`, in order; a block that cannot be used is
-    /// read as messages.
-    async fn fetch(self, piece: Piece, out: Chunks) {
-        let (blocks, (from, to)) = match piece {
-            Piece::Messages(range) => {
-                self.messages(range, &out).await;
-                return;
-            }
-            Piece::Blocks { blocks, positions } => (blocks, positions),
-        };
-        let (mut next, last) = blocks;
-        while next <= last {
-            let Ok(room) = out.reserve().await else {
-                return;
-            };
-            let found = self
-                .blocks
-                .read((next, last), Instant::now() + STREAM_STALL)
-                .await;
-            let mut room = Some(room);
-            for (n, block) in found {
-                next = n + 1;
-                let (first, last) = range_of(n);
-                let (first, last) = (first.max(from), last.min(to));
-                let messages = match block {
-                    Some(block) => block
-                        .into_iter()
-                        .filter(|m| (first..=last).contains(&m.position))
-                        .collect(),
-                    None => {
-                        drop(room.take());
-                        if !self.messages((first, last), &out).await {
-                            return;
-                        }
-                        continue;
-                    }
-                };
-                let sent = match room.take() {
-                    Some(room) => {
-                        room.send(Ok(messages));
-                        true
-                    }
-                    None => out.send(Ok(messages)).await.is_ok(),
-                };
-                if !sent {
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Sends positions `start..=until` in batches, until the reader goes away or a read
-    /// fails (sent as the last item). [`READS_IN_FLIGHT`] pieces are read at once, each
-    /// holding at most one answer ahead of the reader (see [`Reader::messages`]).
-    async fn send(self, start: u64, until: u64, sender: Chunks) {
-        let built = self.blocks.known_built();
-        let mut pieces = pieces(start, until, built);
-        let mut running = VecDeque::with_capacity(READS_IN_FLIGHT);
-        loop {
-            while running.len() < READS_IN_FLIGHT {
-                let Some(piece) = pieces.next() else { break };
-                let (out, chunks) = mpsc::channel(1);
-                let task = tokio::spawn(self.clone().fetch(piece, out));
-                running.push_back((chunks, AbortOnDropHandle::new(task)));
-            }
-            let Some((mut chunks, _task)) = running.pop_front() else {
-                return;
-            };
-            while let Some(chunk) = chunks.recv().await {
-                let messages = match chunk {
-                    Ok(messages) => messages,
-                    Err(error) => {
-                        let _ = sender.send(Err(error)).await;
-                        return;
-                    }
-                };
-                if !send_batches(&sender, messages).await {
-                    return;
-                }
-            }
-        }
     }
 }
 

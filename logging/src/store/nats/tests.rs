@@ -5,13 +5,13 @@ use std::{collections::HashSet, sync::Arc};
 
 use testkit::nats::Nats;
 
-use super::*;
+use super::{blocks::Block, *};
 use crate::store::contract;
 
 /// A store on `nats`.
-async fn store_on(nats: &Nats, build_blocks: bool) -> NatsStore {
+async fn store_on(nats: &Nats, write_blocks: bool) -> NatsStore {
     let mut config = NatsConfig::new(vec![nats.urls()]);
-    config.build_blocks = build_blocks;
+    config.write_blocks = write_blocks;
     NatsStore::connect(config, &CancellationToken::new())
         .await
         .expect("connect")
@@ -256,164 +256,224 @@ async fn a_batch_over_the_servers_limit_is_split() {
     assert_eq!(sorted.len(), 2500);
 }
 
-/// Reads give the same log whichever way they go: with no blocks, with blocks for the
-/// first part and messages for the rest, from inside a block, and pages of any size.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reads_agree_with_and_without_blocks() {
-    let nats = Nats::single().await;
-    let store = store_on(&nats, false).await;
-    let total = 25 * BLOCK as usize + 1234;
-    append_batches(&store, 0..total).await;
-    let truth: Vec<Stored> = (1..=total as u64)
-        .map(|position| Stored {
-            position,
-            id: format!("n-{}", position - 1),
-            text: format!("text {}", position - 1),
+/// Messages `range` as stored from position 1 on.
+fn stored(range: std::ops::Range<usize>) -> Vec<Stored> {
+    numbered(range.clone())
+        .into_iter()
+        .zip(range)
+        .map(|(message, i)| Stored {
+            position: i as u64 + 1,
+            id: message.id,
+            text: message.text,
         })
-        .collect();
-    let blocks = &store.reader.blocks;
-    assert_eq!(blocks.built().await.expect("built"), 0);
-    assert_eq!(read_from(&store, 0).await, truth, "no blocks");
-
-    let complete = (total / BLOCK as usize) as u64;
-    assert_eq!(
-        blocks.catch_up().await.expect("catch up"),
-        (complete, complete)
-    );
-    assert_eq!(
-        blocks.catch_up().await.expect("again"),
-        (0, complete),
-        "built once"
-    );
-    let read = blocks.read((0, 1), Instant::now() + STREAM_STALL).await;
-    assert_eq!(read[0], (0, Some(truth[..100].to_vec())));
-    assert_eq!(read[1], (1, Some(truth[100..200].to_vec())));
-
-    assert_eq!(read_from(&store, 0).await, truth, "blocks, then messages");
-    let middle = 3 * BLOCK as usize + 50;
-    assert_eq!(
-        read_from(&store, middle as u64).await,
-        truth[middle..],
-        "from a block's middle"
-    );
-    let mut early = store.stream(0, Some(150)).await.expect("stream");
-    let mut sent = Vec::new();
-    while let Some(batch) = early.receiver.recv().await {
-        sent.extend(batch.expect("batch"));
-    }
-    assert_eq!(sent, truth[..150], "up to a position inside a block");
-    for limit in [7, 100, MAX_PAGE] {
-        assert_eq!(contract::paged(&store, limit).await, truth, "limit {limit}");
-    }
-
-    // A second store reads the same, with the blocks built by the first.
-    let second = store_on(&nats, false).await;
-    assert_eq!(
-        second.reader.blocks.known_built(),
-        complete,
-        "looked at start-up"
-    );
-    assert_eq!(read_from(&second, 0).await, truth);
+        .collect()
 }
 
-/// The instance whose append completes blocks builds them without being asked; two
-/// instances building at once store every block once, in order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn blocks_are_built_once_whoever_builds_them() {
-    let nats = Nats::single().await;
-    let writer = store_on(&nats, false).await;
-    append_batches(&writer, 0..5 * BLOCK as usize + 10).await;
-    let (one, two) = (store_on(&nats, false).await, store_on(&nats, false).await);
-    let (a, b) = tokio::join!(one.reader.blocks.catch_up(), two.reader.blocks.catch_up());
-    let (a, b) = (a.expect("catch up"), b.expect("catch up"));
-    assert_eq!(a.0 + b.0, 5, "every block stored once");
-    assert_eq!((a.1, b.1), (5, 5));
+/// How many blocks the blocks stream holds.
+async fn blocks_stored(store: &NatsStore) -> u64 {
+    match store.jetstream.get_stream(BLOCKS_STREAM).await {
+        Ok(stream) => stream.cached_info().state.messages,
+        Err(_) => 0,
+    }
+}
 
-    let building = store_on(&nats, true).await;
-    append_batches(&building, 510..blocks::BUILD_EVERY as usize).await;
-    let complete = blocks::BUILD_EVERY / BLOCK;
+/// Every block in the blocks stream, in its order.
+async fn every_block(store: &NatsStore) -> Vec<Block> {
+    let (found, mut scanned) = mpsc::channel(1);
+    tokio::spawn(store.reader.blocks.clone().scan(0, u64::MAX, found));
+    let mut all = Vec::new();
+    while let Some(blocks) = scanned.recv().await {
+        all.extend(blocks);
+    }
+    all
+}
+
+/// Waits until the blocks hold `count` messages (an instance writes what it stored as a
+/// block within a second).
+async fn wait_for_blocks(store: &NatsStore, count: usize) {
     testkit::eventually(
         Duration::from_secs(10),
-        "the completed blocks built",
-        || async { building.reader.blocks.built().await.ok() == Some(complete) },
+        &format!("{count} messages in blocks"),
+        || async { every_block(store).await.iter().map(Vec::len).sum::<usize>() >= count },
     )
     .await;
 }
 
-/// The blocks stream deleted by hand (it is derived data) comes back, rebuilt, while the
-/// store runs; reads give the whole log throughout.
+/// Publishes a block by hand, as an instance would.
+async fn publish_block(store: &NatsStore, block: &[Stored]) {
+    store
+        .jetstream
+        .publish(
+            format!("blocks.{}", block[0].position),
+            blocks::encode(block).into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+}
+
+/// What an instance stores, batches and single appends, it writes as blocks: the
+/// messages at the positions the leader acknowledged, many appends in one block.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deleted_blocks_are_built_again() {
+async fn the_appender_writes_what_it_stored_as_blocks() {
     let (_nats, store) = store().await;
-    append_batches(&store, 0..2 * BLOCK as usize + 1).await;
-    let built = |count: u64| {
-        let store = &store;
-        async move {
-            testkit::eventually(
-                Duration::from_secs(20),
-                &format!("{count} blocks built"),
-                || async { store.reader.blocks.built().await.unwrap_or(0) >= count },
-            )
-            .await
-        }
-    };
-    built(2).await;
-    let all = read_from(&store, 0).await;
-    delete_blocks(&store).await;
-    assert_eq!(read_from(&store, 0).await, all, "read without blocks");
-    built(2).await;
+    append_batches(&store, 0..120).await;
+    for message in numbered(120..123) {
+        assert_eq!(
+            store.append(message).await.expect("append"),
+            Appended::Inserted
+        );
+    }
+    append_batches(&store, 123..130).await;
+    wait_for_blocks(&store, 130).await;
+    let blocks = every_block(&store).await;
     assert_eq!(
-        read_from(&store, 0).await,
-        all,
-        "read with the rebuilt blocks"
+        blocks.concat(),
+        stored(0..130),
+        "every message once, in order"
+    );
+    assert!(
+        blocks[0].len() > 50,
+        "more than one append in a block: {}",
+        blocks[0].len()
     );
 }
 
-/// Blocks deleted and created again empty are forgotten: a full read does not wait for
-/// them (it reads their messages at once), and the count an instance knows goes down.
+/// Reads give the same log whichever way they go: with no blocks, with blocks of two
+/// instances whose batches alternate, and messages where no block holds them; from
+/// inside a block, up to a position inside one, and pages of any size.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_read_does_not_wait_for_blocks_that_are_gone() {
+async fn reads_agree_with_and_without_blocks() {
+    let nats = Nats::single().await;
+    let plain = store_on(&nats, false).await;
+    append_batches(&plain, 0..1234).await;
+    assert_eq!(read_from(&plain, 0).await, stored(0..1234), "no blocks");
+
+    let (one, two) = (store_on(&nats, true).await, store_on(&nats, true).await);
+    let messages = numbered(1234..3000);
+    for (i, chunk) in messages.chunks(50).enumerate() {
+        let writer = if i % 2 == 0 { &one } else { &two };
+        writer.append_batch(chunk.to_vec()).await;
+    }
+    for message in numbered(3000..3010) {
+        plain.append(message).await.expect("append");
+    }
+    append_batches(&one, 3010..3060).await;
+    wait_for_blocks(&one, 3060 - 1234 - 10).await;
+    let truth = stored(0..3060);
+    for store in [&plain, &one] {
+        assert_eq!(read_from(store, 0).await, truth, "messages and blocks");
+        for after in [1233, 1234, 1235, 2025, 2999, 3005, 3059] {
+            assert_eq!(
+                read_from(store, after).await,
+                truth[after as usize..],
+                "from {after}"
+            );
+        }
+        let mut early = store.stream(0, Some(2030)).await.expect("stream");
+        let mut sent = Vec::new();
+        while let Some(batch) = early.receiver.recv().await {
+            sent.extend(batch.expect("batch"));
+        }
+        assert_eq!(sent, truth[..2030], "up to a position inside a block");
+    }
+    for limit in [7, 100, MAX_PAGE] {
+        assert_eq!(contract::paged(&one, limit).await, truth, "limit {limit}");
+    }
+}
+
+/// A full read takes messages from the blocks that hold them, and finds the blocks of a
+/// position deep in the log without reading the ones before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_read_takes_the_blocks_and_finds_them_from_inside_the_log() {
     let nats = Nats::single().await;
     let store = store_on(&nats, false).await;
-    append_batches(&store, 0..10 * BLOCK as usize).await;
+    append_batches(&store, 0..2000).await;
+    // Blocks by hand, ten positions each, with texts that are not the stored ones
+    // (which no instance writes), so a read shows where each message came from; none
+    // for positions 1561..=1570.
+    let from_blocks: Vec<Stored> = stored(0..2000)
+        .into_iter()
+        .map(|m| Stored {
+            text: format!("from a block {}", m.position),
+            ..m
+        })
+        .collect();
+    for (k, block) in from_blocks.chunks(10).enumerate() {
+        if k != 156 {
+            publish_block(&store, block).await;
+        }
+    }
     let blocks = &store.reader.blocks;
-    assert_eq!(blocks.catch_up().await.expect("catch up"), (10, 10));
-    assert_eq!(blocks.known_built(), 10);
-    let all = read_from(&store, 0).await;
+    // Block k (sequence k + 1, and k for those after the one left out) holds positions
+    // 10k + 1 ..= 10k + 10.
+    assert_eq!(blocks.seek(1).await, 1);
+    assert_eq!(blocks.seek(1556).await, 156 - blocks::SEEK_MARGIN);
+    assert_eq!(blocks.seek(5000).await, 199 - blocks::SEEK_MARGIN);
+
+    let read = read_from(&store, 1550).await;
+    assert_eq!(read[..10], from_blocks[1550..1560], "from the blocks");
+    assert_eq!(read[10..20], stored(1560..1570), "from the messages");
+    assert_eq!(read[20..], from_blocks[1570..], "from the blocks again");
+}
+
+/// The blocks stream deleted by hand (it is derived data): full reads give the whole log
+/// at once, from the messages, and a block written later creates it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_blocks_slow_reads_down_and_come_back() {
+    let (_nats, store) = store().await;
+    append_batches(&store, 0..1000).await;
+    wait_for_blocks(&store, 1000).await;
     delete_blocks(&store).await;
-    blocks.recreate_if_missing().await;
     let started = Instant::now();
-    assert_eq!(read_from(&store, 0).await, all, "read without blocks");
+    assert_eq!(
+        read_from(&store, 0).await,
+        stored(0..1000),
+        "read without blocks"
+    );
     let took = started.elapsed();
     assert!(
         took < STREAM_STALL,
         "the read waited {took:?} for blocks that are gone"
     );
-    assert_eq!(blocks.known_built(), 0, "the blocks count went down");
+
+    let next = std::sync::atomic::AtomicUsize::new(1000);
+    testkit::eventually(Duration::from_secs(10), "blocks written again", || async {
+        let from = next.fetch_add(10, std::sync::atomic::Ordering::Relaxed);
+        append_batches(&store, from..from + 10).await;
+        blocks_stored(&store).await > 0
+    })
+    .await;
+    let written = next.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(read_from(&store, 0).await, stored(0..written));
 }
 
-/// A block too big to publish is kept as a marker, and reads of its range still give
-/// every message; blocks of another log are not used, and the stream holding them is
-/// replaced at start-up.
+/// Blocks hold at most 64 KiB, a text over it gets none, and a blocks stream of another
+/// log is replaced at start-up; reads give every message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn big_blocks_and_blocks_of_another_log_are_not_used() {
-    let nats = Nats::single().await;
-    let store = store_on(&nats, false).await;
-    let block = BLOCK as usize;
-    append_batches(&store, 0..3 * block + 5).await;
-    let small = store.reader.blocks.clone().with_max_payload(1_500);
-    assert_eq!(small.catch_up().await.expect("catch up"), (3, 3));
-    let read = small.read((0, 2), Instant::now() + STREAM_STALL).await;
-    assert!(read.iter().all(|(_, block)| block.is_none()), "markers");
+async fn big_texts_and_blocks_of_another_log() {
+    let (_nats, store) = store().await;
+    let mut messages = numbered(0..8);
+    for (i, message) in messages.iter_mut().enumerate() {
+        message.text = format!("{i}").repeat(if i == 5 { 70_000 } else { 30_000 });
+    }
+    for outcome in store.append_batch(messages.clone()).await {
+        assert_eq!(outcome.expect("append"), Appended::Inserted);
+    }
+    wait_for_blocks(&store, 7).await;
+    let positions: Vec<Vec<u64>> = every_block(&store)
+        .await
+        .iter()
+        .map(|block| block.iter().map(|m| m.position).collect())
+        .collect();
+    assert_eq!(positions, [vec![1, 2], vec![3, 4], vec![5, 7], vec![8]]);
     let all = read_from(&store, 0).await;
-    assert_eq!(
-        all.len(),
-        3 * block + 5,
-        "the markers' messages read instead"
-    );
-    assert_eq!(contract::paged(&store, 100).await, all);
+    let texts: Vec<&str> = all.iter().map(|m| m.text.as_str()).collect();
+    let expected: Vec<&str> = messages.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, expected);
 
-    let other = Blocks::open(
+    Blocks::open(
         &store.client,
         &store.jetstream,
         &store.stream,
@@ -421,56 +481,8 @@ async fn big_blocks_and_blocks_of_another_log_are_not_used() {
     )
     .await
     .expect("open");
-    assert_eq!(
-        other.built().await.expect("built"),
-        0,
-        "replaced at start-up"
-    );
-    assert_eq!(other.catch_up().await.expect("catch up"), (3, 3));
-    let read = store
-        .reader
-        .blocks
-        .read((0, 2), Instant::now() + STREAM_STALL)
-        .await;
-    assert!(
-        read.iter().all(|(_, block)| block.is_none()),
-        "another log's"
-    );
+    assert_eq!(blocks_stored(&store).await, 0, "replaced at start-up");
     assert_eq!(read_from(&store, 0).await, all);
-}
-
-/// A block is built only from what the stream's leader holds: an answer that differs
-/// from the leader's at the block's end (as a diverged replica's would) is refused.
-#[tokio::test]
-async fn a_block_is_not_built_from_an_answer_the_leader_does_not_confirm() {
-    let (_nats, store) = store().await;
-    append_batches(&store, 0..BLOCK as usize).await;
-    let leader = leader_get(&store, BLOCK).await;
-    let replica = |subject: &str, payload: &'static str| Raw {
-        sequence: BLOCK,
-        subject: subject.to_owned(),
-        headers: async_nats::HeaderMap::new(),
-        payload: payload.into(),
-    };
-    let blocks = &store.reader.blocks;
-    let same = Raw {
-        sequence: BLOCK,
-        subject: leader.subject.to_string(),
-        headers: async_nats::HeaderMap::new(),
-        payload: leader.payload.clone(),
-    };
-    blocks
-        .confirm(&same)
-        .await
-        .expect("the leader's own message");
-    let diverged = blocks
-        .confirm(&replica("messages.n-other", "text 99"))
-        .await;
-    assert!(matches!(diverged, Err(StoreError::Unavailable(e)) if e.contains("disagree")));
-    let altered = blocks
-        .confirm(&replica(&leader.subject, "another text"))
-        .await;
-    assert!(altered.is_err());
 }
 
 #[tokio::test]
