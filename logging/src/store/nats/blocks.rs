@@ -45,7 +45,7 @@ use prost::Message as _;
 use tokio::{sync::mpsc, time::Instant};
 use tracing::{debug, warn};
 
-use super::{direct, READ_BYTES, STREAM_STALL};
+use super::{direct, STREAM_STALL};
 use crate::store::{Message, StoreError, Stored};
 
 pub const STREAM: &str = "MESSAGES_BLOCKS";
@@ -61,7 +61,7 @@ pub(super) const BLOCK_WAIT: Duration = Duration::from_secs(1);
 /// Bytes of messages an instance may have stored but not yet put in a block; past it
 /// (NATS slower than the appends), further messages get no block.
 const TO_WRITE_BYTES: usize = 1024 * 1024;
-/// Blocks asked for in one batched get (fewer over [`READ_BYTES`]).
+/// Blocks asked for in one batched get (fewer over [`BLOCK_MAX_BYTES`]).
 const BLOCKS_PER_GET: usize = 64;
 /// How far before the block found for a position a full read from inside the log starts
 /// reading blocks, for those written out of order.
@@ -248,7 +248,8 @@ impl Blocks {
     }
 
     /// Sends the blocks that hold positions after `after`, in the blocks stream's order
-    /// from where [`Blocks::seek`] says, one answer of at most [`READ_BYTES`] at a time:
+    /// from where [`Blocks::seek`] says, one answer of at most [`BLOCK_MAX_BYTES`] and a
+    /// block more at a time:
     /// the next is asked for only once `out` has room. Stops after a block past `until`,
     /// at the stream's end, or when it cannot be read (the reader reads messages then).
     pub(super) async fn scan(self, after: u64, until: u64, out: mpsc::Sender<Vec<Block>>) {
@@ -262,7 +263,7 @@ impl Blocks {
                 STREAM,
                 next,
                 BLOCKS_PER_GET,
-                READ_BYTES,
+                BLOCK_MAX_BYTES,
                 STREAM_STALL,
             )
             .await;

@@ -24,7 +24,7 @@
 //!   reads every position no block holds from the messages stream, up to a thousand at
 //!   a time. It asks for one answer of at most [`READ_BYTES`] (128 KiB, and one
 //!   message more) at a time, and for the next only once the reader has taken the last,
-//!   and holds at most [`WINDOW_BYTES`] (512 KiB) of blocks waiting for others: nothing
+//!   and holds at most [`WINDOW_BYTES`] (256 KiB) of blocks waiting for others: nothing
 //!   is gathered whole, so a full read holds under 2 MiB whatever the log's size or its
 //!   messages' (see [`crate::store`]). The process keeps no copy of the log, only the
 //!   streams' configuration and what it stored but has not yet written in a block (at
@@ -100,7 +100,7 @@ const READ_BYTES: usize = 128 * 1024;
 const MESSAGES_PER_GET: usize = 1000;
 /// Blocks a full read holds, in bytes, that do not start at the next position it sends
 /// (written out of order), before it reads the positions up to them as messages.
-const WINDOW_BYTES: usize = 512 * 1024;
+const WINDOW_BYTES: usize = 256 * 1024;
 
 /// The size the stream may reach on disk by default (`--store-max-bytes`): past it,
 /// appends are refused ([`StoreError::Full`], a 507 at the facade) and nothing stored is
@@ -610,13 +610,14 @@ impl Reader {
     /// holds are read from the messages stream. Blocks whose next message is not the
     /// next position wait, up to [`WINDOW_BYTES`], for the blocks that fill the gap.
     async fn send(self, start: u64, until: u64, sender: Chunks) {
-        let (found, mut scanned) = mpsc::channel(1);
+        let (found, mut scanned) = mpsc::channel(2);
         let scan = self.blocks.clone().scan(start - 1, until, found);
         let _scan = AbortOnDropHandle::new(tokio::spawn(scan));
         // Blocks by their next message's position (and the order they came in).
         let mut waiting: BTreeMap<(u64, u64), VecDeque<Stored>> = BTreeMap::new();
         let (mut held, mut scanning, mut next, mut count) = (0, true, start, 0);
-        let mut out = Vec::new();
+        // What is ready to send, and its bytes of text: sent once a batch's worth.
+        let (mut out, mut out_bytes) = (Vec::new(), 0);
         while next <= until {
             if let Some(entry) = waiting.first_entry().filter(|e| e.key().0 <= next) {
                 let mut block = entry.remove();
@@ -627,6 +628,7 @@ impl Reader {
                     held -= weight(&message);
                     if message.position == next && next <= until {
                         next += 1;
+                        out_bytes += message.text.len();
                         out.push(message);
                     }
                 }
@@ -634,10 +636,11 @@ impl Reader {
                     waiting.insert((head.position, count), block);
                     count += 1;
                 }
-                if out.len() >= STREAM_BATCH
-                    && !send_batches(&sender, std::mem::take(&mut out)).await
-                {
-                    return;
+                if out.len() >= STREAM_BATCH || out_bytes >= STREAM_BATCH_BYTES {
+                    out_bytes = 0;
+                    if !send_batches(&sender, std::mem::take(&mut out)).await {
+                        return;
+                    }
                 }
                 continue;
             }
@@ -659,6 +662,7 @@ impl Reader {
                 .next()
                 .map_or(until, |(head, _)| head - 1)
                 .min(until);
+            out_bytes = 0;
             if !send_batches(&sender, std::mem::take(&mut out)).await
                 || !self.messages((next, to), &sender).await
             {
