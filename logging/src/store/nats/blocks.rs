@@ -171,7 +171,7 @@ impl Blocks {
                 stream = STREAM,
                 "store: the blocks stream belongs to a messages stream since deleted, or \
                  holds blocks of another format; deleting it (full reads read the messages \
-                 until new batches write blocks)"
+                 until new appends write blocks)"
             );
             // Another instance may delete it first, or create it again: both are fine.
             let _ = jetstream.delete_stream(STREAM).await;
