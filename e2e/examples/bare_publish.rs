@@ -57,8 +57,8 @@ async fn main() -> anyhow::Result<()> {
             ..Default::default()
         })
         .await?;
-    let started = Instant::now();
-    let until = started + Duration::from_secs_f64(args.seconds);
+    let begun = Instant::now();
+    let until = begun + Duration::from_secs_f64(args.seconds);
     // Each publisher's pause between the starts of its batches, when paced.
     let every = args
         .rate
@@ -71,7 +71,7 @@ async fn main() -> anyhow::Result<()> {
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut n = 0u64;
-            let mut turn = started;
+            let mut turn = begun;
             while Instant::now() < until {
                 if let Some(every) = every {
                     tokio::time::sleep_until(turn.into()).await;

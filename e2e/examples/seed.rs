@@ -4,7 +4,7 @@
 //!     seed NATS_URLS FROM TO [TEXT_BYTES]
 //!
 //! writes messages FROM..TO (ids `seed-N`, texts of TEXT_BYTES, default 64) into the
-//! `MESSAGES` stream as the store does (atomic batches, each written as blocks too), then
+//! `MESSAGES` stream as the store does (atomic batches, and what it stored in blocks), then
 //! prints `seeded=N seconds=S rate=R stored=M last=L blocks=B`, M and L read back from the
 //! stream, B the blocks in `MESSAGES_BLOCKS`.
 

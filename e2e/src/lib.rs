@@ -391,7 +391,7 @@ pub fn get_lab_at(base: &str, args: &[&str]) -> (u16, Vec<String>, serde_json::V
 
 /// Writes messages `range` straight into the store's JetStream stream through the NATS
 /// store's own code (`NatsStore::append_batch`: atomic batches of up to 1000 messages
-/// and 1 MiB, each written as blocks too), one batch after another so positions follow
+/// and 1 MiB, and what it stored in blocks), one batch after another so positions follow
 /// `range`: far faster than posting them. Ids are `{prefix}-{i}`, texts come from
 /// `text(i)`. Returns (id, text) in order.
 pub async fn seed_nats(

@@ -122,7 +122,7 @@ pub(super) struct Blocks {
     jetstream: jetstream::Context,
     /// To this instance's block writer ([`write_blocks`]): what it stored.
     stored: mpsc::UnboundedSender<Vec<Stored>>,
-    /// What `stored` holds, in bytes (at most [`TO_WRITE_BYTES`]).
+    /// What `stored` holds, in bytes as [`size`] counts them (at most [`TO_WRITE_BYTES`]).
     queued: Arc<AtomicUsize>,
 }
 
@@ -192,13 +192,8 @@ impl Blocks {
     /// Hands `messages`, just stored at positions up to `last`, to the block writer;
     /// when it is [`TO_WRITE_BYTES`] behind, they get no block.
     pub(super) fn write(&self, last: u64, messages: Vec<Message>) {
-        let bytes = messages.iter().map(|m| m.id.len() + m.text.len()).sum();
-        if self.queued.fetch_add(bytes, Ordering::Relaxed) + bytes > TO_WRITE_BYTES {
-            self.queued.fetch_sub(bytes, Ordering::Relaxed);
-            return;
-        }
         let first = last + 1 - messages.len() as u64;
-        let stored = (first..)
+        let stored: Vec<Stored> = (first..)
             .zip(messages)
             .map(|(position, message)| Stored {
                 position,
@@ -206,6 +201,11 @@ impl Blocks {
                 text: message.text,
             })
             .collect();
+        let bytes = stored.iter().map(size).sum();
+        if self.queued.fetch_add(bytes, Ordering::Relaxed) + bytes > TO_WRITE_BYTES {
+            self.queued.fetch_sub(bytes, Ordering::Relaxed);
+            return;
+        }
         let _ = self.stored.send(stored);
     }
 
@@ -249,9 +249,9 @@ impl Blocks {
 
     /// Sends the blocks that hold positions after `after`, in the blocks stream's order
     /// from where [`Blocks::seek`] says, one answer of at most [`BLOCK_MAX_BYTES`] and a
-    /// block more at a time:
-    /// the next is asked for only once `out` has room. Stops after a block past `until`,
-    /// at the stream's end, or when it cannot be read (the reader reads messages then).
+    /// block more at a time: the next is asked for only once `out` has room. Stops after
+    /// a block past `until`, at the stream's end, or when it cannot be read (the reader
+    /// reads messages then).
     pub(super) async fn scan(self, after: u64, until: u64, out: mpsc::Sender<Vec<Block>>) {
         let mut next = self.seek(after + 1).await;
         loop {
@@ -306,20 +306,25 @@ async fn write_blocks(
 ) {
     let (mut block, mut bytes, mut due): (Block, usize, Option<Instant>) = (Vec::new(), 0, None);
     loop {
-        let received = match due {
-            Some(due) => tokio::select! {
-                received = stored.recv() => received,
-                _ = tokio::time::sleep_until(due) => Some(Vec::new()),
-            },
-            None => stored.recv().await,
+        let wait = async {
+            match due {
+                Some(due) => tokio::time::sleep_until(due).await,
+                None => std::future::pending().await,
+            }
         };
-        let Some(messages) = received else {
+        let messages = tokio::select! {
+            received = stored.recv() => received,
+            () = wait => {
+                publish(&jetstream, &config, std::mem::take(&mut block)).await;
+                (bytes, due) = (0, None);
+                continue;
+            }
+        };
+        let Some(messages) = messages else {
             publish(&jetstream, &config, block).await;
             return;
         };
-        let timed_out = messages.is_empty();
-        let bytes_in: usize = messages.iter().map(|m| m.id.len() + m.text.len()).sum();
-        queued.fetch_sub(bytes_in, Ordering::Relaxed);
+        queued.fetch_sub(messages.iter().map(size).sum(), Ordering::Relaxed);
         for message in messages.into_iter().filter(|m| size(m) <= BLOCK_MAX_BYTES) {
             if bytes + size(&message) > BLOCK_MAX_BYTES {
                 publish(&jetstream, &config, std::mem::take(&mut block)).await;
@@ -328,10 +333,6 @@ async fn write_blocks(
             bytes += size(&message);
             block.push(message);
             due.get_or_insert_with(|| Instant::now() + BLOCK_WAIT);
-        }
-        if timed_out {
-            publish(&jetstream, &config, std::mem::take(&mut block)).await;
-            (bytes, due) = (0, None);
         }
     }
 }

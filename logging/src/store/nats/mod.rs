@@ -22,9 +22,9 @@
 //!   messages, answered by any replica. A full read merges the blocks the instances
 //!   wrote of what they stored ([`blocks`]: one reply holds hundreds of messages) and
 //!   reads every position no block holds from the messages stream, up to a thousand at
-//!   a time. It asks for one answer of at most [`READ_BYTES`] (128 KiB, and one
-//!   message more) at a time, and for the next only once the reader has taken the last,
-//!   and holds at most [`WINDOW_BYTES`] (256 KiB) of blocks waiting for others: nothing
+//!   a time. Each request asks for one answer of at most [`READ_BYTES`] (128 KiB) of
+//!   messages or 64 KiB of blocks (and one more), and the next only once the reader has
+//!   room for it; at most [`WINDOW_BYTES`] (256 KiB) of blocks wait for others: nothing
 //!   is gathered whole, so a full read holds under 2 MiB whatever the log's size or its
 //!   messages' (see [`crate::store`]). The process keeps no copy of the log, only the
 //!   streams' configuration and what it stored but has not yet written in a block (at
@@ -147,8 +147,9 @@ pub struct NatsConfig {
     pub retention: Retention,
     /// The stream's size limit when this instance creates it (`None`: none).
     pub max_bytes: Option<u64>,
-    /// Whether this instance writes its batches as blocks (see [`blocks`]). Reads use the
-    /// blocks there are either way; only tests turn it off, to read a log without them.
+    /// Whether this instance writes what it stores in blocks (see [`blocks`]). Reads use
+    /// the blocks there are either way; only tests turn it off, to read a log without
+    /// them.
     pub write_blocks: bool,
     /// TLS and the user's nkey, for a locked-down cluster.
     pub credentials: local_nats::Credentials,
@@ -526,11 +527,11 @@ fn report(event: async_nats::Event, was_disconnected: &AtomicBool) {
 
 impl MessageStore for NatsStore {
     async fn append(&self, message: Message) -> Result<Appended, StoreError> {
-        let append = async {
+        let append = async move {
             match publish::one(&self.jetstream, &message).await? {
                 Published::Stored(position) => {
                     if self.write_blocks {
-                        self.reader.blocks.write(position, vec![message.clone()]);
+                        self.reader.blocks.write(position, vec![message]);
                     }
                     Ok(Appended::Inserted)
                 }
