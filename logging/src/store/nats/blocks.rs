@@ -18,8 +18,9 @@
 //!   every position no block holds from the messages stream (see [`super::Reader`]): a
 //!   block lost with a crash, written late, or a blocks stream deleted by hand, makes a
 //!   read slower, never shorter.
-//! - **Small.** A block holds at most [`BLOCK_MAX_BYTES`] (64 KiB) encoded; a message
-//!   over it gets none.
+//! - **Small, of small messages.** A block holds at most [`BLOCK_MAX_BYTES`] (64 KiB)
+//!   encoded, and messages of at most a quarter of that ([`BLOCKED_MAX_BYTES`]): the
+//!   bigger ones are read as they are, which costs a reader about as much.
 //! - **Of one log.** The stream's metadata names the log (the messages stream's creation
 //!   time) and the blocks' format; a blocks stream naming anything else is deleted at
 //!   start-up and created again empty.
@@ -55,6 +56,9 @@ const FORMAT: &str = "merged-1";
 /// Most bytes of one block, encoded (ids, texts and a few bytes each): about a thousand
 /// short messages, or one of 64 KiB.
 pub(super) const BLOCK_MAX_BYTES: usize = 64 * 1024;
+/// The biggest message a block takes (its [`size`]): a block of fewer than four
+/// messages would save a full read little, and cost the servers a second copy of them.
+const BLOCKED_MAX_BYTES: usize = BLOCK_MAX_BYTES / 4;
 /// How long an instance collects what it stored before writing it as a block, when it
 /// does not reach [`BLOCK_MAX_BYTES`] first.
 pub(super) const BLOCK_WAIT: Duration = Duration::from_secs(1);
@@ -189,8 +193,9 @@ impl Blocks {
         })
     }
 
-    /// Hands `messages`, just stored at positions up to `last`, to the block writer;
-    /// when it is [`TO_WRITE_BYTES`] behind, they get no block.
+    /// Hands `messages`, just stored at positions up to `last`, to the block writer,
+    /// but for those over [`BLOCKED_MAX_BYTES`]; when it is [`TO_WRITE_BYTES`] behind,
+    /// they get no block.
     pub(super) fn write(&self, last: u64, messages: Vec<Message>) {
         let first = last + 1 - messages.len() as u64;
         let stored: Vec<Stored> = (first..)
@@ -200,8 +205,12 @@ impl Blocks {
                 id: message.id,
                 text: message.text,
             })
+            .filter(|message| size(message) <= BLOCKED_MAX_BYTES)
             .collect();
         let bytes = stored.iter().map(size).sum();
+        if bytes == 0 {
+            return;
+        }
         if self.queued.fetch_add(bytes, Ordering::Relaxed) + bytes > TO_WRITE_BYTES {
             self.queued.fetch_sub(bytes, Ordering::Relaxed);
             return;
@@ -325,7 +334,7 @@ async fn write_blocks(
             return;
         };
         queued.fetch_sub(messages.iter().map(size).sum(), Ordering::Relaxed);
-        for message in messages.into_iter().filter(|m| size(m) <= BLOCK_MAX_BYTES) {
+        for message in messages {
             if bytes + size(&message) > BLOCK_MAX_BYTES {
                 publish(&jetstream, &config, std::mem::take(&mut block)).await;
                 (bytes, due) = (0, None);

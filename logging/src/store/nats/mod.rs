@@ -22,11 +22,12 @@
 //!   messages, answered by any replica. A full read merges the blocks the instances
 //!   wrote of what they stored ([`blocks`]: one reply holds hundreds of messages) and
 //!   reads every position no block holds from the messages stream, up to a thousand at
-//!   a time. Each request asks for one answer of at most [`READ_BYTES`] (128 KiB) of
-//!   messages or 64 KiB of blocks (and one more), and the next only once the reader has
-//!   room for it; at most [`WINDOW_BYTES`] (256 KiB) of blocks wait for others: nothing
-//!   is gathered whole, so a full read holds under 2 MiB whatever the log's size or its
-//!   messages' (see [`crate::store`]). The process keeps no copy of the log, only the
+//!   a time and [`GETS_AHEAD`] (four) requests at once. Each request asks for one answer
+//!   of at most [`READ_BYTES`] (128 KiB) of messages or 64 KiB of blocks (and one more);
+//!   blocks are asked for only once the reader has room for them, and at most
+//!   [`WINDOW_BYTES`] (256 KiB) of them wait for others: nothing is gathered whole, so a
+//!   full read holds under 2 MiB whatever the log's size or its messages' (see
+//!   [`crate::store`]). The process keeps no copy of the log, only the
 //!   streams' configuration and what it stored but has not yet written in a block (at
 //!   most 1 MiB queued and one block of 64 KiB).
 //! - **Bounded on disk.** The stream is created with a size limit
@@ -61,7 +62,7 @@ use async_nats::{
     },
     Client,
 };
-use futures_util::future::join_all;
+use futures_util::{future::join_all, stream::FuturesOrdered, StreamExt};
 use retry::Retry;
 use tokio::{sync::mpsc, time::Instant};
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
@@ -98,6 +99,9 @@ const READ_BYTES: usize = 128 * 1024;
 /// Messages one request of a full read asks for (fewer over [`READ_BYTES`]) where no
 /// block holds them.
 const MESSAGES_PER_GET: usize = 1000;
+/// Requests for messages a full read has in flight at once: one answer waits on a
+/// round trip, four keep the connection busy.
+const GETS_AHEAD: usize = 4;
 /// Blocks a full read holds, in bytes, that do not start at the next position it sends
 /// (written out of order), before it reads the positions up to them as messages.
 const WINDOW_BYTES: usize = 256 * 1024;
@@ -674,21 +678,34 @@ impl Reader {
         send_batches(&sender, out).await;
     }
 
-    /// Sends the messages at positions `from..=to` (all stored) in batches, one answer
-    /// of at most [`READ_BYTES`] read at a time. `false` when the reader went away or a
-    /// read failed (sent to it).
+    /// Sends the messages at positions `from..=to` (all stored) in batches. Up to
+    /// [`GETS_AHEAD`] requests are in flight, each for as many positions as fit in
+    /// [`READ_BYTES`] at the size of the messages read so far (one request until the
+    /// first answer); what an answer leaves of its positions is asked for next. `false`
+    /// when the reader went away or a read failed (sent to it).
     async fn messages(&self, (from, to): (u64, u64), sender: &Chunks) -> bool {
-        let mut next = from;
-        while next <= to {
+        let get = |(from, to): (u64, u64)| async move {
+            let deadline = Instant::now() + STREAM_STALL;
             let read = direct::chunk(
                 &self.client,
                 STREAM,
-                (next, to),
+                (from, to),
                 MESSAGES_PER_GET,
                 READ_BYTES,
-                Instant::now() + STREAM_STALL,
-            )
-            .await;
+                deadline,
+            );
+            (to, read.await)
+        };
+        let (mut ahead, mut next, mut span) = (FuturesOrdered::new(), from, None);
+        loop {
+            while next <= to && ahead.len() < span.map_or(1, |_| GETS_AHEAD) {
+                let end = to.min(next + span.unwrap_or(MESSAGES_PER_GET as u64) - 1);
+                ahead.push_back(get((next, end)));
+                next = end + 1;
+            }
+            let Some((end, read)) = ahead.next().await else {
+                return true;
+            };
             let answer = match read {
                 Ok(answer) => answer,
                 Err(error) => {
@@ -697,15 +714,22 @@ impl Reader {
                 }
             };
             let Some(newest) = answer.last() else {
-                return true;
+                continue;
             };
-            next = newest.sequence + 1;
+            if newest.sequence < end {
+                ahead.push_front(get((newest.sequence + 1, end)));
+            }
+            let bytes: usize = answer
+                .iter()
+                .map(|m| m.subject.len() + m.payload.len())
+                .sum();
+            let per_message = (bytes / answer.len()).max(1);
+            span = Some((READ_BYTES / per_message).clamp(1, MESSAGES_PER_GET) as u64);
             let messages = answer.into_iter().map(Raw::into_stored).collect();
             if !send_batches(sender, messages).await {
                 return false;
             }
         }
-        true
     }
 }
 
