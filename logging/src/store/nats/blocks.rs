@@ -170,7 +170,12 @@ impl Blocks {
         };
         let stream = open().await?;
         let existing = &stream.cached_info().config;
-        if existing.metadata != config.metadata || !existing.allow_direct {
+        // The servers add keys of their own (`_nats.*`): only ours are compared.
+        let ours = config
+            .metadata
+            .iter()
+            .all(|(key, value)| existing.metadata.get(key) == Some(value));
+        if !ours || !existing.allow_direct {
             warn!(
                 stream = STREAM,
                 "store: the blocks stream belongs to a messages stream since deleted, or \

@@ -487,11 +487,12 @@ async fn deleted_blocks_slow_reads_down_and_come_back() {
     assert_eq!(read_from(&store, 0).await, stored(0..written));
 }
 
-/// Blocks hold at most 64 KiB, a text over 16 KiB gets none, and a blocks stream of
-/// another log is replaced at start-up; reads give every message.
+/// Blocks hold at most 64 KiB, a text over 16 KiB gets none, and a blocks stream is
+/// kept by the instances of its log and replaced by those of another at start-up;
+/// reads give every message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn big_texts_and_blocks_of_another_log() {
-    let (_nats, store) = store().await;
+async fn big_texts_and_blocks_kept_or_of_another_log() {
+    let (nats, store) = store().await;
     let mut messages = numbered(0..8);
     for (i, message) in messages.iter_mut().enumerate() {
         message.text = format!("{i}").repeat(if i == 4 { 17_000 } else { 15_000 });
@@ -511,6 +512,13 @@ async fn big_texts_and_blocks_of_another_log() {
     let expected: Vec<&str> = messages.iter().map(|m| m.text.as_str()).collect();
     assert_eq!(texts, expected);
 
+    let blocks = blocks_stored(&store).await;
+    store_on(&nats, true).await;
+    assert_eq!(
+        blocks_stored(&store).await,
+        blocks,
+        "kept by an instance of the log"
+    );
     Blocks::open(
         &store.client,
         &store.jetstream,
