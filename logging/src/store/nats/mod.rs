@@ -68,11 +68,7 @@ use tokio::{sync::mpsc, time::Instant};
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 use tracing::{debug, error, info, warn};
 
-use self::{
-    blocks::Blocks,
-    direct::Raw,
-    publish::{Batched, Published},
-};
+use self::{blocks::Blocks, direct::Raw, publish::Published};
 pub use self::{
     blocks::STREAM as BLOCKS_STREAM,
     subject::{id_of, subject_for},
@@ -388,7 +384,7 @@ impl NatsStore {
     async fn append_chunk(&self, messages: Vec<Message>) -> Vec<Result<Appended, StoreError>> {
         let batch = publish::batch(&self.client, &self.jetstream, &messages);
         match self.with_deadline("publish", batch).await {
-            Ok(Batched::Stored(last)) => {
+            Ok(Published::Stored(last)) => {
                 metrics::counter!("logging_store_batches_total", "outcome" => "stored")
                     .increment(1);
                 let answers = messages.iter().map(|_| Ok(Appended::Inserted)).collect();
@@ -397,17 +393,11 @@ impl NatsStore {
                 }
                 answers
             }
-            Ok(Batched::Full(reason)) => {
+            Ok(Published::Full(reason)) => {
                 metrics::counter!("logging_store_batches_total", "outcome" => "full").increment(1);
-                let error = format!(
-                    "the {STREAM} stream is at its size limit (--store-max-bytes): {reason}"
-                );
-                messages
-                    .iter()
-                    .map(|_| Err(StoreError::Full(error.clone())))
-                    .collect()
+                messages.iter().map(|_| Err(full(&reason))).collect()
             }
-            Ok(Batched::Refused(reason)) => {
+            Ok(Published::Refused(reason)) => {
                 metrics::counter!("logging_store_batches_total", "outcome" => "refused")
                     .increment(1);
                 debug!(%reason, count = messages.len(), "store: atomic batch refused; appending its messages one by one");
@@ -495,6 +485,13 @@ impl NatsStore {
     }
 }
 
+/// The answer to an append the stream refused at its size limit.
+fn full(reason: &str) -> StoreError {
+    StoreError::Full(format!(
+        "the {STREAM} stream is at its size limit (--store-max-bytes): {reason}"
+    ))
+}
+
 /// The NATS client's connection events: trouble at WARN, a reconnection at INFO, the
 /// routine ones (connected, closed, each failed reconnection attempt while disconnected)
 /// at DEBUG.
@@ -539,7 +536,8 @@ impl MessageStore for NatsStore {
                     }
                     Ok(Appended::Inserted)
                 }
-                Published::Refused => self.refused(&message).await,
+                Published::Refused(_) => self.refused(&message).await,
+                Published::Full(reason) => Err(full(&reason)),
             }
         };
         self.with_deadline("publish", append).await

@@ -24,22 +24,15 @@ use crate::store::{Message, StoreError};
 /// The most messages the server takes in one atomic batch.
 pub(super) const MAX_BATCH: usize = 1000;
 
-/// What the stream answered to one append.
+/// What the stream answered to an append of one message or of an atomic batch.
 #[derive(Debug, PartialEq)]
 pub(super) enum Published {
-    /// Stored now, at this position.
+    /// Stored, the last message at this position (a batch's others right before it, in
+    /// order).
     Stored(u64),
-    /// Refused: its id's subject holds a message, or an earlier attempt is in flight.
-    Refused,
-}
-
-/// What the stream answered to an atomic batch.
-#[derive(Debug, PartialEq)]
-pub(super) enum Batched {
-    /// All stored, the last at this position (the others right before it, in order).
-    Stored(u64),
-    /// Refused whole because an id in it is already stored (or is in it twice): nothing
-    /// of it is stored, and `reason` says why.
+    /// Refused whole because an id in it is already stored (or is in a batch twice), or
+    /// an earlier attempt with it is still in flight: nothing of it is stored, and
+    /// `reason` says why.
     Refused(String),
     /// Refused whole because the stream (or JetStream's storage) is at its size limit.
     Full(String),
@@ -80,18 +73,7 @@ pub(super) async fn one(
         .send_publish(subject_for(&message.id), publish)
         .await
         .map_err(|e| StoreError::unavailable("publish", e))?;
-    match ack.await {
-        Ok(ack) => Ok(Published::Stored(ack.sequence)),
-        Err(error) if is_wrong_last_sequence(&error) => Ok(Published::Refused),
-        Err(error) if is_full(&error) => Err(StoreError::Full(format!(
-            "the {} stream is at its size limit (--store-max-bytes): {error}",
-            super::STREAM
-        ))),
-        Err(error) => Err(StoreError::unavailable(
-            "no acknowledgement from JetStream",
-            error,
-        )),
-    }
+    published(ack.await)
 }
 
 /// Publishes `messages` (2 to [`MAX_BATCH`]) as one atomic batch, each on its id's
@@ -100,9 +82,9 @@ pub(super) async fn batch(
     client: &Client,
     jetstream: &jetstream::Context,
     messages: &[Message],
-) -> Result<Batched, StoreError> {
+) -> Result<Published, StoreError> {
     let Some((last, rest)) = messages.split_last() else {
-        return Ok(Batched::Stored(0));
+        return Ok(Published::Stored(0));
     };
     let id = uuid::Uuid::new_v4().simple().to_string();
     let headers = |sequence: usize| {
@@ -130,19 +112,20 @@ pub(super) async fn batch(
         .send_publish(subject_for(&last.id), commit)
         .await
         .map_err(|e| StoreError::unavailable("publish", e))?;
-    batched(ack.await)
+    published(ack.await)
 }
 
-/// What the commit's answer says of the batch.
-fn batched(
+/// What the answer to an append (a batch's commit) says of it.
+fn published(
     ack: Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
-) -> Result<Batched, StoreError> {
+) -> Result<Published, StoreError> {
     match ack {
-        Ok(ack) => Ok(Batched::Stored(ack.sequence)),
-        Err(error) if is_full(&error) => Ok(Batched::Full(error.to_string())),
-        // The server refused the batch for an id it holds (or holds twice): nothing of it
-        // is stored, and appending its messages one by one tells which.
-        Err(error) if is_wrong_last_sequence(&error) => Ok(Batched::Refused(error.to_string())),
+        Ok(ack) => Ok(Published::Stored(ack.sequence)),
+        Err(error) if is_full(&error) => Ok(Published::Full(error.to_string())),
+        // The server refused it for an id it holds (or a batch holds twice): nothing of
+        // it is stored; reading the id back, or appending a batch's messages one by one,
+        // tells why.
+        Err(error) if is_wrong_last_sequence(&error) => Ok(Published::Refused(error.to_string())),
         // Anything else (no answer in time, no stream, no connection, an error this store
         // does not know): unavailable, and the caller retries the batch with the same ids.
         Err(error) => Err(StoreError::unavailable(
@@ -163,20 +146,23 @@ mod tests {
             sequence: 42,
             ..PublishAck::default()
         };
-        assert_eq!(batched(Ok(stored)).ok(), Some(Batched::Stored(42)));
+        assert_eq!(published(Ok(stored)).ok(), Some(Published::Stored(42)));
         for kind in [
             PublishErrorKind::WrongLastSequence,
             PublishErrorKind::WrongLastMessageId,
         ] {
-            let refused = batched(Err(PublishError::new(kind)));
-            assert!(matches!(refused, Ok(Batched::Refused(_))), "{refused:?}");
+            let refused = published(Err(PublishError::new(kind)));
+            assert!(matches!(refused, Ok(Published::Refused(_))), "{refused:?}");
         }
         // As a cluster answers it: a code the client does not name.
         let clustered = PublishError::with_source(
             PublishErrorKind::Other,
             "wrong last sequence (code 400, error code 10164)",
         );
-        assert!(matches!(batched(Err(clustered)), Ok(Batched::Refused(_))));
+        assert!(matches!(
+            published(Err(clustered)),
+            Ok(Published::Refused(_))
+        ));
         // An error the store does not recognise is not taken for a refusal of ids: the
         // batch is unavailable (the caller retries it), not appended one by one.
         for kind in [
@@ -185,7 +171,7 @@ mod tests {
             PublishErrorKind::BrokenPipe,
             PublishErrorKind::StreamNotFound,
         ] {
-            let unknown = batched(Err(PublishError::new(kind)));
+            let unknown = published(Err(PublishError::new(kind)));
             assert!(
                 matches!(unknown, Err(StoreError::Unavailable(_))),
                 "{unknown:?}"
