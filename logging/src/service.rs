@@ -21,7 +21,7 @@ pub const MAX_BATCH_APPENDS: usize = 1000;
 /// MiB (the facade sends at most 1 MiB and one message per call).
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 /// Full reads (Stream calls) served at once by default (`--max-full-reads`); each holds
-/// about 2 MiB at most (see [`crate::store`]).
+/// under 3 MiB (see [`crate::store`]).
 pub const DEFAULT_MAX_FULL_READS: usize = 16;
 
 pub use pb::logging_server::LoggingServer;

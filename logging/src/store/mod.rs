@@ -15,7 +15,9 @@
 //!   the channel to the reader holds two. The memory store copies one batch at a time,
 //!   so a full read holds three batches: under 600 KiB with 64 KiB texts. The NATS
 //!   store holds, besides, one answer of 128 KiB (and one message) for each of its four
-//!   requests in flight: under 2 MiB in all. The gRPC service adds its own channel of
+//!   requests of messages in flight, and blocks: an answer of 256 KiB (and one block)
+//!   being read and one waiting, and those waiting for others (256 KiB, and the answer
+//!   that passed it): under 3 MiB in all. The gRPC service adds its own channel of
 //!   two batches and the connection's send buffer. `bench/growth big` measures it (one
 //!   and sixteen full reads of 3,000 messages of 60 KiB), and `e2e/tests/abuse.rs`
 //!   asserts it (no service grows by more than 64 MiB while 64 full reads run).

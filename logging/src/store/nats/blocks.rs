@@ -65,8 +65,11 @@ pub(super) const BLOCK_WAIT: Duration = Duration::from_secs(1);
 /// Bytes of messages an instance may have stored but not yet put in a block; past it
 /// (NATS slower than the appends), further messages get no block.
 const TO_WRITE_BYTES: usize = 1024 * 1024;
-/// Blocks asked for in one batched get (fewer over [`BLOCK_MAX_BYTES`]).
+/// Blocks asked for in one batched get (fewer over [`SCAN_BYTES`]).
 const BLOCKS_PER_GET: usize = 64;
+/// Most bytes of blocks one batched get asks for (the server sends one block more at
+/// most): four full blocks. One block a request waited on a round trip per 64 KiB.
+const SCAN_BYTES: usize = 4 * BLOCK_MAX_BYTES;
 /// How far before the block found for a position a full read from inside the log starts
 /// reading blocks, for those written out of order.
 pub(super) const SEEK_MARGIN: u64 = 64;
@@ -262,7 +265,7 @@ impl Blocks {
     }
 
     /// Sends the blocks that hold positions after `after`, in the blocks stream's order
-    /// from where [`Blocks::seek`] says, one answer of at most [`BLOCK_MAX_BYTES`] and a
+    /// from where [`Blocks::seek`] says, one answer of at most [`SCAN_BYTES`] and a
     /// block more at a time: the next is asked for only once `out` has room. Stops after
     /// a block past `until`, at the stream's end, or when it cannot be read (the reader
     /// reads messages then).
@@ -277,7 +280,7 @@ impl Blocks {
                 STREAM,
                 next,
                 BLOCKS_PER_GET,
-                BLOCK_MAX_BYTES,
+                SCAN_BYTES,
                 STREAM_STALL,
             )
             .await;

@@ -23,11 +23,11 @@
 //!   wrote of what they stored ([`blocks`]: one reply holds hundreds of messages) and
 //!   reads every position no block holds from the messages stream, up to a thousand at
 //!   a time and [`GETS_AHEAD`] (four) requests at once. Each request asks for one answer
-//!   of at most [`READ_BYTES`] (128 KiB) of messages or 64 KiB of blocks (and one more);
-//!   blocks are asked for only once the reader has room for them, and at most
-//!   [`WINDOW_BYTES`] (256 KiB) of them wait for others: nothing is gathered whole, so a
-//!   full read holds under 2 MiB whatever the log's size or its messages' (see
-//!   [`crate::store`]). The process keeps no copy of the log, only the
+//!   of at most [`READ_BYTES`] (128 KiB) of messages or 256 KiB of blocks (and one
+//!   more); blocks are asked for one answer ahead of the reader, and [`WINDOW_BYTES`]
+//!   (256 KiB) of them at most wait for others before it takes another answer: nothing
+//!   is gathered whole, so a full read holds under 3 MiB whatever the log's size or its
+//!   messages' (see [`crate::store`]). The process keeps no copy of the log, only the
 //!   streams' configuration and what it stored but has not yet written in a block (at
 //!   most 1 MiB queued and one block of 64 KiB).
 //! - **Bounded on disk.** The stream is created with a size limit
@@ -613,7 +613,7 @@ impl Reader {
     /// holds are read from the messages stream. Blocks whose next message is not the
     /// next position wait, up to [`WINDOW_BYTES`], for the blocks that fill the gap.
     async fn send(self, start: u64, until: u64, sender: Chunks) {
-        let (found, mut scanned) = mpsc::channel(2);
+        let (found, mut scanned) = mpsc::channel(1);
         let scan = self.blocks.clone().scan(start - 1, until, found);
         let _scan = AbortOnDropHandle::new(tokio::spawn(scan));
         // Blocks by their next message's position (and the order they came in).
