@@ -14,7 +14,12 @@
 //! batch waits for its turn), to compare the servers' work at the rate another path
 //! reached.
 //!
-//!     bare_publish NATS_URLS IN_FLIGHT SECONDS [--atomic N] [--rate R]
+//! With `--spread`, the publisher opens one connection per URL and shares the publishers
+//! among them, as three logging instances on three servers do: most messages then reach
+//! the stream's leader through another server. Without it, one connection to one server
+//! (the leader or not, by chance) carries everything.
+//!
+//!     bare_publish NATS_URLS IN_FLIGHT SECONDS [--atomic N] [--rate R] [--spread]
 
 use std::time::{Duration, Instant};
 
@@ -38,6 +43,9 @@ struct Args {
     /// Most messages a second, all publishers together (none: as fast as they go).
     #[arg(long)]
     rate: Option<f64>,
+    /// One connection per URL, the publishers shared among them.
+    #[arg(long)]
+    spread: bool,
 }
 
 #[tokio::main]
@@ -46,6 +54,13 @@ async fn main() -> anyhow::Result<()> {
     let servers: Vec<&str> = args.urls.split(',').collect();
     let client = async_nats::connect(servers.as_slice()).await?;
     let jetstream = jetstream::new(client.clone());
+    let mut clients = vec![client.clone()];
+    if args.spread {
+        clients.clear();
+        for server in &servers {
+            clients.push(async_nats::connect(*server).await?);
+        }
+    }
     let name = format!("BARE{}", std::process::id());
     jetstream
         .get_or_create_stream(stream::Config {
@@ -65,7 +80,8 @@ async fn main() -> anyhow::Result<()> {
         .map(|rate| Duration::from_secs_f64((args.atomic.max(1) * args.in_flight) as f64 / rate));
     let mut tasks = Vec::new();
     for publisher in 0..args.in_flight {
-        let (client, jetstream) = (client.clone(), jetstream.clone());
+        let client = clients[publisher % clients.len()].clone();
+        let jetstream = jetstream::new(client.clone());
         let prefix = format!("{}.{publisher}", name.to_lowercase());
         let size = args.atomic.max(1);
         tasks.push(tokio::spawn(async move {
