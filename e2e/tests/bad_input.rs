@@ -180,6 +180,26 @@ async fn hostile_input_is_refused_clearly_and_nothing_dies_or_is_lost() {
             ok,
         );
     }
+    // A body declared over the limit is refused before any of it is read: curl, which
+    // waits for `100 Continue` before a big body, sends none of it.
+    let declared = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code} %{size_upload}"])
+        .args(["-H", json, "-H", "Expect: 100-continue"])
+        .args([
+            "--expect100-timeout",
+            "20",
+            "--data-binary",
+            &at(&ten_mb),
+            &url,
+        ])
+        .output()
+        .expect("curl runs");
+    let declared = String::from_utf8_lossy(&declared.stdout).into_owned();
+    cases.record(
+        "POST 10 MB with Expect: 100-continue (want 413, no byte sent)",
+        declared.clone(),
+        declared == "413 0",
+    );
     let _ = std::fs::remove_dir_all(&dir);
 
     // --- gRPC: the registry ---------------------------------------------------------

@@ -24,7 +24,7 @@ use axum::{
         ConnectInfo, DefaultBodyLimit, MatchedPath, Query, Request, State,
     },
     http::{
-        header::{CONTENT_TYPE, RETRY_AFTER},
+        header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER},
         HeaderMap, HeaderValue, Method, StatusCode,
     },
     middleware::{self, Next},
@@ -80,6 +80,9 @@ pub fn router(facade: Arc<Facade>) -> Router {
         .route(ALIAS, alias)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn(move |request: Request, next: Next| {
+            refuse_declared_over(body_limit, request, next)
+        }))
         // `layer`, not `route_layer`: the fallback (404) is wrapped too.
         .layer(middleware::from_fn(record))
 }
@@ -139,6 +142,22 @@ struct RequestId(String);
 /// Gives every request an id (echoed in the `x-request-id` response header), counts
 /// every request by route (`unmatched` for unknown paths), method and status, and times
 /// it.
+/// Answers 413 before reading a body whose Content-Length passes `limit`, so a client
+/// that waits for `100 Continue` (curl does for big bodies) sends none of it, and one
+/// that does not is not cut off halfway through sending it.
+async fn refuse_declared_over(limit: usize, request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    match declared {
+        Some(declared) if declared > limit as u64 => {
+            ApiError::BodyOver(declared, limit).into_response()
+        }
+        _ => next.run(request).await,
+    }
+}
+
 async fn record(mut request: Request, next: Next) -> Response {
     let id = request_id::accept(
         request
@@ -505,6 +524,8 @@ async fn method_not_allowed() -> ApiError {
 pub enum ApiError {
     Facade(FacadeError),
     Body(JsonRejection),
+    /// A body whose Content-Length passes the limit: (declared, limit).
+    BodyOver(u64, usize),
     Query(QueryRejection),
     MethodNotAllowed,
 }
@@ -541,6 +562,10 @@ impl IntoResponse for ApiError {
                 };
                 (status, rejection.body_text())
             }
+            ApiError::BodyOver(declared, limit) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is {declared} bytes, at most {limit} allowed"),
+            ),
             ApiError::MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed here: the Allow header lists the methods this path takes"
