@@ -239,13 +239,14 @@ impl Blocks {
 
     /// Where in the blocks stream a full read from `position` on starts: a little before
     /// the last block found (by bisection) to start at or before it, as blocks are
-    /// written about in position order. 1 from the log's start, or when the blocks
-    /// stream cannot be read.
+    /// written about in position order. The first block, at once, from at or before
+    /// its first position (a read from the log's start); 1 when the blocks stream
+    /// cannot be read.
     pub(super) async fn seek(&self, position: u64) -> u64 {
         let Some((mut low, first)) = self.first_at(1).await else {
             return 1;
         };
-        if first > position {
+        if first >= position {
             return low;
         }
         let Ok(stream) = self.jetstream.get_stream(STREAM).await else {
