@@ -64,7 +64,7 @@ const BLOCKED_MAX_BYTES: usize = BLOCK_MAX_BYTES / 4;
 pub(super) const BLOCK_WAIT: Duration = Duration::from_secs(1);
 /// Bytes of messages an instance may have stored but not yet put in a block; past it
 /// (NATS slower than the appends), further messages get no block.
-const TO_WRITE_BYTES: usize = 1024 * 1024;
+pub(super) const TO_WRITE_BYTES: usize = 1024 * 1024;
 /// Blocks asked for in one batched get (fewer over [`SCAN_BYTES`]).
 const BLOCKS_PER_GET: usize = 64;
 /// Most bytes of blocks one batched get asks for (the server sends one block more at
@@ -130,7 +130,7 @@ pub(super) struct Blocks {
     /// To this instance's block writer ([`write_blocks`]): what it stored.
     stored: mpsc::UnboundedSender<Vec<Stored>>,
     /// What `stored` holds, in bytes as [`size`] counts them (at most [`TO_WRITE_BYTES`]).
-    queued: Arc<AtomicUsize>,
+    pub(super) queued: Arc<AtomicUsize>,
 }
 
 impl Blocks {

@@ -383,6 +383,34 @@ async fn reads_agree_with_and_without_blocks() {
     }
 }
 
+/// What an instance stored waits for its block in a queue of at most 1 MiB: with the
+/// server frozen (the writer stuck on a publish), further messages get no block rather
+/// than pile up in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_to_the_block_writer_is_bounded() {
+    let (nats, store) = store().await;
+    nats.freeze(0);
+    let text = "x".repeat(10_000);
+    for position in 1..=300 {
+        let message = Message {
+            id: format!("q-{position}"),
+            text: text.clone(),
+        };
+        store.reader.blocks.write(position, vec![message]);
+    }
+    let queued = store
+        .reader
+        .blocks
+        .queued
+        .load(std::sync::atomic::Ordering::Relaxed);
+    nats.resume(0);
+    assert!(queued <= blocks::TO_WRITE_BYTES, "{queued} bytes queued");
+    assert!(
+        queued > blocks::TO_WRITE_BYTES / 2,
+        "the writer took {queued} bytes off the queue: it was not stuck, nothing was shown"
+    );
+}
+
 /// Where no block holds them, a full read asks for several ranges of messages at once,
 /// sized by the messages it has seen: a range that holds bigger messages than its size
 /// assumed is answered in part, and the rest comes next, before the ranges after it.
