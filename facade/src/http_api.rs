@@ -139,12 +139,8 @@ fn status_label(status: StatusCode) -> metrics::SharedString {
 #[derive(Debug, Clone)]
 struct RequestId(String);
 
-/// Gives every request an id (echoed in the `x-request-id` response header), counts
-/// every request by route (`unmatched` for unknown paths), method and status, and times
-/// it.
 /// Answers 413 before reading a body whose Content-Length passes `limit`, so a client
-/// that waits for `100 Continue` (curl does for big bodies) sends none of it, and one
-/// that does not is not cut off halfway through sending it.
+/// that waits for `100 Continue` (curl does for big bodies) sends none of it.
 async fn refuse_declared_over(limit: usize, request: Request, next: Next) -> Response {
     let declared = request
         .headers()
@@ -158,6 +154,9 @@ async fn refuse_declared_over(limit: usize, request: Request, next: Next) -> Res
     }
 }
 
+/// Gives every request an id (echoed in the `x-request-id` response header), counts
+/// every request by route (`unmatched` for unknown paths), method and status, and times
+/// it.
 async fn record(mut request: Request, next: Next) -> Response {
     let id = request_id::accept(
         request

@@ -148,8 +148,8 @@ impl Blocks {
         let config = stream::Config {
             name: STREAM.to_owned(),
             description: Some(format!(
-                "The {} stream's atomic batches as blocks, for full reads: derived data, \
-                 written by the logging instances with each batch",
+                "What the logging instances stored in the {} stream, in blocks, for full \
+                 reads: derived data, written by each instance as it appends",
                 limits.name
             )),
             subjects: vec![format!("{SUBJECT_PREFIX}>")],
