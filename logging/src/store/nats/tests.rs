@@ -484,6 +484,47 @@ async fn a_full_read_takes_the_blocks_and_finds_them_from_inside_the_log() {
     assert_eq!(read[20..], from_blocks[1570..], "from the blocks again");
 }
 
+/// A full read waits for a block written out of order while the blocks it holds meanwhile
+/// stay under [`WINDOW_BYTES`], and reads the position from the messages once they would
+/// not. Blocks by hand of ten positions each for positions 2 on, then, last in the
+/// blocks stream, a block of position 1 with a text of its own: it is read when it comes
+/// after `before` positions' worth of blocks, and position 1 is read from the messages
+/// stream when it comes after more than the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_read_holds_out_of_order_blocks_up_to_its_window() {
+    for (before, late_block_read) in [(200, true), (6000, false)] {
+        let nats = Nats::single().await;
+        let store = store_on(&nats, false).await;
+        append_batches(&store, 0..before + 1).await;
+        let from_blocks: Vec<Stored> = stored(0..before + 1)
+            .into_iter()
+            .map(|m| Stored {
+                text: format!("from a block {}", m.position),
+                ..m
+            })
+            .collect();
+        for block in from_blocks[1..].chunks(10) {
+            publish_block(&store, block).await;
+        }
+        let held: usize = from_blocks[1..].iter().map(weight).sum();
+        assert_eq!(held < WINDOW_BYTES, late_block_read, "{held} bytes before");
+        let late = Stored {
+            text: "from the late block".to_owned(),
+            ..from_blocks[0].clone()
+        };
+        publish_block(&store, std::slice::from_ref(&late)).await;
+
+        let mut expected = vec![if late_block_read {
+            late
+        } else {
+            stored(0..1).remove(0)
+        }];
+        expected.extend_from_slice(&from_blocks[1..]);
+        let read = read_from(&store, 0).await;
+        assert_eq!(read, expected, "after {before} positions of blocks");
+    }
+}
+
 /// The blocks stream deleted by hand (it is derived data): full reads give the whole log
 /// at once, from the messages, and a block written later creates it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
