@@ -118,7 +118,7 @@ pub enum Appended {
     Conflict,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("message store unavailable: {0}")]
     Unavailable(String),

@@ -239,8 +239,10 @@ impl NatsStore {
             .build(client.clone());
         let urls = config.urls.join(",");
 
-        Retry::new(format!("store: reaching JetStream at {urls}"), cancel)
-            .backoff(Duration::from_millis(200), Duration::from_secs(2))
+        let retry = |what: String| {
+            Retry::new(what, cancel).backoff(Duration::from_millis(200), Duration::from_secs(2))
+        };
+        retry(format!("store: reaching JetStream at {urls}"))
             .run(|| jetstream.query_account(), |_| false)
             .await?;
         let version = client.server_info().version;
@@ -265,8 +267,7 @@ impl NatsStore {
             ..Default::default()
         };
         config.retention.apply(&mut stream_config, config.max_bytes);
-        let mut stream = Retry::new(format!("store: opening stream {STREAM} at {urls}"), cancel)
-            .backoff(Duration::from_millis(200), Duration::from_secs(2))
+        let mut stream = retry(format!("store: opening stream {STREAM} at {urls}"))
             .run(
                 || jetstream.get_or_create_stream(stream_config.clone()),
                 |_| false,
@@ -291,17 +292,8 @@ impl NatsStore {
             })?;
             stream = jetstream.get_stream(STREAM).await?;
         }
-        if (
-            existing.max_age,
-            existing.max_bytes,
-            existing.max_messages,
-            existing.discard,
-        ) != (
-            stream_config.max_age,
-            stream_config.max_bytes,
-            stream_config.max_messages,
-            stream_config.discard,
-        ) {
+        let limits = |c: &stream::Config| (c.max_age, c.max_bytes, c.max_messages, c.discard);
+        if limits(&existing) != limits(&stream_config) {
             warn!(
                 stream = STREAM,
                 max_age = ?existing.max_age, max_bytes = existing.max_bytes,
@@ -314,8 +306,7 @@ impl NatsStore {
         // A stream deleted and created again is another log: positions start over.
         let created = stream.cached_info().created.unix_timestamp_nanos();
         let log = format!("nats:{STREAM}:{created}");
-        let blocks = Retry::new(format!("store: opening stream {BLOCKS_STREAM}"), cancel)
-            .backoff(Duration::from_millis(200), Duration::from_secs(2))
+        let blocks = retry(format!("store: opening stream {BLOCKS_STREAM}"))
             .run(
                 || Blocks::open(&client, &jetstream, &stream, &log),
                 |_| false,
@@ -383,36 +374,24 @@ impl NatsStore {
     /// when the batch is refused.
     async fn append_chunk(&self, messages: Vec<Message>) -> Vec<Result<Appended, StoreError>> {
         let batch = publish::batch(&self.client, &self.jetstream, &messages);
-        match self.with_deadline("publish", batch).await {
+        let each = |answer: Result<Appended, StoreError>| vec![answer; messages.len()];
+        let (outcome, answers) = match self.with_deadline("publish", batch).await {
             Ok(Published::Stored(last)) => {
-                metrics::counter!("logging_store_batches_total", "outcome" => "stored")
-                    .increment(1);
-                let answers = messages.iter().map(|_| Ok(Appended::Inserted)).collect();
+                let answers = each(Ok(Appended::Inserted));
                 if self.write_blocks {
                     self.reader.blocks.write(last, messages);
                 }
-                answers
+                ("stored", answers)
             }
-            Ok(Published::Full(reason)) => {
-                metrics::counter!("logging_store_batches_total", "outcome" => "full").increment(1);
-                messages.iter().map(|_| Err(full(&reason))).collect()
-            }
+            Ok(Published::Full(reason)) => ("full", each(Err(full(&reason)))),
             Ok(Published::Refused(reason)) => {
-                metrics::counter!("logging_store_batches_total", "outcome" => "refused")
-                    .increment(1);
                 debug!(%reason, count = messages.len(), "store: atomic batch refused; appending its messages one by one");
-                self.append_each(messages).await
+                ("refused", self.append_each(messages).await)
             }
-            Err(error) => {
-                metrics::counter!("logging_store_batches_total", "outcome" => "unavailable")
-                    .increment(1);
-                let error = error.to_string();
-                messages
-                    .iter()
-                    .map(|_| Err(StoreError::Unavailable(error.clone())))
-                    .collect()
-            }
-        }
+            Err(error) => ("unavailable", each(Err(error))),
+        };
+        metrics::counter!("logging_store_batches_total", "outcome" => outcome).increment(1);
+        answers
     }
 
     /// Appends `messages` one by one and answers each, in order. Different ids go out
