@@ -86,7 +86,9 @@ pub(super) async fn batch(
     let Some((last, rest)) = messages.split_last() else {
         return Ok(Published::Stored(0));
     };
-    let id = uuid::Uuid::new_v4().simple().to_string();
+    // Unique among the batches in flight (64 random bits), and short: the servers store
+    // it with every message of the batch.
+    let id = format!("{:016x}", rand::random::<u64>());
     let headers = |sequence: usize| {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Batch-Id", id.as_str());

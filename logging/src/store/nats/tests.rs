@@ -192,8 +192,9 @@ async fn repeats_in_a_refused_batch_are_answered_in_turn_on_a_cluster() {
 }
 
 /// A batch of AppendBatch is one atomic batch: every message of it carries the same
-/// batch id, at consecutive positions; a batch with an id already stored, or twice in
-/// it, is refused whole by the server and appended one by one, which answers each.
+/// batch id (16 hex digits: the servers store it with each), at consecutive positions;
+/// a batch with an id already stored, or twice in it, is refused whole by the server
+/// and appended one by one, which answers each.
 #[tokio::test]
 async fn a_batch_is_one_atomic_publish_and_a_refused_one_is_appended_one_by_one() {
     let (_nats, store) = store().await;
@@ -207,6 +208,8 @@ async fn a_batch_is_one_atomic_publish_and_a_refused_one_is_appended_one_by_one(
         batch_ids.insert(batch.expect("a message of an atomic batch"));
     }
     assert_eq!(batch_ids.len(), 1, "one batch: {batch_ids:?}");
+    // Stored with every message: 16 hex digits, not a 32-digit uuid.
+    assert!(batch_ids.iter().all(|id| id.len() == 16), "{batch_ids:?}");
 
     // n-10 is stored; n-60 twice (the same text), n-61 twice (another text).
     let mut mixed = numbered(50..60);
