@@ -3,12 +3,15 @@
 //! runner's cluster), IN_FLIGHT publishers each waiting for its ack, for SECONDS. Prints
 //! `messages_per_second p50_ms p99_ms` (latency of one publish, or of one batch).
 //!
-//! Each message goes as the NATS store sends it: its own subject (`<stream>.<id>`) and
-//! `Nats-Expected-Last-Subject-Sequence: 0` (stored only if the subject holds nothing:
-//! exactly once for good), which is JetStream's cost of that guarantee. With
-//! `--atomic N`, each publisher sends atomic batches of N such messages (headers
-//! `Nats-Batch-Id`, `Nats-Batch-Sequence`, and `Nats-Batch-Commit: 1` on the last, the
-//! only one that waits for an answer), as the store does for the facade's group commit.
+//! Each message goes as the NATS store sends the facade's: its own subject
+//! (`<stream>.<uuid>`, as long as the store's `messages.<uuid>`), the text of the
+//! benchmarks' POSTs, and `Nats-Expected-Last-Subject-Sequence: 0` (stored only if the
+//! subject holds nothing: exactly once for good), which is JetStream's cost of that
+//! guarantee. With `--atomic N`, each publisher sends atomic batches of N such messages
+//! (headers `Nats-Batch-Id`, 16 hex digits as the store's, `Nats-Batch-Sequence`, and
+//! `Nats-Batch-Commit: 1` on the last, the only one that waits for an answer), as the
+//! store does for the facade's group commit. The servers store every header with its
+//! message, so the same sizes are the same work.
 //!
 //! With `--rate R`, the publishers together send at most R messages a second (each
 //! batch waits for its turn), to compare the servers' work at the rate another path
@@ -82,7 +85,7 @@ async fn main() -> anyhow::Result<()> {
     for publisher in 0..args.in_flight {
         let client = clients[publisher % clients.len()].clone();
         let jetstream = jetstream::new(client.clone());
-        let prefix = format!("{}.{publisher}", name.to_lowercase());
+        let stream = name.to_lowercase();
         let size = args.atomic.max(1);
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
@@ -94,10 +97,10 @@ async fn main() -> anyhow::Result<()> {
                     turn += every;
                 }
                 let started = Instant::now();
-                let batch = format!("{publisher}-{n}");
+                let batch = format!("{:016x}", rand::random::<u64>());
                 for i in 1..=size {
-                    let subject = format!("{prefix}-{n}");
-                    let payload = "hello from the bare publisher".into();
+                    let subject = format!("{stream}.{}", uuid::Uuid::new_v4());
+                    let payload = "hello from wrk".into();
                     n += 1;
                     let mut headers = HeaderMap::new();
                     headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
