@@ -22,7 +22,13 @@
 //! the stream's leader through another server. Without it, one connection to one server
 //! (the leader or not, by chance) carries everything.
 //!
+//! With `--into STREAM`, the publishers add to that existing stream (the store's
+//! `MESSAGES`, say) on its subjects, and leave it as it is: the servers then index each
+//! new subject among all the stream holds, as they do for the store's appends. Without
+//! it, they publish to a stream of their own, created empty and deleted at the end.
+//!
 //!     bare_publish NATS_URLS IN_FLIGHT SECONDS [--atomic N] [--rate R] [--spread]
+//!                  [--into STREAM]
 
 use std::time::{Duration, Instant};
 
@@ -49,6 +55,9 @@ struct Args {
     /// One connection per URL, the publishers shared among them.
     #[arg(long)]
     spread: bool,
+    /// An existing stream to add to (its first subject's prefix), instead of a new one.
+    #[arg(long)]
+    into: Option<String>,
 }
 
 #[tokio::main]
@@ -65,16 +74,30 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let name = format!("BARE{}", std::process::id());
-    jetstream
-        .get_or_create_stream(stream::Config {
-            name: name.clone(),
-            subjects: vec![format!("{}.>", name.to_lowercase())],
-            storage: stream::StorageType::File,
-            num_replicas: servers.len().clamp(1, 3),
-            allow_atomic_publish: args.atomic > 1,
-            ..Default::default()
-        })
-        .await?;
+    // The subjects' prefix: `<prefix>.<uuid>`.
+    let prefix = match &args.into {
+        Some(existing) => {
+            let mut stream = jetstream.get_stream(existing).await?;
+            let subjects = &stream.info().await?.config.subjects;
+            let first = subjects
+                .first()
+                .map(|s| s.trim_end_matches(".>").to_owned());
+            first.ok_or_else(|| anyhow::anyhow!("{existing} has no subjects"))?
+        }
+        None => {
+            jetstream
+                .get_or_create_stream(stream::Config {
+                    name: name.clone(),
+                    subjects: vec![format!("{}.>", name.to_lowercase())],
+                    storage: stream::StorageType::File,
+                    num_replicas: servers.len().clamp(1, 3),
+                    allow_atomic_publish: args.atomic > 1,
+                    ..Default::default()
+                })
+                .await?;
+            name.to_lowercase()
+        }
+    };
     let begun = Instant::now();
     let until = begun + Duration::from_secs_f64(args.seconds);
     // Each publisher's pause between the starts of its batches, when paced.
@@ -85,7 +108,7 @@ async fn main() -> anyhow::Result<()> {
     for publisher in 0..args.in_flight {
         let client = clients[publisher % clients.len()].clone();
         let jetstream = jetstream::new(client.clone());
-        let stream = name.to_lowercase();
+        let prefix = prefix.clone();
         let size = args.atomic.max(1);
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
@@ -99,7 +122,7 @@ async fn main() -> anyhow::Result<()> {
                 let started = Instant::now();
                 let batch = format!("{:016x}", rand::random::<u64>());
                 for i in 1..=size {
-                    let subject = format!("{stream}.{}", uuid::Uuid::new_v4());
+                    let subject = format!("{prefix}.{}", uuid::Uuid::new_v4());
                     let payload = "hello from wrk".into();
                     n += 1;
                     let mut headers = HeaderMap::new();
@@ -136,7 +159,9 @@ async fn main() -> anyhow::Result<()> {
         messages += n;
         all.extend(latencies);
     }
-    jetstream.delete_stream(&name).await?;
+    if args.into.is_none() {
+        jetstream.delete_stream(&name).await?;
+    }
     all.sort();
     let ms = |p: f64| all[((all.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1000.0;
     println!(
