@@ -15,7 +15,9 @@
 //!
 //! With `--rate R`, the publishers together send at most R messages a second (each
 //! batch waits for its turn), to compare the servers' work at the rate another path
-//! reached.
+//! reached. Their turns are spread evenly over time, as a steady stream of calls
+//! arrives: publishers that all sent at once would hand the servers bursts, which cost
+//! them far less per message than the same rate arriving steadily.
 //!
 //! With `--spread`, the publisher opens one connection per URL and shares the publishers
 //! among them, as three logging instances on three servers do: most messages then reach
@@ -110,10 +112,12 @@ async fn main() -> anyhow::Result<()> {
         let jetstream = jetstream::new(client.clone());
         let prefix = prefix.clone();
         let size = args.atomic.max(1);
+        let in_flight = args.in_flight;
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut n = 0u64;
-            let mut turn = begun;
+            // Publishers take their turns in order, spread over the pause, not all at once.
+            let mut turn = begun + every.unwrap_or_default() * publisher as u32 / in_flight as u32;
             while Instant::now() < until {
                 if let Some(every) = every {
                     tokio::time::sleep_until(turn.into()).await;
