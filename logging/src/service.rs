@@ -9,7 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 use tracing::{info, warn};
 
-use crate::store::{Appended, Message, MessageStore, StoreError, Stored, MAX_PAGE};
+use crate::store::{Appended, Message, MessageStore, StoreError, MAX_PAGE};
 
 /// Longest id accepted, in bytes (a uuid is 36).
 pub const MAX_ID_BYTES: usize = 128;
@@ -119,14 +119,6 @@ fn status(error: StoreError) -> Status {
     }
 }
 
-fn to_pb(message: Stored) -> pb::Message {
-    pb::Message {
-        id: message.id,
-        text: message.text,
-        position: message.position,
-    }
-}
-
 #[tonic::async_trait]
 impl<S: MessageStore> pb::logging_server::Logging for LoggingService<S> {
     async fn append(
@@ -215,7 +207,7 @@ impl<S: MessageStore> pb::logging_server::Logging for LoggingService<S> {
         }
         let page = self.store.read(after, limit).await.map_err(status)?;
         Ok(Response::new(pb::ReadResponse {
-            messages: page.messages.into_iter().map(to_pb).collect(),
+            messages: page.messages.into_iter().map(pb::Message::from).collect(),
             more: page.more,
         }))
     }
@@ -242,7 +234,7 @@ impl<S: MessageStore> pb::logging_server::Logging for LoggingService<S> {
             let mut sent = false;
             while let Some(batch) = batches.receiver.recv().await {
                 let response = batch.map_err(status).map(|batch| pb::StreamResponse {
-                    messages: batch.into_iter().map(to_pb).collect(),
+                    messages: batch.into_iter().map(pb::Message::from).collect(),
                     until,
                     log: log.clone(),
                 });

@@ -83,6 +83,21 @@ pub struct Stored {
     pub text: String,
 }
 
+/// A stored message as the gRPC service sends it (and as a NATS block holds it).
+impl From<Stored> for proto::logging::v1::Message {
+    fn from(Stored { position, id, text }: Stored) -> Self {
+        Self { id, text, position }
+    }
+}
+
+impl From<proto::logging::v1::Message> for Stored {
+    fn from(
+        proto::logging::v1::Message { id, text, position }: proto::logging::v1::Message,
+    ) -> Self {
+        Self { position, id, text }
+    }
+}
+
 /// One page of a [`MessageStore::read`].
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Page {

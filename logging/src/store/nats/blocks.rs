@@ -85,32 +85,15 @@ struct Encoded {
 pub(super) type Block = Vec<Stored>;
 
 pub(super) fn encode(messages: &[Stored]) -> Vec<u8> {
-    let encoded = Encoded {
-        messages: messages
-            .iter()
-            .map(|m| proto::logging::v1::Message {
-                id: m.id.clone(),
-                text: m.text.clone(),
-                position: m.position,
-            })
-            .collect(),
-    };
-    encoded.encode_to_vec()
+    let messages = messages.iter().cloned().map(Into::into).collect();
+    Encoded { messages }.encode_to_vec()
 }
 
 /// A block as stored; `None` for anything that is not a block (empty, undecodable, or
 /// out of position order).
 fn decode(payload: &[u8]) -> Option<Block> {
-    let messages: Block = Encoded::decode(payload)
-        .ok()?
-        .messages
-        .into_iter()
-        .map(|m| Stored {
-            position: m.position,
-            id: m.id,
-            text: m.text,
-        })
-        .collect();
+    let messages = Encoded::decode(payload).ok()?.messages;
+    let messages: Block = messages.into_iter().map(Stored::from).collect();
     let ordered = messages
         .windows(2)
         .all(|pair| pair[1].position > pair[0].position);
