@@ -46,7 +46,10 @@ use prost::Message as _;
 use tokio::{sync::mpsc, time::Instant};
 use tracing::{debug, warn};
 
-use super::{direct, STREAM_STALL};
+use super::{
+    direct::{self, Start},
+    STREAM_STALL,
+};
 use crate::store::{Message, StoreError, Stored};
 
 pub const STREAM: &str = "MESSAGES_BLOCKS";
@@ -70,10 +73,6 @@ const BLOCKS_PER_GET: usize = 64;
 /// Most bytes of blocks one batched get asks for (the server sends one block more at
 /// most): four full blocks. One block a request waited on a round trip per 64 KiB.
 const SCAN_BYTES: usize = 4 * BLOCK_MAX_BYTES;
-/// How far before the block found for a position a full read from inside the log starts
-/// reading blocks, for those written out of order.
-pub(super) const SEEK_MARGIN: u64 = 64;
-
 /// The wire form of a block: what `logging.v1.Message` already is.
 #[derive(Clone, PartialEq, prost::Message)]
 struct Encoded {
@@ -109,7 +108,6 @@ fn size(message: &Stored) -> usize {
 #[derive(Clone)]
 pub(super) struct Blocks {
     client: Client,
-    jetstream: jetstream::Context,
     /// To this instance's block writer ([`write_blocks`]): what it stored.
     stored: mpsc::UnboundedSender<Vec<Stored>>,
     /// What `stored` holds, in bytes as [`size`] counts them (at most [`TO_WRITE_BYTES`]).
@@ -178,7 +176,6 @@ impl Blocks {
         tokio::spawn(writer);
         Ok(Self {
             client: client.clone(),
-            jetstream: jetstream.clone(),
             stored,
             queued,
         })
@@ -209,43 +206,25 @@ impl Blocks {
         let _ = self.stored.send(stored);
     }
 
-    /// The first position of the block at sequence `sequence` of the blocks stream or
-    /// after it, from its subject; `None` when there is none or it cannot be read.
-    async fn first_at(&self, sequence: u64) -> Option<(u64, u64)> {
-        let answer = direct::batch(&self.client, STREAM, sequence, 1, 1, STREAM_STALL)
-            .await
-            .ok()?;
-        let raw = answer.messages.into_iter().next()?;
-        let first = raw.subject.strip_prefix(SUBJECT_PREFIX)?.parse().ok()?;
-        Some((raw.sequence, first))
-    }
-
-    /// Where in the blocks stream a full read from `position` on starts: a little before
-    /// the last block found (by bisection) to start at or before it, as blocks are
-    /// written about in position order. The first block, at once, from at or before
-    /// its first position (a read from the log's start); 1 when the blocks stream
-    /// cannot be read.
-    pub(super) async fn seek(&self, position: u64) -> u64 {
-        let Some((mut low, first)) = self.first_at(1).await else {
-            return 1;
+    /// Where in the blocks stream a full read from `position` on starts: at the first
+    /// block written once the message at `position` was stored, as every block holding
+    /// it or a later one was (an instance writes a block after the leader acknowledged
+    /// what it holds). Two requests, whatever the log's length. A blocks stream's leader
+    /// whose clock is behind the messages stream's may make it miss a block: its
+    /// messages are read as they are, slower, never fewer. The first block, at once,
+    /// from the log's first position or when the message's time cannot be read; `None`
+    /// when no block was written since or the blocks stream cannot be read.
+    pub(super) async fn seek(&self, position: u64) -> Option<u64> {
+        let stored = match position {
+            0 | 1 => None,
+            _ => direct::stored_at(&self.client, super::STREAM, position).await,
         };
-        if first >= position {
-            return low;
-        }
-        let Ok(stream) = self.jetstream.get_stream(STREAM).await else {
-            return low;
+        let Some(time) = stored else {
+            return Some(1);
         };
-        let mut high = stream.cached_info().state.last_sequence;
-        // `low` holds a block starting at or before `position`; look between it and `high`.
-        while low < high {
-            let middle = low + (high - low).div_ceil(2);
-            match self.first_at(middle).await {
-                Some((found, first)) if first <= position => low = found.min(high),
-                Some(_) => high = middle - 1,
-                None => break,
-            }
-        }
-        low.saturating_sub(SEEK_MARGIN).max(1)
+        let since = Start::Since(time);
+        let answer = direct::batch(&self.client, STREAM, since, 1, 1, STREAM_STALL).await;
+        answer.ok()?.messages.first().map(|block| block.sequence)
     }
 
     /// Sends the blocks that hold positions after `after`, in the blocks stream's order
@@ -254,7 +233,9 @@ impl Blocks {
     /// a block past `until`, at the stream's end, or when it cannot be read (the reader
     /// reads messages then).
     pub(super) async fn scan(self, after: u64, until: u64, out: mpsc::Sender<Vec<Block>>) {
-        let mut next = self.seek(after + 1).await;
+        let Some(mut next) = self.seek(after + 1).await else {
+            return;
+        };
         loop {
             let Ok(room) = out.reserve().await else {
                 return;
@@ -262,7 +243,7 @@ impl Blocks {
             let read = direct::batch(
                 &self.client,
                 STREAM,
-                next,
+                Start::At(next),
                 BLOCKS_PER_GET,
                 SCAN_BYTES,
                 STREAM_STALL,

@@ -57,12 +57,34 @@ pub(super) fn behind() -> Backoff {
     Backoff::new(Duration::from_millis(1), Duration::from_millis(50))
 }
 
-/// Asks for up to `count` messages of `stream` from position `from` on, at most about
+/// Where a batched get starts.
+#[derive(Debug)]
+pub(super) enum Start {
+    /// At this position, or the first after it.
+    At(u64),
+    /// At the first message stored at or after this time (RFC 3339, as a reply's
+    /// `Nats-Time-Stamp` gives it).
+    Since(String),
+}
+
+/// When the message at `position` of `stream` was stored (RFC 3339), as a replica
+/// answers; `None` when none answers with it within [`super::STREAM_STALL`].
+pub(super) async fn stored_at(client: &Client, stream: &str, position: u64) -> Option<String> {
+    let request = serde_json::json!({ "seq": position }).to_string();
+    let get = client.request(format!("$JS.API.DIRECT.GET.{stream}"), request.into());
+    let reply = tokio::time::timeout(super::STREAM_STALL, get)
+        .await
+        .ok()?
+        .ok()?;
+    Some(reply.headers?.get("Nats-Time-Stamp")?.as_str().to_owned())
+}
+
+/// Asks for up to `count` messages of `stream` from `from` on, at most about
 /// `max_bytes` (always at least one message), within `timeout`.
 pub(super) async fn batch(
     client: &Client,
     stream: &str,
-    from: u64,
+    from: Start,
     count: usize,
     max_bytes: usize,
     timeout: Duration,
@@ -73,7 +95,11 @@ pub(super) async fn batch(
         .subscribe(inbox.clone())
         .await
         .map_err(|e| unavailable(&e))?;
-    let request = serde_json::json!({ "seq": from, "batch": count, "max_bytes": max_bytes });
+    let mut request = serde_json::json!({ "batch": count, "max_bytes": max_bytes });
+    match from {
+        Start::At(sequence) => request["seq"] = sequence.into(),
+        Start::Since(time) => request["start_time"] = time.into(),
+    }
     client
         .publish_with_reply(
             format!("$JS.API.DIRECT.GET.{stream}"),
@@ -145,7 +171,7 @@ pub(super) async fn chunk(
     loop {
         let count = usize::try_from(to - from + 1).map_or(count, |n| n.min(count));
         let timeout = deadline.saturating_duration_since(Instant::now());
-        let answer = batch(client, stream, from, count, max_bytes, timeout).await?;
+        let answer = batch(client, stream, Start::At(from), count, max_bytes, timeout).await?;
         let past = answer.messages.last().is_some_and(|m| m.sequence > to);
         let mut messages = answer.messages;
         messages.retain(|m| m.sequence <= to);

@@ -428,7 +428,7 @@ impl NatsStore {
             let answer = direct::batch(
                 &self.client,
                 STREAM,
-                after + 1,
+                direct::Start::At(after + 1),
                 limit,
                 MAX_BATCH_BYTES,
                 self.timeout,

@@ -452,16 +452,16 @@ async fn reads_of_messages_in_ranges_keep_their_order_as_sizes_change() {
     }
 }
 
-/// A full read takes messages from the blocks that hold them, and finds the blocks of a
-/// position deep in the log without reading the ones before it.
+/// A full read takes messages from the blocks that hold them, and starts reading blocks
+/// at the first one written once the message it starts at was stored, without reading
+/// the ones before it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_read_takes_the_blocks_and_finds_them_from_inside_the_log() {
     let nats = Nats::single().await;
     let store = store_on(&nats, false).await;
-    append_batches(&store, 0..2000).await;
-    // Blocks by hand, ten positions each, with texts that are not the stored ones
-    // (which no instance writes), so a read shows where each message came from; none
-    // for positions 1561..=1570.
+    // Ten positions at a time, each followed by its block, by hand, with texts that are
+    // not the stored ones (which no instance writes), so a read shows where each
+    // message came from; none for positions 1561..=1570.
     let from_blocks: Vec<Stored> = stored(0..2000)
         .into_iter()
         .map(|m| Stored {
@@ -470,21 +470,39 @@ async fn a_full_read_takes_the_blocks_and_finds_them_from_inside_the_log() {
         })
         .collect();
     for (k, block) in from_blocks.chunks(10).enumerate() {
+        append_batches(&store, 10 * k..10 * k + 10).await;
         if k != 156 {
             publish_block(&store, block).await;
         }
     }
-    let blocks = &store.reader.blocks;
+    // Where a read from `position` starts, and the requests it took to find it.
+    let store = &store;
+    let seek = |position| async move {
+        let requests = || {
+            store
+                .client
+                .statistics()
+                .out_messages
+                .load(Ordering::Relaxed)
+        };
+        let before = requests();
+        let start = store.reader.blocks.seek(position).await;
+        (start, requests() - before)
+    };
     // Block k (sequence k + 1, and k for those after the one left out) holds positions
     // 10k + 1 ..= 10k + 10.
-    assert_eq!(blocks.seek(1).await, 1);
-    assert_eq!(blocks.seek(1556).await, 156 - blocks::SEEK_MARGIN);
-    assert_eq!(blocks.seek(5000).await, 199 - blocks::SEEK_MARGIN);
+    assert_eq!(seek(1).await, (Some(1), 0), "the first, at once");
+    assert_eq!(seek(1556).await, (Some(156), 2), "the block of 1551..=1560");
+    assert_eq!(seek(1565).await, (Some(157), 2), "the next, 1571..=1580");
+    assert_eq!(seek(1991).await, (Some(199), 2), "the last");
+    append_batches(store, 2000..2010).await;
+    assert_eq!(seek(2005).await, (None, 2), "none written since");
 
-    let read = read_from(&store, 1550).await;
+    let read = read_from(store, 1550).await;
     assert_eq!(read[..10], from_blocks[1550..1560], "from the blocks");
     assert_eq!(read[10..20], stored(1560..1570), "from the messages");
-    assert_eq!(read[20..], from_blocks[1570..], "from the blocks again");
+    assert_eq!(read[20..450], from_blocks[1570..], "from the blocks again");
+    assert_eq!(read[450..], stored(2000..2010), "from the messages again");
 }
 
 /// A full read waits for a block written out of order while the blocks it holds meanwhile
