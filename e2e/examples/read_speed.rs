@@ -5,7 +5,9 @@
 //!   logging's gRPC `Stream`: where a `GET /messages` spends its time;
 //! - pages of 100 at 1000 spots around the middle of the log: a bare batched direct get
 //!   of 100 messages (one request, as the store reads a page), and logging's gRPC `Read`
-//!   of the same page right after it, without the facade in the way.
+//!   of the same page right after it, without the facade in the way;
+//! - full reads from inside the log, as a facade resumes one: logging's `Stream` from
+//!   100 of those spots, timed to its first batch.
 //!
 //!     read_speed NATS_URLS LOGGING_ADDR
 
@@ -117,6 +119,23 @@ async fn main() -> anyhow::Result<()> {
     }
     print_percentiles("bare batched get of 100 at the middle", bare);
     print_percentiles("logging Read page at the middle", ours);
+
+    let mut first_batches = Vec::new();
+    for i in 0..100u64 {
+        let after = middle.saturating_sub(span / 2) + (i * 7919) % span;
+        let started = Instant::now();
+        let mut batches = logging
+            .stream(StreamRequest { after, until: 0 })
+            .await?
+            .into_inner();
+        let batch = batches.message().await?;
+        first_batches.push(started.elapsed());
+        anyhow::ensure!(
+            batch.is_some_and(|batch| !batch.messages.is_empty()),
+            "a full read after {after} sent nothing"
+        );
+    }
+    print_percentiles("logging Stream from the middle, first batch", first_batches);
     Ok(())
 }
 
