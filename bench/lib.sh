@@ -45,6 +45,18 @@ while True:
 PY
 }
 
+# CPU seconds the processes PIDS... have used.
+cpu_of() {
+  python3 - "$@" <<'PY'
+import os, sys
+total = 0
+for pid in sys.argv[1:]:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+print(total)
+PY
+}
+
 cat > "$work/post.lua" <<'LUA'
 wrk.method = "POST"
 wrk.body = '{"msg":"hello from wrk"}'
