@@ -1,6 +1,6 @@
-# Shared by bench/run and bench/growth (sourced, not run): a work directory removed on
-# exit with every process started, free ports, wrk measurements, and the system started
-# through the runner on free ports. Expects $duration (wrk's -d) to be set.
+# Shared by the bench/ scripts (sourced, not run): a work directory removed on exit with
+# every process started, free ports, processes' CPU time, wrk measurements, and the
+# system started through the runner on free ports. Expects $duration (wrk's -d) to be set.
 
 work=$(mktemp -d)
 pids=()
