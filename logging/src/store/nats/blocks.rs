@@ -212,14 +212,13 @@ impl Blocks {
     /// what it holds). Two requests, whatever the log's length. A blocks stream's leader
     /// whose clock is behind the messages stream's may make it miss a block: its
     /// messages are read as they are, slower, never fewer. The first block, at once,
-    /// from the log's first position or when the message's time cannot be read; `None`
-    /// when no block was written since or the blocks stream cannot be read.
+    /// from position 1, and when the message's time cannot be read; `None` when no block
+    /// was written since or the blocks stream cannot be read.
     pub(super) async fn seek(&self, position: u64) -> Option<u64> {
-        let stored = match position {
-            0 | 1 => None,
-            _ => direct::stored_at(&self.client, super::STREAM, position).await,
-        };
-        let Some(time) = stored else {
+        if position <= 1 {
+            return Some(1);
+        }
+        let Some(time) = direct::stored_at(&self.client, super::STREAM, position).await else {
             return Some(1);
         };
         let since = Start::Since(time);
